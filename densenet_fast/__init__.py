@@ -1,0 +1,23 @@
+"""densenet_fast: memory-efficient DenseNets for PyTorch.
+
+One shared concat buffer per dense block, BN-ReLU outputs never stored, per-channel batch
+statistics computed once and reused, a shared gradient buffer; see README.md and
+../shared/design/dense_block.md for the algorithm.
+"""
+
+from . import reference
+from ._ext import HAS_C
+from .backends import BACKENDS, available_backends
+from .convert import convert
+from .models import (DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc,
+                     get_model)
+from .modules import DenseBlock, DenseLayer, Transition
+from .sync import convert_sync_batchnorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DenseLayer", "DenseBlock", "Transition", "DenseNet",
+    "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc", "get_model",
+    "convert", "convert_sync_batchnorm", "available_backends", "BACKENDS", "HAS_C", "reference", "__version__",
+]

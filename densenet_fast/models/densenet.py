@@ -1,0 +1,145 @@
+"""DenseNet models: torchvision-compatible ImageNet DenseNets and the CIFAR DenseNet-BC.
+
+state_dict keys are torchvision's, so `model.load_state_dict(torchvision_model.state_dict())`
+loads torchvision's pretrained weights.  The forward pass of the efficient model walks
+`features` itself so that each block's statistics cache reaches the transition after it and norm5
+(no second reduction over the block buffer); calling `model.features(x)` as a plain Sequential
+still works and returns norm5's output, as torchvision's does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import reference
+from ..backends import check_backend_name, kernels_for
+from ..modules import DenseBlock, Transition, check_input
+from ..ops.transition import bn_relu_pool_conv
+
+__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc"]
+
+
+class DenseNet(nn.Module):
+    """DenseNet (Huang et al., 2017) with torchvision's arguments, defaults and parameter names.
+
+    x: (N, in_channels, H, W) -> logits (N, num_classes).
+
+    memory_efficient=True (default): the shared-buffer dense blocks and fused transitions of
+      densenet_fast, run by `backend` ("auto" | "torch" | "cuda").
+    memory_efficient=False: the naive reference layers (torch.cat per layer), exactly torchvision's
+      computation; note that torchvision's own memory_efficient flag means checkpointing, which
+      is densenet_fast.reference.DenseNet(checkpoint=True).
+    Keyword-only extras: save_bottleneck (keep bottlenecks for a faster backward),
+      chunk_channels, small_inputs (CIFAR stem: one 3x3 conv), compression (transition width
+      factor), in_channels.
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0, num_classes: int = 1000,
+                 memory_efficient: bool = True, backend: str = "auto", *, save_bottleneck: bool = False,
+                 chunk_channels: int = 0, small_inputs: bool = False, compression: float = 0.5,
+                 in_channels: int = 3) -> None:
+        super().__init__()
+        if not 0 < compression <= 1:
+            raise ValueError(f"DenseNet: compression must be in (0, 1], got {compression}")
+        if not block_config or any(int(n) < 1 for n in block_config):
+            raise ValueError(f"DenseNet: block_config must be a non-empty list of positive layer counts, got "
+                             f"{tuple(block_config)}")
+        self.memory_efficient = memory_efficient
+        self.backend = check_backend_name(backend)
+        self.in_channels = in_channels
+        self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
+        self.features = nn.Sequential(reference.make_stem(num_init_features, small_inputs, in_channels))
+        widths = reference.transition_widths(num_init_features, growth_rate, block_config, compression)
+        for i, num_layers in enumerate(block_config):
+            c_in, c_out = widths[i]
+            if memory_efficient:
+                block = DenseBlock(num_layers, c_in, bn_size, growth_rate, drop_rate, backend=backend,
+                                   save_bottleneck=save_bottleneck, chunk_channels=chunk_channels)
+            else:
+                block = reference.DenseBlock(num_layers, c_in, bn_size, growth_rate, drop_rate)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            if i != len(block_config) - 1:
+                c_next = widths[i + 1][0]
+                trans = Transition(c_out, c_next, backend=backend) if memory_efficient else \
+                    reference.Transition(c_out, c_next)
+                self.features.add_module("transition%d" % (i + 1), trans)
+        num_features = widths[-1][1]
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+        reference.init_densenet_(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv0 = self.features.conv0
+        check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
+        if not self.memory_efficient:
+            return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
+        kernels = kernels_for(self.backend, x.device, self.process_group)
+        h, cache = x, None
+        pooled = None
+        children = dict(self.features.named_children())
+        for name, module in children.items():
+            if name == "relu0" and "norm0" in children:
+                continue  # applied together with norm0
+            if name == "norm0":
+                # Stem BN + ReLU as one pass (and synchronized with the blocks under sync BN).
+                check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
+                h = bn_relu_pool_conv(h, module, None, pool="none", kernels=kernels)
+            elif isinstance(module, DenseBlock):
+                h, mean, var = module.forward_with_stats(h)
+                cache = (mean, var)
+            elif isinstance(module, Transition):
+                h = module(h, stats=cache)
+                cache = None
+            elif name == "norm5":
+                # norm5 + ReLU + global average pool fused, reading the last block's statistics.
+                check_input(h, "DenseNet.norm5", module.num_features, module.weight, module.training)
+                pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels)
+            else:
+                h = module(h)
+        return self.classifier(torch.flatten(pooled, 1))
+
+
+def densenet121(**kwargs: Any) -> DenseNet:
+    """DenseNet-121 (growth 32, blocks 6-12-24-16, 64 stem features), torchvision-compatible."""
+    return DenseNet(32, (6, 12, 24, 16), 64, **kwargs)
+
+
+def densenet161(**kwargs: Any) -> DenseNet:
+    """DenseNet-161 (growth 48, blocks 6-12-36-24, 96 stem features), torchvision-compatible."""
+    return DenseNet(48, (6, 12, 36, 24), 96, **kwargs)
+
+
+def densenet169(**kwargs: Any) -> DenseNet:
+    """DenseNet-169 (growth 32, blocks 6-12-32-32, 64 stem features), torchvision-compatible."""
+    return DenseNet(32, (6, 12, 32, 32), 64, **kwargs)
+
+
+def densenet201(**kwargs: Any) -> DenseNet:
+    """DenseNet-201 (growth 32, blocks 6-12-48-32, 64 stem features), torchvision-compatible."""
+    return DenseNet(32, (6, 12, 48, 32), 64, **kwargs)
+
+
+def densenet264(**kwargs: Any) -> DenseNet:
+    """DenseNet-264 (growth 32, blocks 6-12-64-48, 64 stem features; Huang et al. Table 1)."""
+    return DenseNet(32, (6, 12, 64, 48), 64, **kwargs)
+
+
+def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, compression: float = 0.5,
+                **kwargs: Any) -> DenseNet:
+    """DenseNet-BC for 32x32 inputs (Huang et al. section 3, Table 2).
+
+    A 3x3 stem conv with 2*growth_rate channels, then three dense blocks of (depth - 4) / 6
+    bottleneck layers each, transitions compressing by `compression`.  depth=100, k=12 has 0.8M
+    parameters; depth=250, k=24 15.3M; depth=190, k=40 25.6M.
+    """
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"densenet_bc: depth must be 6*n + 4 with n >= 1 (e.g. 40, 100, 190, 250), got {depth}")
+    n = (depth - 4) // 6
+    kwargs.setdefault("num_init_features", 2 * growth_rate)
+    return DenseNet(growth_rate, (n, n, n), num_classes=num_classes, compression=compression, small_inputs=True,
+                    **kwargs)

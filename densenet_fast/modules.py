@@ -1,0 +1,149 @@
+"""Drop-in memory-efficient DenseNet modules: DenseLayer, DenseBlock, Transition.
+
+Module and parameter names are torchvision's (denselayerN.norm1/conv1/norm2/conv2; transition
+norm/conv), so state_dicts move freely between these, torchvision's and densenet_fast.reference's
+modules.  The modules own parameters and buffers only; the math lives in densenet_fast.ops.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .backends import check_backend_name, kernels_for
+from .ops.dense_block import run_dense_block
+from .ops.transition import bn_relu_pool_conv
+
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
+
+
+def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: bool) -> None:
+    """Clear errors for what would otherwise fail deep inside a kernel, or silently.
+
+    x: (N, C, H, W).  `param` is any parameter of the module (device and dtype reference).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: input x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{where}: input x must have 4 dims (N, C, H, W), got {x.dim()} dims with shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: input x must be a floating-point tensor, got {x.dtype}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{where}: input x must have {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+    if x.device != param.device:
+        raise ValueError(f"{where}: input x is on {x.device} but the module's parameters are on {param.device}; "
+                         "move one of them (model.to(x.device))")
+    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{where}: input x has dtype {x.dtype} but the module's parameters are {param.dtype}; "
+                        "convert the model (model.to(dtype)) or run under torch.autocast")
+    if x.numel() == 0:
+        raise ValueError(f"{where}: input x is empty (shape {tuple(x.shape)})")
+    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        raise ValueError(f"{where}: expected more than 1 value per channel when training (batch statistics "
+                         f"need N*H*W > 1), got input x of shape {tuple(x.shape)}")
+
+
+class DenseLayer(nn.Module):
+    """One dense layer: new = conv3x3(relu(bn2(conv1x1(relu(bn1(x)))))) with dropout.
+
+    Same constructor and names as torchvision's _DenseLayer.  forward(x): x is (N, C_in, H, W) or
+    a list of tensors whose channels add up to C_in (torchvision's calling convention); returns
+    the growth_rate new channels (N, k, H, W).  Used alone it runs as a one-layer block (its input
+    is copied into the block buffer); inside a DenseBlock the block drives it.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0, *,
+                 backend: str = "auto", save_bottleneck: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.backend = check_backend_name(backend)
+        self.save_bottleneck = save_bottleneck
+        self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
+
+    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
+        x = input if isinstance(input, Tensor) else torch.cat(list(input), 1)
+        check_input(x, "DenseLayer", self.conv1.in_channels, self.conv1.weight, self.training)
+        fbuf, _, _ = run_dense_block(x, [self], kernels_for(self.backend, x.device, self.process_group),
+                                     save_bottleneck=self.save_bottleneck, compute_stats=self.training)
+        return fbuf[:, x.shape[1]:]
+
+
+class DenseBlock(nn.ModuleDict):
+    """L dense layers sharing one concat buffer.  (N, C0, H, W) -> (N, C0 + L*k, H, W).
+
+    Equivalent to torchvision's _DenseBlock (torch.cat of the input and every layer's output) in
+    values, gradients and running statistics, with one buffer per call instead of L
+    concatenations and BN-ReLU outputs never stored.
+
+    backend: "auto" | "torch" | "cuda" (densenet_fast.backends).
+    save_bottleneck: keep each layer's bottleneck (bn_size*k channels) for backward instead of
+      recomputing its 1x1 conv (faster, more memory).  Default False: minimum memory.
+    chunk_channels: input channels per chunk of the 1x1-conv backward (0 = whole prefix at once).
+    """
+
+    _version = 2
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 drop_rate: float = 0.0, *, backend: str = "auto", save_bottleneck: bool = False,
+                 chunk_channels: int = 0) -> None:
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"DenseBlock: num_layers must be >= 1, got {num_layers}")
+        for i in range(num_layers):
+            self.add_module("denselayer%d" % (i + 1), DenseLayer(
+                num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, backend=backend))
+        self.num_input_features = num_input_features
+        self.growth_rate = growth_rate
+        self.backend = check_backend_name(backend)
+        self.save_bottleneck = save_bottleneck
+        self.chunk_channels = int(chunk_channels)
+        self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
+
+    @property
+    def num_output_features(self) -> int:
+        return self.num_input_features + len(self) * self.growth_rate
+
+    def forward_with_stats(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """(F, mean, var): the buffer plus the batch statistics of its channels (training mode;
+        empty tensors in eval mode), for a following Transition or head to reuse."""
+        layers = list(self.values())
+        check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
+        return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
+                               save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
+                               compute_stats=self.training)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_stats(x)[0]
+
+
+class Transition(nn.Module):
+    """BN-ReLU-Conv1x1-AvgPool2x2 (torchvision's _Transition), computed as conv(pool(relu(bn(x)))).
+
+    (N, C, H, W) -> (N, C_out, H // 2, W // 2).  forward(x, stats=None): `stats` is the preceding
+    block's (mean, var) cache (DenseBlock.forward_with_stats); without it the batch statistics
+    are computed here.  relu(bn(x)) is never stored.
+    """
+
+    def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.backend = check_backend_name(backend)
+        self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
+
+    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
+        return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats,
+                                 kernels=kernels_for(self.backend, x.device, self.process_group))

@@ -1,0 +1,179 @@
+"""BN-ReLU with externally supplied statistics: the plain-PyTorch ("torch" backend) building blocks.
+
+Every norm in the efficient DenseNet (norm1 of each layer, norm2, the transition's norm, norm5)
+normalises with statistics it did not compute itself: the block's per-channel cache in training
+mode, the running buffers in eval mode.  These helpers feed those statistics to ATen's fused
+kernels (batch_norm with training=False for the forward, native_batch_norm_backward with
+train=True for the backward), so one BN-ReLU costs one elementwise pass and its backward one
+reduction plus one elementwise pass, with no intermediate kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+aten = torch.ops.aten
+
+
+@dataclass
+class NormStats:
+    """The statistics one BatchNorm applies, for channels [0, C) of its input.
+
+    mean, var: (C,) float32 (float64 for float64 data); var is the biased variance.
+    batch: True when they are batch statistics (training-mode BN: the backward must include the
+    terms through mean and var), False for running statistics (eval mode: an affine map).
+    """
+
+    mean: Tensor
+    var: Tensor
+    batch: bool
+    count: Optional[int] = None   # values per channel over the whole process group (sync BN)
+    group: Any = None             # torch.distributed group whose backward sums are reduced, or None
+
+    def slice(self, c0: int, c1: int) -> "NormStats":
+        return NormStats(self.mean[c0:c1], self.var[c0:c1], self.batch, self.count, self.group)
+
+
+def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """nn.BatchNorm2d's rule: batch statistics in training mode, or when it tracks none."""
+    return bn.training or bn.running_mean is None
+
+
+def update_running_stats_(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """Move bn's running statistics exactly as one nn.BatchNorm2d training forward would.
+
+    mean, var: (C,) batch mean and BIASED batch variance; count = N*H*W values per channel.
+    running_var takes the unbiased variance var * count / (count - 1); momentum=None means a
+    cumulative average (factor 1 / num_batches_tracked); num_batches_tracked += 1.
+    """
+    if not (bn.training and bn.track_running_stats):
+        return
+    with torch.no_grad():
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        if bn.running_mean is None:
+            return
+        rm, rv = bn.running_mean, bn.running_var
+        rm.mul_(1.0 - factor).add_(mean.to(rm.dtype), alpha=factor)
+        rv.mul_(1.0 - factor).add_(var.to(rv.dtype) * (count / (count - 1)), alpha=factor)
+
+
+def norm_stats_for(bn: nn.BatchNorm2d, cache_mean: Optional[Tensor], cache_var: Optional[Tensor],
+                   channels: int, count: int, group: Any = None) -> NormStats:
+    """The statistics `bn` applies to the first `channels` channels of a block buffer.
+
+    In training mode they are the cached batch statistics (and the running buffers move once);
+    in eval mode they are a snapshot of the running buffers (tiny: saved for backward so that a
+    later change to the buffers cannot corrupt the gradient).
+    """
+    if uses_batch_stats(bn):
+        if cache_mean is None or cache_var is None:
+            raise RuntimeError("internal: batch statistics requested but the block computed none")
+        mean, var = cache_mean[:channels], cache_var[:channels]
+        update_running_stats_(bn, mean, var, count)
+        return NormStats(mean, var, True, count, group)
+    stat_dtype = cache_mean.dtype if cache_mean is not None else bn.running_mean.dtype
+    return NormStats(bn.running_mean.detach().to(stat_dtype, copy=True),
+                     bn.running_var.detach().to(stat_dtype, copy=True), False)
+
+
+def batch_stats(x: Tensor, stats_fn=None) -> Tuple[Tensor, Tensor]:
+    """Per-channel (mean, biased var) of x: (N, C, H, W), in float32 (float64 for float64 x).
+
+    torch.var_mean uses Welford's algorithm on CPU and GPU, so inputs whose mean dwarfs their
+    spread keep their variance.  Low-precision data is upcast per call (the slices passed here
+    are one layer's k new channels, or the block input).
+    """
+    if stats_fn is not None:
+        return stats_fn(x)
+    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    var, mean = torch.var_mean(xs, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def bn_relu(x: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """relu(batch_norm(x)) with the given statistics; one fused pass, output in x's dtype/layout.
+
+    x: (N, C, H, W), possibly a channel slice of a block buffer; weight, bias: (C,).
+    """
+    sdt = stats.mean.dtype  # a model cast to bf16/fp16 still normalises with fp32 statistics
+    y = F.batch_norm(x, stats.mean, stats.var, weight.to(sdt), bias.to(sdt), False, 0.0, eps)
+    return y.relu_()
+
+
+def bn_relu_backward(grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, weight: Tensor,
+                     eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of z = relu(bn(x)) for the statistics `stats`.
+
+    grad_z, x, z: (N, C, H, W).  Returns (grad_x, grad_weight, grad_bias).
+    With batch statistics this is the full training-mode BN gradient
+      dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
+    i.e. it includes the paths through the (shared) mean and variance; with running statistics
+    it is the affine map dx = gamma * invstd * dy.  The ReLU mask is z > 0 (same as y > 0).
+    """
+    grad_y = aten.threshold_backward(grad_z, z, 0)
+    if stats.batch and stats.group is not None:
+        return _synced_bn_backward(grad_y, x, stats, weight, eps)
+    w = weight.to(stats.mean.dtype)
+    if stats.batch:
+        invstd = torch.rsqrt(stats.var + eps)
+        gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, None, None, stats.mean, invstd, True, eps,
+                                                     [True, True, True])
+    else:
+        gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, stats.mean, stats.var, None, None, False, eps,
+                                                     [True, True, True])
+    return gx, gw.to(weight.dtype), gb.to(weight.dtype)
+
+
+def sync_stats(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:
+    """Merge per-rank (count, mean, biased var) into the group's statistics (Chan et al.'s
+    parallel formula, exact and stable: M2 = sum(M2_i + n_i * (mean_i - mean)^2)).
+
+    mean, var: (C,) local statistics over `count` values per channel.  Returns the global
+    (mean, biased var, count); every rank gets the same result.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    local = torch.cat([torch.tensor([float(count)], dtype=mean.dtype, device=mean.device), mean, var])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    table = torch.stack(gathered)            # (world, 1 + 2C)
+    c = mean.numel()
+    counts, means, variances = table[:, :1], table[:, 1:1 + c], table[:, 1 + c:]
+    total = counts.sum()
+    g_mean = (counts * means).sum(0) / total
+    m2 = (counts * variances + counts * (means - g_mean) ** 2).sum(0)
+    return g_mean, m2 / total, int(round(total.item()))
+
+
+def _synced_bn_backward(grad_y: Tensor, x: Tensor, stats: NormStats, weight: Tensor, eps: float
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Training-mode BN backward whose sums over N, H, W run over the whole process group
+    (torch.nn.SyncBatchNorm's semantics): sum(dy) and sum(dy * (x - mean)) are all-reduced and
+    divided by the global count; the parameter gradients stay local (DDP reduces them).
+    """
+    import torch.distributed as dist
+
+    shape = (1, -1, 1, 1)
+    acc = stats.mean.dtype
+    invstd = torch.rsqrt(stats.var + eps)
+    xmu = x.to(acc) - stats.mean.view(shape)
+    gy = grad_y.to(acc)
+    local = torch.cat([gy.sum(dim=(0, 2, 3)), (gy * xmu).sum(dim=(0, 2, 3))])
+    grad_bias, grad_weight = local[: invstd.numel()].clone(), local[invstd.numel():] * invstd
+    dist.all_reduce(local, group=stats.group)
+    c = invstd.numel()
+    sum_dy, sum_dy_xmu = local[:c], local[c:]
+    n = float(stats.count)
+    grad_x = (gy - (sum_dy / n).view(shape) - xmu * (invstd * invstd * sum_dy_xmu / n).view(shape)) * \
+        (weight.to(acc) * invstd).view(shape)
+    return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype)

@@ -1,0 +1,324 @@
+"""The memory-efficient dense block as ONE autograd Function (../shared/design/dense_block.md).
+
+Forward (training): one buffer F (N, C0 + L*k, H, W) per call; x0 is copied into F[:, :C0] and
+every layer writes its k new channels into F[:, C_l:C_l+k] in place, so the concatenation costs
+nothing.  A per-channel (mean, var) cache is filled once per channel -- for x0 when it enters and
+for each layer's new channels right after they are produced -- and every norm1 reads it, so the
+statistic passes are O(L) instead of O(L^2).  BN-ReLU outputs are transients, never saved.
+
+Backward: one gradient buffer G shaped like F (float32 when F is half precision) starts as
+dLoss/dF; layer l reads its complete output gradient G[:, C_l:C_l+k], recomputes what it needs
+from F, and ACCUMULATES its input gradient into G[:, :C_l] (each layer's training-mode BN
+gradient for its own use of the shared statistics; the contributions add).  The gradient of x0 is
+G[:, :C0].
+
+The bottleneck Bt = conv1x1(relu(bn1(F[:, :C_l]))) is either recomputed in backward
+(save_bottleneck=False, the minimum-memory mode: only F and O(C) floats per layer are saved) or
+saved (save_bottleneck=True: B = bn_size*k extra channels per layer kept, one 1x1 GEMM less per
+layer in backward).
+
+What a backend changes is only the kernel set (`BlockKernels`): the plain-PyTorch one feeds ATen's
+fused batch_norm / native_batch_norm_backward / convolution_backward kernels with the cached
+statistics; the "cuda" backend swaps in the compiled statistics kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv1x1 import conv1x1, conv1x1_backward
+from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_stats_for, sync_stats, \
+    uses_batch_stats, update_running_stats_
+
+aten = torch.ops.aten
+
+PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+
+@dataclass
+class BlockKernels:
+    """The primitives a backend supplies, and the process group of synchronized BN.
+
+    stats(x) -> (mean, biased var) in fp32/fp64 (None: torch.var_mean).  group: a
+    torch.distributed process group over which batch statistics and BN backward sums are
+    reduced (densenet_fast.convert_sync_batchnorm), or None for per-process BN.
+    """
+
+    name: str = "torch"
+    stats: Optional[Callable[[Tensor], Tuple[Tensor, Tensor]]] = None
+    group: Any = None
+
+    def channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        mean, var = batch_stats(x, self.stats)
+        if self.group is None:
+            return mean, var
+        mean, var, _ = sync_stats(mean, var, x.numel() // x.shape[1], self.group)
+        return mean, var
+
+    def total_count(self, count: int) -> int:
+        """Values per channel over the process group (count itself without sync)."""
+        if self.group is None:
+            return count
+        import torch.distributed as dist
+        t = torch.tensor([count], dtype=torch.int64)
+        dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+
+@dataclass
+class BlockSpec:
+    """Everything about a block call that is not a differentiable tensor."""
+
+    layers: Sequence[nn.Module]           # DenseLayer-like: norm1, conv1, norm2, conv2, drop_rate
+    kernels: BlockKernels
+    save_bottleneck: bool = False
+    chunk_channels: int = 0               # input channels per chunk of the 1x1 conv; 0: auto
+    compute_stats: bool = True            # fill the statistics cache (training-mode consumers)
+    count: int = 0                        # values per channel (over the process group); set by forward
+
+
+@dataclass
+class _LayerRecord:
+    stats1: Optional[NormStats]   # None: the batch-statistics cache slice [:C_l]
+    stats2: NormStats
+    seed: Optional[int]           # dropout: the generator seed that reproduces the mask
+    bottleneck: Optional[Tensor] = None
+
+
+def buffer_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when x is stored NHWC (and not also NCHW-contiguous), else contiguous."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def stat_dtype_for(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
+    """The scaled keep-mask (values 0 or 1/(1-p)) drawn from a generator seeded with `seed`.
+
+    Drawing it again with the same seed on the same device gives the same mask, so backward
+    regenerates it instead of keeping N*k*H*W values per layer alive.
+    """
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
+    return keep.div_(1.0 - p)
+
+
+# relu(bn(F)) is rebuilt CHUNK_ELEMENTS values (N*H*W*channels) at a time: small enough that the
+# chunk's transients stay well below one block buffer (and below glibc's 32 MiB mmap threshold, so
+# CPU allocations are recycled instead of page-faulted in every time), large enough that each chunk
+# is still a GEMM with a long K.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_size(spec_chunk: int, count: int, channels: int) -> int:
+    """Input channels per chunk: spec_chunk when set, else ~CHUNK_ELEMENTS values, at least 16."""
+    if spec_chunk > 0:
+        return spec_chunk
+    return max(16, min(channels, CHUNK_ELEMENTS // max(count, 1)))
+
+
+def bn_relu_conv1x1(fbuf: Tensor, cl: int, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
+                    conv_weight: Tensor, step: int) -> Tensor:
+    """conv1x1(relu(bn(F[:, :cl]))) accumulated over input-channel chunks of `step` channels.
+
+    fbuf: (N, C, H, W) block buffer; conv_weight: (B, cl, 1, 1).  Returns Bt (N, B, H, W) in F's
+    layout.  Only one chunk of relu(bn(.)) exists at a time.
+    """
+    out = None
+    for a in range(0, cl, step):
+        e = min(cl, a + step)
+        zc = bn_relu(fbuf[:, a:e], stats.slice(a, e), weight[a:e], bias[a:e], eps)
+        out = conv1x1(zc, conv_weight[:, a:e], out=out, accumulate=out is not None)
+    return out
+
+
+def _draw_seed() -> int:
+    # From the default CPU generator, so torch.manual_seed makes the whole block reproducible.
+    return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
+
+
+def _layer_params(params: Sequence[Tensor], l: int) -> Sequence[Tensor]:
+    return params[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)]
+
+
+def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
+                  ) -> Tuple[Tensor, Tensor, Tensor, List[_LayerRecord]]:
+    """Run the block.  x: (N, C0, H, W).  Returns (F, mean, var, records).
+
+    F: (N, C0 + L*k, H, W) in x's dtype and memory format.  mean, var: (C0 + L*k,) batch
+    statistics of every channel of F (empty when spec.compute_stats is False).  records: what
+    backward needs per layer (O(C) floats, a seed, optionally the bottleneck).
+    """
+    layers = spec.layers
+    n, c0, h, w = x.shape
+    k = layers[0].conv2.out_channels
+    c_total = c0 + len(layers) * k
+    count = spec.kernels.total_count(n * h * w)
+    spec.count = count
+    group = spec.kernels.group
+    fbuf = torch.empty((n, c_total, h, w), dtype=x.dtype, device=x.device, memory_format=buffer_memory_format(x))
+    fbuf[:, :c0].copy_(x)
+    sdt = stat_dtype_for(x)
+    if spec.compute_stats:
+        mean = torch.empty(c_total, dtype=sdt, device=x.device)
+        var = torch.empty(c_total, dtype=sdt, device=x.device)
+        mean[:c0], var[:c0] = spec.kernels.channel_stats(x)
+    else:
+        mean = var = torch.empty(0, dtype=sdt, device=x.device)
+    records: List[_LayerRecord] = []
+    for l, layer in enumerate(layers):
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
+        cl = c0 + l * k
+        stats1 = norm_stats_for(layer.norm1, mean if spec.compute_stats else None, var, cl, count, group)
+        bt = bn_relu_conv1x1(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
+                             chunk_size(spec.chunk_channels, n * h * w, cl))
+        if uses_batch_stats(layer.norm2):
+            m2, v2 = spec.kernels.channel_stats(bt)
+            update_running_stats_(layer.norm2, m2, v2, count)
+            stats2 = NormStats(m2, v2, True, count, group)
+        else:
+            stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
+        z2 = bn_relu(bt, stats2, g2, b2, layer.norm2.eps)
+        out = F.conv2d(z2, w2, padding=1)
+        del z2
+        seed = None
+        if layer.drop_rate > 0 and layer.training:
+            seed = _draw_seed()
+            out.mul_(dropout_mask(seed, out, layer.drop_rate))
+        fbuf[:, cl:cl + k].copy_(out)
+        if spec.compute_stats:
+            mean[cl:cl + k], var[cl:cl + k] = spec.kernels.channel_stats(out)
+        del out
+        records.append(_LayerRecord(None if stats1.batch else stats1, stats2, seed,
+                                    bt if spec.save_bottleneck else None))
+    return fbuf, mean, var, records
+
+
+def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, grad_f: Tensor,
+                   params: Sequence[Tensor], records: Sequence[_LayerRecord], c0: int
+                   ) -> Tuple[Tensor, List[Tensor]]:
+    """Gradients of the block.  Returns (grad_x0 (N, C0, H, W), [grad per parameter])."""
+    layers = spec.layers
+    k = layers[0].conv2.out_channels
+    acc_dtype = torch.float32 if fbuf.dtype in (torch.float16, torch.bfloat16) else fbuf.dtype
+    gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
+    gbuf.copy_(grad_f)
+    grads: List[Optional[Tensor]] = [None] * len(params)
+    count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
+    for l in range(len(layers) - 1, -1, -1):
+        layer, rec = layers[l], records[l]
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
+        cl = c0 + l * k
+        eps1 = layer.norm1.eps
+        stats1 = rec.stats1 if rec.stats1 is not None else \
+            NormStats(mean[:cl], var[:cl], True, spec.count, spec.kernels.group)
+        step = chunk_size(spec.chunk_channels, count, cl)
+        bt = rec.bottleneck if rec.bottleneck is not None else bn_relu_conv1x1(fbuf, cl, stats1, g1, b1, eps1, w1, step)
+        z2 = bn_relu(bt, rec.stats2, g2, b2, layer.norm2.eps)
+        d_out = gbuf[:, cl:cl + k].to(fbuf.dtype)
+        if rec.seed is not None:
+            d_out = d_out * dropout_mask(rec.seed, d_out, layer.drop_rate)
+        d_z2, d_w2, _ = aten.convolution_backward(d_out, z2, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                  [True, True, False])
+        del d_out
+        d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, rec.stats2, g2, layer.norm2.eps)
+        del z2, d_z2, bt
+        d_w1 = torch.empty_like(w1)
+        d_g1 = torch.empty_like(g1)
+        d_b1 = torch.empty_like(b1)
+        # dgrad and wgrad of a 1x1 conv split exactly by input channel, and so does BN backward
+        # (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and
+        # added into G, so no C_l-channel intermediate ever exists.
+        for a in range(0, cl, step):
+            e = min(cl, a + step)
+            xc = fbuf[:, a:e]
+            sc = stats1.slice(a, e)
+            z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps1)
+            d_z1c, d_w1c = conv1x1_backward(d_bt, z1c, w1[:, a:e])
+            d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps1)
+            gbuf[:, a:e].add_(d_xc)
+            d_w1[:, a:e].copy_(d_w1c)
+            d_g1[a:e].copy_(d_g1c)
+            d_b1[a:e].copy_(d_b1c)
+            del z1c, d_z1c, d_xc
+        del d_bt
+        grads[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)] = [d_g1, d_b1, d_w1, d_g2, d_b2, d_w2]
+    return gbuf[:, :c0], grads
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """apply(spec, x, *params) -> (F, mean, var); mean/var are non-differentiable outputs."""
+
+    @staticmethod
+    def forward(ctx, spec: BlockSpec, x: Tensor, *params: Tensor):
+        fbuf, mean, var, records = block_forward(spec, x, params)
+        ctx.spec = spec
+        ctx.records = records
+        ctx.c0 = x.shape[1]
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(fbuf, mean, var, *params)
+        ctx.mark_non_differentiable(mean, var)
+        return fbuf, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_f: Tensor, _grad_mean, _grad_var):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "densenet_fast: double backward (create_graph=True) through the memory-efficient dense block "
+                "is not supported; build the model with memory_efficient=False for higher-order gradients")
+        fbuf, mean, var, *params = ctx.saved_tensors
+        grad_x, grads = block_backward(ctx.spec, fbuf, mean, var, grad_f, params, ctx.records, ctx.c0)
+        return (None, grad_x.to(ctx.x_dtype), *grads)
+
+
+def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+    """The differentiable tensors of a block, in DenseBlockFunction order.
+
+    Conv weights are cast to `dtype` (the autocast dtype) through a differentiable .to(), so their
+    gradients flow back to the fp32 masters; BN affine parameters stay fp32 (as under autocast).
+    """
+    out: List[Tensor] = []
+    for layer in layers:
+        w1, w2 = layer.conv1.weight, layer.conv2.weight
+        if dtype is not None:
+            w1, w2 = w1.to(dtype), w2.to(dtype)
+        out += [layer.norm1.weight, layer.norm1.bias, w1, layer.norm2.weight, layer.norm2.bias, w2]
+    return out
+
+
+def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernels, *,
+                    save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Functional entry: the block over x (N, C0, H, W) -> (F, mean, var).
+
+    Handles autocast (the block runs in the autocast dtype with fp32 statistics and BN parameters,
+    autocast itself disabled inside so that nothing is cast twice) and no_grad (no Function, no
+    saved state; running statistics still move once in training mode, as nn.BatchNorm2d's do).
+    """
+    device_type = x.device.type
+    cast = None
+    if torch.is_autocast_enabled(device_type):
+        cast = torch.get_autocast_dtype(device_type)
+        x = x.to(cast)
+    for layer in layers:
+        if layer.norm1.affine is False or layer.norm2.affine is False:
+            raise ValueError("densenet_fast: dense layers need affine BatchNorm (affine=True)")
+    compute_stats = compute_stats or any(uses_batch_stats(layer.norm1) for layer in layers)
+    spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats)
+    params = block_params(layers, cast)
+    with torch.autocast(device_type, enabled=False):
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return DenseBlockFunction.apply(spec, x, *params)
+        fbuf, mean, var, _ = block_forward(spec, x, [p.detach() for p in params])
+        return fbuf, mean, var

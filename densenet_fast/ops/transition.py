@@ -1,0 +1,132 @@
+"""Transition, head and stem norm: pool(relu(bn(F))), optionally followed by a 1x1 conv, as one Function.
+
+Transition (Huang et al.): conv1x1 then avg_pool2x2 of relu(bn(F)).  Average pooling and a 1x1
+conv are both linear, so conv(pool(z)) == pool(conv(z)); pooling first runs the GEMM on 4x fewer
+rows.  Head (norm5 + ReLU + global average pool, torchvision's DenseNet.forward): the same with a
+global pool and no conv.  Stem (norm0 + relu0): no pool, no conv.
+
+Neither stores relu(bn(F)): it is rebuilt chunk by chunk (by input channel, which splits BN, ReLU,
+pooling and the 1x1 conv's gradients exactly), so the transients are one chunk plus the pooled map.
+The BatchNorm reads the block's statistics cache when given (training mode), so F is not reduced
+again.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv1x1 import conv1x1, conv1x1_backward
+from .bn_relu import NormStats, bn_relu, bn_relu_backward, norm_stats_for, uses_batch_stats
+from .dense_block import BlockKernels
+
+aten = torch.ops.aten
+
+# Channels per chunk when rebuilding relu(bn(F)).  Wide enough that each chunk is one efficient
+# elementwise pass, narrow enough that its transients stay small next to F.
+DEFAULT_CHUNK = 64
+
+
+POOLS = ("none", "avg2", "global")
+
+
+def _pool(z: Tensor, pool: str) -> Tensor:
+    if pool == "global":
+        return z.mean(dim=(2, 3), keepdim=True)
+    return F.avg_pool2d(z, 2, 2) if pool == "avg2" else z
+
+
+def _pool_backward(grad_p: Tensor, z: Tensor, pool: str) -> Tensor:
+    if pool == "global":
+        return (grad_p / (z.shape[2] * z.shape[3])).expand_as(z)
+    if pool == "avg2":
+        return aten.avg_pool2d_backward(grad_p, z, [2, 2], [2, 2], [0, 0], False, True, None)
+    return grad_p
+
+
+def _pooled(fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float, pool: str,
+            chunk: int) -> Tensor:
+    n, c, h, w = fbuf.shape
+    ho, wo = {"global": (1, 1), "avg2": (h // 2, w // 2), "none": (h, w)}[pool]
+    fmt = torch.channels_last if (fbuf.is_contiguous(memory_format=torch.channels_last)
+                                  and not fbuf.is_contiguous()) else torch.contiguous_format
+    pooled = torch.empty((n, c, ho, wo), dtype=fbuf.dtype, device=fbuf.device, memory_format=fmt)
+    for a in range(0, c, chunk):
+        e = min(c, a + chunk)
+        pooled[:, a:e] = _pool(bn_relu(fbuf[:, a:e], stats.slice(a, e), weight[a:e], bias[a:e], eps), pool)
+    return pooled
+
+
+class BNReLUPoolConvFunction(torch.autograd.Function):
+    """apply(fbuf, stats, weight, bias, conv_weight|None, eps, pool, chunk) -> out."""
+
+    @staticmethod
+    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, pool, chunk):
+        pooled = _pooled(fbuf, stats, weight, bias, eps, pool, chunk)
+        out = conv1x1(pooled, conv_weight) if conv_weight is not None else pooled
+        ctx.stats, ctx.eps, ctx.pool, ctx.chunk = stats, eps, pool, chunk
+        ctx.has_conv = conv_weight is not None
+        ctx.save_for_backward(fbuf, weight, bias, *([conv_weight] if conv_weight is not None else []))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("densenet_fast: double backward through the fused transition/head is not supported")
+        fbuf, weight, bias, *rest = ctx.saved_tensors
+        stats, eps, pool, chunk = ctx.stats, ctx.eps, ctx.pool, ctx.chunk
+        grad_conv = None
+        if ctx.has_conv:
+            conv_weight = rest[0]
+            pooled = _pooled(fbuf, stats, weight, bias, eps, pool, chunk)
+            grad_p, grad_conv = conv1x1_backward(grad_out, pooled, conv_weight)
+            del pooled
+        else:
+            grad_p = grad_out
+        grad_f = torch.empty_like(fbuf)
+        grad_w = torch.empty_like(weight)
+        grad_b = torch.empty_like(bias)
+        c = fbuf.shape[1]
+        for a in range(0, c, chunk):
+            e = min(c, a + chunk)
+            xc = fbuf[:, a:e]
+            sc = stats.slice(a, e)
+            zc = bn_relu(xc, sc, weight[a:e], bias[a:e], eps)
+            gz = _pool_backward(grad_p[:, a:e], zc, pool)
+            gx, gw, gb = bn_relu_backward(gz, xc, zc, sc, weight[a:e], eps)
+            grad_f[:, a:e] = gx
+            grad_w[a:e] = gw
+            grad_b[a:e] = gb
+        return grad_f, None, grad_w, grad_b, grad_conv, None, None, None
+
+
+def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], *, pool: str,
+                      kernels: BlockKernels, cache: Optional[Tuple[Tensor, Tensor]] = None,
+                      chunk: int = DEFAULT_CHUNK) -> Tensor:
+    """conv1x1(pool(relu(norm(fbuf)))) (no conv when conv_weight is None), norm reading the cache.
+
+    fbuf: (N, C, H, W) (a dense block's output buffer, or the stem conv's output).
+    pool: "avg2" (2x2/2 average: transition), "global" (head), "none" (stem norm0 + relu0).
+    cache: the block's (mean, var) of every channel of fbuf, or None to compute them here.
+    Returns (N, C_out, H', W').  norm's running statistics move once in training mode.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    device_type = fbuf.device.type
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        fbuf = fbuf.to(dt)
+        conv_weight = conv_weight.to(dt) if conv_weight is not None else None
+    count = kernels.total_count(fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3])
+    if uses_batch_stats(norm):
+        have_cache = cache is not None and cache[0].numel() == fbuf.shape[1]
+        mean, var = cache if have_cache else kernels.channel_stats(fbuf)
+        stats = norm_stats_for(norm, mean, var, fbuf.shape[1], count, kernels.group)
+    else:
+        stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
+    with torch.autocast(device_type, enabled=False):
+        return BNReLUPoolConvFunction.apply(fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool, chunk)

@@ -1,0 +1,108 @@
+"""Builders shared by the test files: twin models with identical weights, seeded inputs, and the
+loop that trains two models identically.  No reference math lives here (that is
+densenet_fast.reference); this only wires models together.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch import Tensor
+
+import densenet_fast
+
+
+def randomize_bn_(model: nn.Module, seed: int) -> nn.Module:
+    """Give every BatchNorm non-trivial affine parameters and running statistics.
+
+    torchvision initialises BN to weight 1, bias 0, mean 0, var 1; a kernel that ignored gamma or
+    beta, or swapped mean and var, would pass against that, so tests start from random values.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen))
+                m.bias.copy_(0.5 * torch.randn(c, generator=gen))
+                m.running_mean.copy_(0.3 * torch.randn(c, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=gen))
+    return model
+
+
+def torchvision_densenet(growth_rate: int, block_config: Sequence[int], num_init_features: int, bn_size: int,
+                         num_classes: int, small_inputs: bool) -> nn.Module:
+    """torchvision's DenseNet; small_inputs swaps its ImageNet stem for the CIFAR one (one 3x3 conv,
+    no norm0/relu0/pool0) so that the CIFAR configurations have a torchvision twin too."""
+    tv = torchvision.models.DenseNet(growth_rate, tuple(block_config), num_init_features, bn_size, 0.0,
+                                     num_classes, memory_efficient=False)
+    if small_inputs:
+        tv.features.conv0 = nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False)
+        del tv.features.norm0
+        del tv.features.relu0
+        del tv.features.pool0
+    return tv
+
+
+def seeded_input(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 scale: float = 1.0, offset: float = 0.0) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = (offset + scale * torch.randn(*shape, generator=gen, dtype=torch.float64)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def projection_loss(out: Tensor, seed: int) -> Tensor:
+    """sum(out * R) with a fixed random R: every output element gets a distinct gradient (a plain
+    sum would give BN-normalised outputs a zero gradient and hide errors)."""
+    gen = torch.Generator().manual_seed(seed)
+    r = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    return (out * r).sum()
+
+
+def param_grads(model: nn.Module) -> Dict[str, Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def states(model: nn.Module) -> Dict[str, Tensor]:
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def copy_weights(src: nn.Module, *dsts: nn.Module) -> None:
+    for d in dsts:
+        d.load_state_dict(src.state_dict(), strict=True)
+
+
+def train_steps(models: Sequence[nn.Module], inputs: Iterable[Tensor], lr: float = 0.05
+                ) -> List[List[Tuple[Tensor, Tensor, Dict[str, Tensor]]]]:
+    """Run the same forward + backward + SGD(momentum 0.9) step on every model for each input.
+
+    Returns, per step, per model: (output, input gradient, parameter gradients).
+    """
+    opts = [torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9) for m in models]
+    history = []
+    for step, x in enumerate(inputs):
+        row = []
+        for m, opt in zip(models, opts):
+            opt.zero_grad(set_to_none=True)
+            xi = x.detach().clone().requires_grad_(True)
+            out = m(xi)
+            projection_loss(out, 1000 + step).backward()
+            row.append((out.detach(), xi.grad.detach(), param_grads(m)))
+            opt.step()
+        history.append(row)
+    return history
+
+
+def assert_same_keys(a: Dict[str, Tensor], b: Dict[str, Tensor], what: str) -> None:
+    assert set(a) == set(b), f"{what}: keys differ: only in first {sorted(set(a) - set(b))}, " \
+                             f"only in second {sorted(set(b) - set(a))}"
+
+
+def efficient_densenet(**kwargs) -> densenet_fast.DenseNet:
+    kwargs.setdefault("backend", "torch")
+    return densenet_fast.DenseNet(**kwargs)

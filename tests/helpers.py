@@ -1,0 +1,44 @@
+"""Test helpers shared by the test files (``from helpers import ...``: pytest's default "prepend"
+import mode puts tests/ on sys.path, since tests/ is not a package)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _nonfinite(t: Tensor) -> str:
+    return f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf"
+
+
+def assert_close_report(actual: Tensor, expected: Tensor, atol: float, rtol: float, name: str) -> None:
+    """Assert |actual - expected| <= atol + rtol * |expected| elementwise (NaN never passes).
+
+    Both are compared in float64 on the CPU, so an fp16 result can be checked against a float64
+    reference. On failure the message says where and by how much they differ: the number of
+    mismatches, the worst element's index and values, the largest absolute and relative errors,
+    and the NaN/Inf count of each side.
+    """
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    err = (a - e).abs()
+    allowed = atol + rtol * e.abs()
+    bad = ~(err <= allowed)  # also true where either side is NaN
+    if not bool(bad.any()):
+        return
+    # Rank the elements by how far past their tolerance they are, NaN first.
+    excess = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err - allowed)
+    flat = int(excess.argmax())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
+    finite = torch.isfinite(err)
+    max_abs = float(err[finite].max()) if bool(finite.any()) else float("nan")
+    rel = err / e.abs().clamp_min(torch.finfo(torch.float64).tiny)
+    max_rel = float(rel[finite].max()) if bool(finite.any()) else float("nan")
+    raise AssertionError(
+        f"{name}: {int(bad.sum())} of {a.numel()} elements differ beyond atol={atol:g}, rtol={rtol:g}\n"
+        f"  worst at index {index}: actual {a.flatten()[flat].item()!r}, expected {e.flatten()[flat].item()!r}\n"
+        f"  max abs err {max_abs:.6g}, max rel err {max_rel:.6g}\n"
+        f"  actual ({actual.dtype}): {_nonfinite(a)}; expected ({expected.dtype}): {_nonfinite(e)}"
+    )

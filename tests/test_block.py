@@ -1,0 +1,488 @@
+"""The memory-efficient dense block's contract beyond plain equivalence: exact gradients
+(gradcheck), dropout, state between calls, running statistics, low precision and hard inputs.
+
+References: densenet_fast.reference (naive modules) and torchvision.  Tolerances: tolerances.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision.models.densenet as tvd
+from torch.func import functional_call
+
+import densenet_fast
+from densenet_fast import reference
+from builders import (copy_weights, efficient_densenet, param_grads, projection_loss, randomize_bn_, seeded_input,
+                      states)
+from tolerances import assert_close, assert_within_naive_error
+
+F64 = torch.float64
+
+
+def _tiny_block(drop_rate=0.0, save_bottleneck=False, chunk_channels=0, seed=0):
+    """2 layers, 3 input channels, growth 2, bn_size 2: every Jacobian stays small."""
+    torch.manual_seed(seed)
+    block = densenet_fast.DenseBlock(2, 3, 2, 2, drop_rate, backend="torch", save_bottleneck=save_bottleneck,
+                                     chunk_channels=chunk_channels)
+    return randomize_bn_(block, seed + 1).double()
+
+
+def _as_function(module, reseed=None):
+    """f(x, *params) = sum_{h,w} module(x) * R with the parameters as explicit inputs (gradcheck).
+
+    The fixed random projection R over H, W keeps every output element in play while cutting
+    the number of outputs (one backward each in gradcheck) to N * C.
+    reseed: call torch.manual_seed(reseed) before every forward, so that dropout draws the same
+    mask in every one of gradcheck's calls.
+    """
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, *params):
+        if reseed is not None:
+            torch.manual_seed(reseed)
+        out = functional_call(module, dict(zip(names, params)), (x,))
+        if out.dim() == 2:
+            return out
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(123), dtype=out.dtype)
+        return (out * r).sum(dim=(2, 3))
+
+    return f, [p.detach().clone().requires_grad_(True) for _, p in module.named_parameters()]
+
+
+# --------------------------------------------------------------------------------------------
+# gradcheck (float64): the hand-written backward is the derivative of the forward
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("save_bottleneck, chunk_channels", [(False, 0), (True, 2)], ids=["recompute", "saved-chunk2"])
+def test_gradcheck_block(mode, save_bottleneck, chunk_channels):
+    block = _tiny_block(save_bottleneck=save_bottleneck, chunk_channels=chunk_channels)
+    block.train(mode == "train")
+    f, params = _as_function(block)
+    # 4x5: odd width, so the 3x3 conv's zero padding (after BN-ReLU) touches uneven borders.
+    x = seeded_input((2, 3, 4, 5), 1, F64, offset=0.5).requires_grad_(True)
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
+def test_gradcheck_block_with_dropout(save_bottleneck):
+    """Reseeding before each forward makes dropout a fixed mask; gradcheck then passes only if
+    backward multiplies by exactly the mask the forward drew (it is regenerated, not stored)."""
+    block = _tiny_block(drop_rate=0.4, save_bottleneck=save_bottleneck)
+    block.train()
+    f, params = _as_function(block, reseed=0)
+    x = seeded_input((2, 3, 4, 5), 2, F64).requires_grad_(True)
+    torch.manual_seed(0)
+    assert bool((block(x)[:, 3:] == 0).any()), "drop_rate=0.4 dropped nothing: the test would not test the mask"
+    # fast_mode: one random direction per input instead of the full Jacobian (the full check of
+    # the same block without dropout is test_gradcheck_block).
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradcheck_densenet(mode):
+    """The whole model: stem, block, fused transition (pool before conv), block, fused head."""
+    torch.manual_seed(3)
+    model = efficient_densenet(growth_rate=2, block_config=(2, 1), num_init_features=3, bn_size=2, num_classes=3,
+                               small_inputs=True)
+    randomize_bn_(model, 4).double().train(mode == "train")
+    f, params = _as_function(model)
+    x = seeded_input((2, 3, 5, 6), 5, F64).requires_grad_(True)
+    # fast_mode (random directions): the full Jacobian over every parameter costs ~1000 forwards.
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout
+# --------------------------------------------------------------------------------------------
+
+
+def test_dropout_statistics_and_mask_in_backward():
+    """One layer with drop_rate p against the reference layer with drop_rate 0 (same weights):
+    every new value is either 0 or reference / (1 - p), the dropped fraction is p within 5
+    binomial standard deviations, and the input gradient equals the reference's gradient for the
+    loss weighted by that same mask (backward applies the forward's mask)."""
+    p = 0.3
+    c0, k = 5, 8
+    torch.manual_seed(6)
+    ours = densenet_fast.DenseBlock(1, c0, 2, k, p, backend="torch").double()
+    naive = reference.DenseLayer(c0, k, 2, 0.0).double()
+    randomize_bn_(naive, 7)
+    ours.denselayer1.load_state_dict(naive.state_dict(), strict=True)
+    x = seeded_input((4, c0, 16, 16), 8, F64)
+    xo, xn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    torch.manual_seed(9)
+    out = ours(xo)
+    new = out[:, c0:]
+    ref = naive(xn)
+    kept = new != 0
+    n = ref.numel()
+    dropped = float((~kept).sum()) / n
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(dropped - p) < 5 * sigma, f"dropped fraction {dropped:.4f}, expected {p} +- {5 * sigma:.4f}"
+    mask = kept.to(F64) / (1 - p)
+    assert_close(new, ref * mask, F64, "survivors == reference / (1 - p)")
+    assert_close(out[:, :c0], x, F64, "block output starts with its input")
+
+    gen = torch.Generator().manual_seed(10)
+    r = torch.randn(out.shape, generator=gen, dtype=F64)
+    (out * r).sum().backward()
+    (ref * mask * r[:, c0:]).sum().backward()
+    # Our block's input gradient also has the identity path of F[:, :c0] = x.
+    assert_close(xo.grad, xn.grad + r[:, :c0], F64, "input grad with the forward's dropout mask")
+    for name, g in param_grads(naive).items():
+        assert_close(ours.denselayer1.get_parameter(name).grad, g, F64, f"grad {name} with the mask")
+
+
+def test_dropout_off_in_eval_and_fresh_masks_per_call():
+    torch.manual_seed(11)
+    ours = densenet_fast.DenseBlock(2, 4, 2, 6, 0.5, backend="torch").double()
+    naive = reference.DenseBlock(2, 4, 2, 6, 0.5).double()
+    randomize_bn_(naive, 12)
+    copy_weights(naive, ours)
+    x = seeded_input((2, 4, 6, 7), 13, F64)
+    ours.eval()
+    naive.eval()
+    assert_close(ours(x), naive(x), F64, "eval mode: no dropout")
+    ours.train()
+    a, b = ours(x)[:, 4:], ours(x)[:, 4:]
+    assert not torch.equal(a == 0, b == 0), "two training forwards drew the same dropout mask"
+
+
+# --------------------------------------------------------------------------------------------
+# State between calls, double backward
+# --------------------------------------------------------------------------------------------
+
+
+def _efficient_and_naive_net(seed, **kw):
+    torch.manual_seed(seed)
+    naive = reference.DenseNet(5, (2, 2), 6, 2, 0, 4, small_inputs=True).double()
+    randomize_bn_(naive, seed + 1)
+    ours = efficient_densenet(growth_rate=5, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=4,
+                              small_inputs=True, **kw).double()
+    copy_weights(naive, ours)
+    return ours, naive
+
+
+@pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
+@pytest.mark.parametrize("kind", ["block", "densenet"])
+def test_two_forwards_then_one_backward(kind, save_bottleneck):
+    """Nothing is shared between calls but parameters and buffers: the second forward must not
+    overwrite what the first one's backward needs (the buffer, the statistics, bottlenecks)."""
+    if kind == "block":
+        torch.manual_seed(14)
+        ours = densenet_fast.DenseBlock(3, 4, 2, 3, backend="torch", save_bottleneck=save_bottleneck).double()
+        naive = reference.DenseBlock(3, 4, 2, 3, 0.0).double()
+        randomize_bn_(naive, 15)
+        copy_weights(naive, ours)
+        shape = (2, 4, 5, 6)
+    else:
+        ours, naive = _efficient_and_naive_net(14, save_bottleneck=save_bottleneck)
+        shape = (2, 3, 9, 7)
+    x1 = seeded_input(shape, 16, F64)
+    x2 = seeded_input(shape, 17, F64, scale=3.0, offset=1.0)  # different statistics from x1
+    grads = []
+    for m in (ours, naive):
+        a, b = x1.clone().requires_grad_(True), x2.clone().requires_grad_(True)
+        out1 = m(a)
+        out2 = m(b)
+        (projection_loss(out1, 18) + projection_loss(out2, 19)).backward()
+        grads.append((a.grad, b.grad, param_grads(m), states(m)))
+    (ga_o, gb_o, gp_o, s_o), (ga_n, gb_n, gp_n, s_n) = grads
+    assert_close(ga_o, ga_n, F64, "grad of the first input")
+    assert_close(gb_o, gb_n, F64, "grad of the second input")
+    for name in gp_n:
+        assert_close(gp_o[name], gp_n[name], F64, f"grad {name}")
+    for name in s_n:
+        assert_close(s_o[name].double(), s_n[name].double(), F64, f"after two forwards: {name}")
+        if name.endswith("num_batches_tracked"):
+            assert int(s_o[name]) == 2
+
+
+@pytest.mark.parametrize("kind", ["block", "densenet"])
+def test_double_backward_raises(kind):
+    if kind == "block":
+        model = _tiny_block()
+        x = seeded_input((2, 3, 4, 5), 20, F64).requires_grad_(True)
+    else:
+        model, _ = _efficient_and_naive_net(21)
+        x = seeded_input((2, 3, 6, 6), 22, F64).requires_grad_(True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        (g,) = torch.autograd.grad(projection_loss(model(x), 23), x, create_graph=True)
+        torch.autograd.grad(g.square().sum(), x)
+
+
+@pytest.mark.parametrize("kind", ["block", "densenet"])
+def test_backward_twice_with_retain_graph(kind):
+    """loss.backward(retain_graph=True) then a second backward through the same graph (what
+    gradcheck, torch.autograd.functional.jacobian and some training loops do) gives the same
+    gradients twice, as it does for the naive model."""
+    if kind == "block":
+        ours = _tiny_block()
+        naive = reference.DenseBlock(2, 3, 2, 2, 0.0).double()
+        copy_weights(ours, naive)
+        x = seeded_input((2, 3, 4, 5), 48, F64)
+    else:
+        ours, naive = _efficient_and_naive_net(49)
+        x = seeded_input((2, 3, 6, 6), 50, F64)
+    for m in (ours, naive):
+        xi = x.clone().requires_grad_(True)
+        loss = projection_loss(m(xi), 51)
+        (g1,) = torch.autograd.grad(loss, xi, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, xi)
+        assert_close(g2, g1, F64, f"{type(m).__module__}: second backward through the retained graph")
+
+
+# --------------------------------------------------------------------------------------------
+# Running statistics
+# --------------------------------------------------------------------------------------------
+
+
+def _all_bns(model):
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@pytest.mark.parametrize("kind", ["block", "densenet"])
+def test_running_stats_move_once_under_no_grad(kind):
+    if kind == "block":
+        torch.manual_seed(24)
+        ours = densenet_fast.DenseBlock(3, 4, 2, 3, backend="torch").double()
+        naive = reference.DenseBlock(3, 4, 2, 3, 0.0).double()
+        randomize_bn_(naive, 25)
+        copy_weights(naive, ours)
+        x = seeded_input((3, 4, 5, 6), 26, F64, offset=2.0)
+    else:
+        ours, naive = _efficient_and_naive_net(24)
+        x = seeded_input((3, 3, 7, 9), 26, F64, offset=2.0)
+    with torch.no_grad():
+        out_o, out_n = ours(x), naive(x)
+    assert_close(out_o, out_n, F64, "no_grad train-mode output")
+    s_o, s_n = states(ours), states(naive)
+    for name in s_n:
+        assert_close(s_o[name].double(), s_n[name].double(), F64, f"no_grad: {name}")
+    for bn in _all_bns(ours):
+        assert int(bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3], ids=["cumulative", "momentum0.3"])
+def test_bn_momentum(momentum):
+    """momentum=None is nn.BatchNorm2d's cumulative average (factor 1/num_batches_tracked)."""
+    ours, naive = _efficient_and_naive_net(27)
+    for bn in _all_bns(ours) + _all_bns(naive):
+        bn.momentum = momentum
+    for step in range(3):
+        x = seeded_input((2, 3, 8, 7), 28 + step, F64, scale=1.0 + step, offset=step - 1.0)
+        for m in (ours, naive):
+            projection_loss(m(x.clone().requires_grad_(True)), 31).backward()
+    s_o, s_n = states(ours), states(naive)
+    for name in s_n:
+        if "running" in name or "num_batches" in name:
+            assert_close(s_o[name].double(), s_n[name].double(), F64, f"momentum={momentum}: {name}")
+
+
+def test_eval_uses_running_stats():
+    """Eval mode normalises with the running buffers: matches the reference, does not depend on
+    the rest of the batch, and leaves the buffers alone."""
+    ours, naive = _efficient_and_naive_net(32)
+    ours.eval()
+    naive.eval()
+    before = states(ours)
+    x = seeded_input((3, 3, 8, 8), 33, F64, offset=0.7)
+    out = ours(x)
+    assert_close(out, naive(x), F64, "eval output")
+    assert_close(ours(x[1:2]), out[1:2], F64, "eval output of one sample alone vs inside the batch")
+    after = states(ours)
+    for name in before:
+        assert torch.equal(after[name], before[name]), f"eval changed {name}"
+
+
+def test_state_dict_round_trip_ours_reference_torchvision():
+    torch.manual_seed(34)
+    ours = densenet_fast.DenseBlock(3, 5, 3, 4, backend="torch")
+    randomize_bn_(ours, 35)
+    naive = reference.DenseBlock(3, 5, 3, 4, 0.0)
+    tv = tvd._DenseBlock(3, 5, 3, 4, 0.0)
+    naive.load_state_dict(ours.state_dict(), strict=True)
+    tv.load_state_dict(naive.state_dict(), strict=True)
+    back = densenet_fast.DenseBlock(3, 5, 3, 4, backend="torch")
+    back.load_state_dict(tv.state_dict(), strict=True)
+    s0, s1 = ours.state_dict(), back.state_dict()
+    assert list(s0) == list(s1) == list(tv.state_dict())
+    for name in s0:
+        assert torch.equal(s0[name], s1[name]), name
+    x = seeded_input((2, 5, 6, 6), 36)
+    for m in (ours, naive, tv, back):
+        m.eval()
+    ref = tv(x)
+    for m, what in ((ours, "ours"), (naive, "reference"), (back, "round-tripped")):
+        assert_close(m(x), ref, torch.float32, f"{what} vs torchvision")
+
+
+# --------------------------------------------------------------------------------------------
+# Low precision and hard inputs: three-way comparisons (tolerances.assert_within_naive_error)
+# --------------------------------------------------------------------------------------------
+
+
+def _run(model, x, autocast_dtype=None):
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = model(xi)
+    projection_loss(out.float() if out.dtype != F64 else out, 37).backward()
+    return out.detach(), xi.grad, param_grads(model), states(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_block_under_autocast(dtype):
+    """ours-under-autocast vs naive-under-autocast, both against the float64 reference.
+
+    The input is already representable in `dtype` (as a block input is inside an autocast net,
+    where the stem conv or a transition produced it): the block keeps its buffer in the autocast
+    dtype and rounds an fp32 input into it, while the naive block keeps x in fp32 for every
+    norm1, so an fp32 input would measure that one rounding rather than the block's arithmetic.
+    """
+    torch.manual_seed(38)
+    ours = densenet_fast.DenseBlock(3, 10, 2, 6, backend="torch")
+    naive = reference.DenseBlock(3, 10, 2, 6, 0.0)
+    randomize_bn_(naive, 39)
+    copy_weights(naive, ours)
+    exact = copy.deepcopy(naive).double()
+    # N*H*W = 2048 values per channel: enough that one rounding-flipped ReLU does not dominate.
+    x = seeded_input((8, 10, 16, 16), 40, offset=0.5).to(dtype).float()
+    fast = _run(ours, x, dtype)
+    slow = _run(naive, x, dtype)
+    ref = _run(exact, x.double())
+    assert fast[0].dtype == dtype, f"block output under autocast should be {dtype}, got {fast[0].dtype}"
+    assert_within_naive_error(fast[0], slow[0], ref[0], dtype, "output")
+    assert_within_naive_error(fast[1], slow[1], ref[1], dtype, "input grad")
+    for name in ref[2]:
+        assert fast[2][name].dtype == torch.float32, f"{name}.grad must reach the fp32 parameter"
+        assert_within_naive_error(fast[2][name], slow[2][name], ref[2][name], dtype, f"grad {name}")
+    for name in ref[3]:
+        if "running" in name:
+            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_densenet_under_autocast(dtype):
+    """A whole model (stem, blocks, fused transition and head) under autocast.
+
+    Outputs and running statistics are compared tensor by tensor.  The gradients are compared as
+    one vector (the input gradient and every parameter gradient, each divided by the norm of its
+    exact value): with 2 and 5 layers per block, ReLU masks flipped by rounding make single
+    low-precision gradient tensors scatter by 2-10% of their norm, for the naive model as much as
+    for ours, so only the aggregate is a stable measure of accuracy (measured over 8 seeds:
+    ours/naive error ratio 0.3-0.6 for the aggregate, 0.2-5 for single tensors).
+    """
+    torch.manual_seed(41)
+    naive = reference.DenseNet(6, (2, 2), 8, 2, 0, 5, small_inputs=True)
+    randomize_bn_(naive, 42)
+    ours = efficient_densenet(growth_rate=6, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5,
+                              small_inputs=True)
+    copy_weights(naive, ours)
+    exact = copy.deepcopy(naive).double()
+    x = seeded_input((8, 3, 16, 16), 43)
+    fast = _run(ours, x, dtype)
+    slow = _run(naive, x, dtype)
+    ref = _run(exact, x.double())
+    assert_within_naive_error(fast[0], slow[0], ref[0], dtype, "logits")
+    for name in ref[3]:
+        if "running" in name:
+            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
+
+    def vector(result):
+        parts = [result[1].double().flatten() / ref[1].double().norm()]
+        parts += [result[2][n].double().flatten() / ref[2][n].double().norm() for n in sorted(ref[2])]
+        return torch.cat(parts)
+
+    assert_within_naive_error(vector(fast), vector(slow), vector(ref), dtype, "all gradients (normalised)")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_densenet_in_low_precision(dtype, mode):
+    """The whole model converted with model.to(dtype) (no autocast: parameters, buffers and data
+    all in dtype), against the naive model converted the same way and the float64 reference.
+    Gradients are compared as one normalised vector (see test_densenet_under_autocast)."""
+    torch.manual_seed(52)
+    naive = reference.DenseNet(6, (2, 2), 8, 2, 0, 5, small_inputs=True)
+    randomize_bn_(naive, 53)
+    ours = efficient_densenet(growth_rate=6, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5,
+                              small_inputs=True)
+    copy_weights(naive, ours)
+    exact = copy.deepcopy(naive).double()
+    for m in (ours, naive, exact):
+        m.train(mode == "train")
+    ours.to(dtype)
+    naive.to(dtype)
+    x = seeded_input((8, 3, 16, 16), 54)
+    fast = _run(ours, x.to(dtype))
+    slow = _run(naive, x.to(dtype))
+    ref = _run(exact, x.to(dtype).double())
+    assert fast[0].dtype == dtype
+    assert_within_naive_error(fast[0], slow[0], ref[0], dtype, "logits")
+    for name in ref[3]:
+        if "running" in name:
+            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
+
+    def vector(result):
+        parts = [result[1].double().flatten() / ref[1].double().norm()]
+        parts += [result[2][n].double().flatten() / ref[2][n].double().norm() for n in sorted(ref[2])]
+        return torch.cat(parts)
+
+    assert_within_naive_error(vector(fast), vector(slow), vector(ref), dtype, "all gradients (normalised)")
+
+
+class _BlockThenTransition(nn.Module):
+    """block then transition; with_cache: the block's statistics cache reaches the transition."""
+
+    def __init__(self, block, trans, with_cache):
+        super().__init__()
+        self.block, self.trans, self.with_cache = block, trans, with_cache
+
+    def forward(self, x):
+        if self.with_cache:
+            fbuf, mean, var = self.block.forward_with_stats(x)
+            return self.trans(fbuf, stats=(mean, var))
+        return self.trans(self.block(x))
+
+
+@pytest.mark.parametrize("kind", ["block", "block+transition"])
+def test_large_mean_inputs(kind):
+    """Inputs whose mean is 1000x their spread: the statistics cache must not lose the variance
+    to cancellation (E[x^2] - E[x]^2 in float32 would be all rounding error here).  float32 ours
+    and float32 naive against the float64 reference (three-way)."""
+    torch.manual_seed(44)
+    nblock = reference.DenseBlock(2, 6, 2, 4, 0.0)
+    randomize_bn_(nblock, 45)
+    block = densenet_fast.DenseBlock(2, 6, 2, 4, backend="torch")
+    copy_weights(nblock, block)
+    if kind == "block":
+        ours, naive = block, nblock
+    else:
+        ntrans = reference.Transition(14, 5)
+        randomize_bn_(ntrans, 46)
+        trans = densenet_fast.Transition(14, 5, backend="torch")
+        copy_weights(ntrans, trans)
+
+        ours, naive = _BlockThenTransition(block, trans, True), _BlockThenTransition(nblock, ntrans, False)
+    exact = copy.deepcopy(naive).double()
+    x64 = seeded_input((4, 6, 9, 10), 47, F64, scale=1.0, offset=1000.0)
+    fast = _run(ours, x64.float())
+    slow = _run(naive, x64.float())
+    ref = _run(exact, x64)
+    # The block's output starts with its input (mean 1000): compare the new channels only, or the
+    # copy would dominate the norms.
+    new = slice(6, None) if kind == "block" else slice(None)
+    assert_within_naive_error(fast[0][:, new], slow[0][:, new], ref[0][:, new], torch.float32, "output")
+    assert_within_naive_error(fast[1], slow[1], ref[1], torch.float32, "input grad")
+    for name in ref[2]:
+        assert_within_naive_error(fast[2][name], slow[2][name], ref[2][name], torch.float32, f"grad {name}")
+    for name in ref[3]:
+        if "running" in name:
+            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], torch.float32, name)

@@ -1,0 +1,158 @@
+"""Bad inputs fail early with an error that names what is wrong (not deep inside a kernel, and
+never silently)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import densenet_fast
+from builders import efficient_densenet, seeded_input
+
+
+def _small_net(**kw):
+    torch.manual_seed(0)
+    return efficient_densenet(growth_rate=4, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=3,
+                              small_inputs=True, **kw)
+
+
+def _modules():
+    """(module, good input shape) for every public module."""
+    torch.manual_seed(1)
+    return {
+        "DenseNet": (_small_net(), (2, 3, 8, 8)),
+        "DenseBlock": (densenet_fast.DenseBlock(2, 5, 2, 3, backend="torch"), (2, 5, 6, 6)),
+        "DenseLayer": (densenet_fast.DenseLayer(5, 3, 2, backend="torch"), (2, 5, 6, 6)),
+        "Transition": (densenet_fast.Transition(5, 2, backend="torch"), (2, 5, 6, 6)),
+    }
+
+
+MODULES = ["DenseNet", "DenseBlock", "DenseLayer", "Transition"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_wrong_channel_count(name):
+    module, shape = _modules()[name]
+    bad = (shape[0], shape[1] + 1) + shape[2:]
+    with pytest.raises(ValueError, match=rf"must have {shape[1]} channels, got {shape[1] + 1}"):
+        module(torch.randn(bad))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_3d_input(name):
+    module, shape = _modules()[name]
+    with pytest.raises(ValueError, match=r"must have 4 dims \(N, C, H, W\), got 3"):
+        module(torch.randn(shape[1:]))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_integer_input(name):
+    module, shape = _modules()[name]
+    with pytest.raises(TypeError, match="must be a floating-point tensor, got torch.int64"):
+        module(torch.ones(shape, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_input_on_another_device(name):
+    """'meta' stands in for a GPU: the input's device differs from the parameters' (cpu)."""
+    module, shape = _modules()[name]
+    with pytest.raises(ValueError, match="input x is on meta but the module's parameters are on cpu"):
+        module(torch.empty(shape, device="meta"))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_float64_input_into_float32_model(name):
+    module, shape = _modules()[name]
+    with pytest.raises(TypeError, match="dtype torch.float64 but the module's parameters are torch.float32"):
+        module(torch.randn(shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_train_batch_of_one_1x1(name):
+    """Training-mode batch statistics of one value per channel: nn.BatchNorm2d's error."""
+    module, shape = _modules()[name]
+    module.train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        module(torch.randn(1, shape[1], 1, 1))
+    module.eval()
+    if name in ("DenseBlock", "DenseLayer"):  # no 2x2 pool, whose output would be empty (also in torchvision)
+        assert torch.isfinite(module(torch.randn(1, shape[1], 1, 1))).all(), "eval mode accepts a 1x1 batch of 1"
+
+
+@pytest.mark.parametrize("where", ["DenseNet", "DenseBlock", "DenseLayer", "Transition"])
+def test_unknown_backend(where):
+    build = {
+        "DenseNet": lambda b: _small_net(backend=b),
+        "DenseBlock": lambda b: densenet_fast.DenseBlock(2, 5, 2, 3, backend=b),
+        "DenseLayer": lambda b: densenet_fast.DenseLayer(5, 3, 2, backend=b),
+        "Transition": lambda b: densenet_fast.Transition(5, 2, backend=b),
+    }[where]
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'; expected one of auto, torch, cuda"):
+        build("cudnn")
+    with pytest.raises(ValueError, match="unknown backend 'triton'.*not part of this release"):
+        build("triton")
+
+
+def test_cuda_backend_on_cpu_input():
+    """backend='cuda' with CPU tensors: either the extension lacks CUDA kernels (RuntimeError with
+    the build command) or it has them and the input is on the wrong device (ValueError); both
+    messages name backend='cuda' and say what to do."""
+    block = densenet_fast.DenseBlock(2, 5, 2, 3, backend="cuda")
+    with pytest.raises((ValueError, RuntimeError), match=r"backend='cuda' needs (CUDA tensors|the extension)") as info:
+        block(torch.randn(2, 5, 4, 4))
+    assert "backend='torch'" in str(info.value) or "pip install" in str(info.value)
+    net = _small_net(backend="cuda")
+    with pytest.raises((ValueError, RuntimeError), match=r"backend='cuda' needs"):
+        net(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("depth", [99, 6, 0, 101])
+def test_densenet_bc_bad_depth(depth):
+    with pytest.raises(ValueError, match=rf"depth must be 6\*n \+ 4 .* got {depth}"):
+        densenet_fast.densenet_bc(depth, 12)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(compression=0.0), r"compression must be in \(0, 1\]"),
+    (dict(compression=1.5), r"compression must be in \(0, 1\]"),
+    (dict(block_config=()), "block_config must be a non-empty list"),
+    (dict(block_config=(2, 0)), "block_config must be a non-empty list of positive layer counts"),
+])
+def test_bad_densenet_arguments(kw, match):
+    args = dict(growth_rate=4, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=3)
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        densenet_fast.DenseNet(**args)
+
+
+def test_dense_block_needs_a_layer():
+    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+        densenet_fast.DenseBlock(0, 5, 2, 3)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nan_input_gives_nan_output(mode):
+    """NaN propagates (no exception, no hang): in train mode through the batch statistics to every
+    output; in eval mode only to the sample that holds it.  The NaN pattern of the output and of
+    the input gradient is the naive model's."""
+    net = _small_net()
+    naive = efficient_densenet(growth_rate=4, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=3,
+                               small_inputs=True, memory_efficient=False)
+    naive.load_state_dict(net.state_dict(), strict=True)
+    x = seeded_input((3, 3, 8, 8), 2)
+    x[1, 0, 3, 4] = float("nan")
+    results = []
+    for m in (net, naive):
+        m.train(mode == "train")
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.sum().backward()
+        results.append((out.detach(), xi.grad))
+    (out, grad), (out_n, grad_n) = results
+    if mode == "train":
+        assert torch.isnan(out).all()
+    else:
+        assert torch.isnan(out[1]).all()
+        assert torch.isfinite(out[[0, 2]]).all()
+    assert torch.equal(torch.isnan(out), torch.isnan(out_n))
+    assert torch.equal(torch.isnan(grad), torch.isnan(grad_n)), "input-gradient NaN pattern differs from naive"

@@ -1,0 +1,144 @@
+"""The compiled extension is optional and its absence is explained: the guarded import in
+densenet_fast/_ext.py, the kernels it registers, and setup.py's decision to build it."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from densenet_fast import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+NOT_BUILT = str(_ext.IMPORT_ERROR)
+
+
+def test_import_state_is_consistent():
+    assert isinstance(_ext.HAS_C, bool)
+    assert (_ext.IMPORT_ERROR is None) == _ext.HAS_C
+
+
+def test_require_extension_explains_how_to_build():
+    if _ext.HAS_C:
+        _ext.require_extension("backend='cuda'")  # no error
+        return
+    with pytest.raises(RuntimeError) as info:
+        _ext.require_extension("backend='cuda'")
+    assert "backend='cuda'" in str(info.value) and _ext.BUILD_COMMAND in str(info.value)
+
+
+def test_package_works_when_extension_is_missing():
+    # A fresh interpreter in which densenet_fast._C cannot be imported, whether or not it is built.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["densenet_fast._C"] = None  # makes 'import densenet_fast._C' fail
+        import torch
+        from densenet_fast import _ext
+        from densenet_fast.ops.channel_stats import channel_stats
+        from densenet_fast.reference import channel_stats_ref
+        assert not _ext.HAS_C and "densenet_fast._C" in _ext.IMPORT_ERROR, _ext.IMPORT_ERROR
+        assert not _ext.has_cuda_kernels() and _ext.kernel_devices("channel_stats") == frozenset()
+        try:
+            _ext.require_extension("backend='cuda'")
+        except RuntimeError as exc:
+            assert {_ext.BUILD_COMMAND!r} in str(exc), str(exc)
+        else:
+            raise AssertionError("require_extension did not raise")
+        x = torch.randn(2, 40, 5, 7)[:, 13:25]
+        for got, want in zip(channel_stats(x), channel_stats_ref(x)):
+            torch.testing.assert_close(got, want.float())
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
+def test_extension_registers_cpu_kernel():
+    assert "cpu" in _ext.kernel_devices("channel_stats")
+
+
+@pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
+@pytest.mark.skipif(torch.version.cuda is None, reason="torch is a CPU-only build")
+def test_extension_built_with_cuda_registers_cuda_kernel():
+    # setup.py builds the extension only with nvcc, so a loaded _C must carry the CUDA kernels.
+    assert _ext.has_cuda_kernels()
+    assert "cuda" in _ext.kernel_devices("channel_stats")
+
+
+# --- setup.py's build decision -----------------------------------------------------------------
+
+
+def load_setup_module():
+    # Importing setup.py does not run setup(): that only happens under __name__ == "__main__".
+    spec = importlib.util.spec_from_file_location("densenet_fast_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+setup_py = load_setup_module()
+Toolchain = setup_py.Toolchain
+GOOD = Toolchain("2.14.1+cu130", "13.0", "/usr/local/cuda", "13.0")
+SKIP = {"DENSENET_FAST_SKIP_CUDA_BUILD": "1"}
+FORCE = {"DENSENET_FAST_FORCE_CUDA_BUILD": "1"}
+
+# (env, toolchain found, expected: True = build, False = pure-Python, SystemExit = refuse)
+PLANS = [
+    pytest.param({}, GOOD, True, id="cuda-torch-and-nvcc"),
+    pytest.param(SKIP, GOOD, False, id="skip-flag"),
+    pytest.param({**SKIP, **FORCE}, GOOD, SystemExit, id="skip-and-force"),
+    pytest.param({}, Toolchain("2.14.1+cpu", None, "/usr/local/cuda", "13.0"), False, id="cpu-torch"),
+    pytest.param(FORCE, Toolchain("2.14.1+cpu", None, "/usr/local/cuda", "13.0"), SystemExit, id="cpu-torch-forced"),
+    pytest.param({}, Toolchain("2.14.1+cu130", "13.0", None, None), False, id="no-nvcc"),
+    pytest.param(FORCE, Toolchain("2.14.1+cu130", "13.0", None, None), SystemExit, id="no-nvcc-forced"),
+    pytest.param({}, Toolchain(None, None, None, None), False, id="no-torch"),
+    pytest.param({}, Toolchain("2.14.1+cu130", "13.0", "/opt/cuda12", "12.8"), False, id="nvcc-major-mismatch"),
+    pytest.param(FORCE, Toolchain("2.14.1+cu130", "13.0", "/opt/cuda12", "12.8"), True, id="mismatch-forced"),
+]
+
+
+@pytest.mark.parametrize("env, toolchain, expected", PLANS)
+def test_setup_build_plan(env, toolchain, expected):
+    probe = lambda _env: toolchain  # noqa: E731
+    if expected is SystemExit:
+        with pytest.raises(SystemExit, match="DENSENET_FAST"):
+            setup_py.plan_cuda_build(env, probe)
+        return
+    plan = setup_py.plan_cuda_build(env, probe)
+    assert plan.build is expected, plan.reason
+    assert plan.reason
+    if plan.build:
+        assert plan.cuda_home == toolchain.cuda_home
+
+
+def test_setup_skip_flag_never_probes_torch():
+    def probe(_env):
+        raise AssertionError("probed the toolchain although the skip flag is set")
+
+    assert not setup_py.plan_cuda_build(SKIP, probe).build
+
+
+def test_find_cuda_home_prefers_cuda_home_env(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert setup_py.find_cuda_home({"CUDA_HOME": str(tmp_path)}, None) == str(tmp_path)
+    # A CUDA_HOME without nvcc is passed over for the next candidate.
+    assert setup_py.find_cuda_home({"CUDA_HOME": str(tmp_path / "none"), "CUDA_PATH": str(tmp_path)},
+                                   None) == str(tmp_path)
+
+
+def test_setup_explains_a_skipped_extension_in_one_line():
+    env = {"PATH": "/usr/bin:/bin", **SKIP}
+    result = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True,
+                            cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("densenet_fast:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "densenet_fast: not building densenet_fast._C because DENSENET_FAST_SKIP_CUDA_BUILD is set; "
+        "installing the pure-Python package"), result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0.1.0"
