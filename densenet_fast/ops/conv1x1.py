@@ -69,7 +69,7 @@ def conv1x1(z: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate:
         if accumulate:
             out_planes.baddbmm_(w2.expand(n, o, c), z_planes)
         else:
-            torch.matmul(w2, z_planes, out=out_planes)
+            torch.bmm(w2.expand(n, o, c), z_planes, out=out_planes)
         return out
     res = F.conv2d(z, weight)
     if out is None:
@@ -94,8 +94,10 @@ def conv1x1_backward(grad_out: Tensor, z: Tensor, weight: Tensor) -> Tuple[Tenso
         return grad_z, grad_w
     z_planes, g_planes = _planes(z), _planes(grad_out)
     if z_planes is not None and g_planes is not None:
-        grad_z = torch.matmul(w2.t(), g_planes).view(n, c, h, w)
-        grad_w = torch.matmul(g_planes, z_planes.transpose(1, 2)).sum(0).view(o, c, 1, 1)
+        # bmm with a broadcast (stride-0) weight: torch.matmul(2-D, 3-D) would fold the batch
+        # into the rows and copy the (N, O, H*W) gradient transposed.
+        grad_z = torch.bmm(w2.t().expand(n, c, o), g_planes).view(n, c, h, w)
+        grad_w = torch.bmm(g_planes, z_planes.transpose(1, 2)).sum(0).view(o, c, 1, 1)
         return grad_z, grad_w
     grad_z, grad_w, _ = aten.convolution_backward(grad_out, z, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0],
                                                   1, [True, True, False])
