@@ -1,0 +1,160 @@
+"""Model preparation and the training / evaluation loops of `densenet-fast train`.
+
+The loops take any sized iterable of (x, y) batches already on the device, so the tests drive them
+with hand-made batches (float64, split across processes) exactly as train() drives them with the
+dataset's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import densenet_fast
+
+from .distributed import DistEnv, all_reduce
+from .options import TrainError
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(args, in_channels: int, num_classes: int, device: Optional[torch.device] = None) -> nn.Module:
+    """The model named by args.model; TrainError for an unknown name or impossible configuration.
+    Build it on torch.device("meta") to check the name without allocating."""
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return densenet_fast.models.get_model(args.model, num_classes=num_classes,
+                                                  memory_efficient=not args.naive, backend=args.backend,
+                                                  save_bottleneck=args.save_bottleneck, drop_rate=args.drop_rate,
+                                                  in_channels=in_channels)
+    except (ValueError, TypeError) as exc:
+        raise TrainError(f"--model {args.model}: {' '.join(str(exc).split())}") from None
+
+
+@dataclass
+class Prepared:
+    """model: what the training loop calls (DDP and/or torch.compile around `raw`);
+    raw: the bare module (state_dict, evaluation); ddp: the DDP wrapper, if any (no_sync)."""
+
+    model: nn.Module
+    raw: nn.Module
+    ddp: Optional[DistributedDataParallel]
+
+
+def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """densenet_fast.convert_sync_batchnorm: the efficient blocks, transitions and head reduce their
+    statistics across the group, and any plain BatchNorm left becomes torch.nn.SyncBatchNorm, which
+    runs on GPUs only (hence the CPU check)."""
+    convert = getattr(densenet_fast, "convert_sync_batchnorm", None)
+    if convert is None:
+        raise TrainError("--sync-bn needs densenet_fast.convert_sync_batchnorm, which this installation lacks")
+    model = convert(model)
+    plain = [name for name, m in model.named_modules() if isinstance(m, nn.SyncBatchNorm)]
+    if plain and device.type != "cuda":
+        raise TrainError(f"--sync-bn on the CPU: {len(plain)} plain BatchNorm layers (e.g. {plain[0]}) would need "
+                         f"torch.nn.SyncBatchNorm, which runs on GPUs only; use the memory-efficient model or CUDA")
+    return model
+
+
+def prepare_model(model: nn.Module, device: torch.device, env: DistEnv, *, sync_bn: bool = False,
+                  channels_last: bool = False, compile: bool = False) -> Prepared:
+    """Move `model` to the device (and memory format), synchronize its batch norm, wrap it in DDP
+    when there are several processes, and compile it.  DDP broadcasts rank 0's weights."""
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    if sync_bn and env.distributed:
+        model = apply_sync_batchnorm(model, device)
+    ddp = None
+    wrapped: nn.Module = model
+    if env.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = ddp
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return Prepared(wrapped, model, ddp)
+
+
+def make_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum and weight decay on every parameter (Huang et al. 2017)."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
+                           weight_decay=args.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args) -> torch.optim.lr_scheduler.MultiStepLR:
+    """lr / 10 at each milestone (fractions of the epochs), stepped once per epoch."""
+    milestones = sorted({max(1, round(m * args.epochs)) for m in args.milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+class Totals:
+    """Running sums of one pass (loss * images, correct, images) kept on the device: no host sync
+    per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        n = y.shape[0]
+        correct = (logits.argmax(1) == y).sum()
+        self.sums += torch.stack([loss.detach().double() * n, correct.double(), torch.tensor(float(n),
+                                  dtype=torch.float64, device=y.device)])
+
+    def reduce(self, env: DistEnv) -> dict:
+        """{"loss": mean loss, "acc": accuracy as a fraction, "images": count} over all processes."""
+        loss_sum, correct, images = all_reduce(self.sums.clone(), env).tolist()
+        return {"loss": loss_sum / max(images, 1), "acc": correct / max(images, 1), "images": int(images)}
+
+
+def train_epoch(prepared: Prepared, batches: Iterable, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, device: torch.device, amp: str = "none", accum_steps: int = 1,
+                on_step: Optional[Callable[[int], None]] = None) -> Totals:
+    """One pass over `batches` (sized), one optimizer step per `accum_steps` micro-batches.
+
+    Each micro-batch's mean loss is divided by the number of micro-batches in its group (the last
+    group of an epoch may be short), so a group's gradient is the mean of its micro-batches'; DDP
+    all-reduces only on a group's last micro-batch (no_sync before).
+    """
+    prepared.model.train()
+    totals = Totals(device)
+    n = len(batches)  # type: ignore[arg-type]
+    optimizer.zero_grad(set_to_none=True)
+    for i, (x, y) in enumerate(batches):
+        group_start = i - i % accum_steps
+        group_size = min(accum_steps, n - group_start)
+        last = i == group_start + group_size - 1
+        sync = contextlib.nullcontext() if last or prepared.ddp is None else prepared.ddp.no_sync()
+        with sync:
+            with autocast(device, amp):
+                logits = prepared.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            scaler.scale(loss / group_size).backward()
+        if last:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        totals.add(logits.detach(), y, loss.detach())
+        if on_step is not None:
+            on_step(i)
+    return totals
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str = "none") -> Totals:
+    """Loss and accuracy sums of `model` in eval mode (running statistics) over `batches`."""
+    model.eval()
+    totals = Totals(device)
+    for x, y in batches:
+        with autocast(device, amp):
+            logits = model(x)
+        totals.add(logits, y, F.cross_entropy(logits.float(), y))
+    return totals
