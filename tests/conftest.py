@@ -1,8 +1,18 @@
 """pytest configuration shared by the whole suite."""
 
+import os
+
 import torch
 
 # The tests use tiny tensors: with several intra-op threads the OpenMP start-up and spinning cost
 # more than the work (15x slower per op on a loaded 2-core machine), and one thread also makes
 # every CPU reduction order fixed, so repeated runs give bit-identical numbers.
 torch.set_num_threads(1)
+
+# The Triton kernels (densenet_fast.triton_kernels) run on CPU tensors only through triton's
+# interpreter, and @triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when the
+# kernel module is first imported: set it here, before pytest imports any test module. Only
+# without a GPU (where compiled Triton kernels cannot run anyway); an explicit setting wins.
+# Inductor's CPU code generation does not use Triton, so the other tests are unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

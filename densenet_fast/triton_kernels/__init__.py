@@ -1,0 +1,41 @@
+"""Triton kernels of the dense block (the "triton" backend, work in progress).
+
+Importing this package never fails: without triton (a CPU-only install, macOS) HAS_TRITON is False
+and IMPORT_ERROR says why; the kernel modules themselves (``channel_stats``,
+``bn_relu_conv1x1``) import triton and are only imported by callers that checked HAS_TRITON.
+
+  HAS_TRITON     True when ``import triton`` worked
+  IMPORT_ERROR   a one-line reason when it did not, else None
+  INTERPRET      TRITON_INTERPRET=1 was set when this package was imported: the kernels then run
+                 on CPU tensors through triton's interpreter (tests), with one fixed small config
+                 instead of autotuning.  It must be set before the kernel modules are imported,
+                 because @triton.jit reads it when it decorates a kernel.
+
+Kernels and launchers (strides are passed in elements, so channel slices of a wider NCHW or
+channels_last buffer are read in place):
+
+  channel_stats.channel_stats_triton(x) -> (mean, var)
+  bn_relu_conv1x1.bn_relu_conv1x1_triton(x, scale, shift, weight) -> (out, mean, var)
+
+Each is also a torch.library custom op (``densenet_fast::triton_channel_stats``,
+``densenet_fast::triton_bn_relu_conv1x1``) with a fake implementation, so torch.compile traces it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the install
+    HAS_TRITON = False
+    IMPORT_ERROR: Optional[str] = f"triton is not importable: {type(exc).__name__}: {exc}"
+else:
+    HAS_TRITON = True
+    IMPORT_ERROR = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET"]

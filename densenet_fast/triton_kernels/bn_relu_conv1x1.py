@@ -1,0 +1,201 @@
+"""bn_relu_conv1x1 in Triton: the dense layer's bottleneck, Bt = conv1x1(relu(F[:, :K] * scale + shift)),
+with the batch statistics of Bt computed in the same pass.
+
+A GEMM over the M = N*H*W rows: out[m, o] = sum_k relu(x[m, k] * scale[k] + shift[k]) * W[o, k].
+- The A operand is read straight from the channel prefix of the block buffer (strides in elements,
+  NCHW or channels_last); BN and ReLU are applied as the tile is loaded, so Z1 is never stored
+  (dense_block.md, forward step 3). Padded K columns load scale = shift = 0 and W = 0, so they add 0.
+- B = W (Cout, K), read transposed through its strides; both operands are cast to x's dtype for
+  tl.dot, which accumulates in float32. float32 data use input_precision="ieee" (no TF32), so the
+  result matches an fp32 conv to rounding; both triton 3.6 and 3.8 accept that keyword.
+- Epilogue: the tile is rounded to the output dtype and stored in x's layout; then, from the
+  rounded values (the statistics describe exactly the tensor that is stored), each program writes
+  its per-channel tile mean and M2 to row pid_m of a (P, Cout) workspace, merged by
+  channel_stats.merge_partial_stats (Chan's formula, no atomics: deterministic). These are the
+  norm2 statistics of dense_block.md's statistics cache, for free.
+
+Reference: ``densenet_fast.reference.bn_relu_conv1x1_ref`` (with scale = gamma * invstd,
+shift = beta - mean * scale).
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from . import INTERPRET
+from .channel_stats import check_activation, is_channels_last, merge_partial_stats
+
+__all__ = ["bn_relu_conv1x1_triton"]
+
+OP_NAME = "densenet_fast::triton_bn_relu_conv1x1"
+
+
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# Small candidate lists: Cout = bn_size * growth (48..128 for DenseNet-BC/121), K = C_l (tens to
+# ~1000), M = N*H*W large. Hopper has more shared memory, so deeper pipelines and 128-wide tiles.
+CONFIGS_SM90: List[triton.Config] = [
+    _cfg(128, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 4),
+    _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 32, 4, 4), _cfg(256, 64, 32, 8, 3),
+]
+CONFIGS_SM80: List[triton.Config] = [
+    _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3),
+    _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 32, 4, 3),
+]
+# The interpreter runs programs one after another in Python: one fixed small config (tl.dot
+# needs tiles of at least 16), no autotuning.
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
+
+
+@triton.jit
+def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean_ptr, ws_m2_ptr,
+                            M, K, COUT, HW, W,
+                            sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
+                            INPUT_PRECISION: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    r = rows.to(tl.int64)
+    n = r // HW
+    hw = r % HW
+    h = hw // W
+    w = hw % W
+    x_row = n * sx_n + h * sx_h + w * sx_w
+    o_row = n * so_n + h * so_h + w * so_w
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = cols < COUT
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        a = tl.load(x_ptr + x_row[:, None] + ks[None, :].to(tl.int64) * sx_c,
+                    mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        sc = tl.load(scale_ptr + ks, mask=kmask, other=0.0)
+        sh = tl.load(shift_ptr + ks, mask=kmask, other=0.0)
+        z = tl.maximum(a * sc[None, :] + sh[None, :], 0.0).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_o,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(z, b, acc=acc, input_precision=INPUT_PRECISION)
+    mask = rmask[:, None] & nmask[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + o_row[:, None] + cols[None, :].to(tl.int64) * so_c, y, mask=mask)
+    # Statistics of the stored (rounded) values, two-pass within the tile.
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    cnt = tl.sum(rmask.to(tl.float32), axis=0)
+    t_mean = tl.sum(yf, axis=0) / cnt
+    d = tl.where(mask, yf - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(d * d, axis=0)
+    ws_off = pid_m * COUT + cols
+    tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
+    tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
+
+
+_TUNED = {
+    arch: triton.autotune(configs=configs, key=["M", "K", "COUT", "INPUT_PRECISION"])(_bn_relu_conv1x1_kernel)
+    for arch, configs in (("sm90", CONFIGS_SM90), ("sm80", CONFIGS_SM80))
+}
+
+
+def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Tensor:
+    """Validate the arguments (messages name the tensor); returns weight viewed as (Cout, K)."""
+    check_activation(x, "x")
+    k = x.shape[1]
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != k:
+            raise ValueError(f"{name} must have shape ({k},) (one value per channel of x), got {list(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
+    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
+        weight = weight.view(weight.shape[0], weight.shape[1])  # a Conv2d weight (Cout, K, 1, 1)
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape (Cout, {k}) or (Cout, {k}, 1, 1), got {list(weight.shape)}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
+    return weight
+
+
+def _empty_output(x: Tensor, cout: int) -> Tensor:
+    n, _, h, w = x.shape
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+
+
+def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Bt = conv1x1(relu(x * scale + shift), weight), and the batch statistics of Bt.
+
+    x:      (N, K, H, W) float32/float16/bfloat16, any strides: the channel prefix F[:, :C_l] of a
+            dense block buffer, NCHW or channels_last, read in place.
+    scale:  (K,) float32, gamma * invstd;   shift: (K,) float32, beta - mean * scale.
+    weight: (Cout, K) or (Cout, K, 1, 1), any float dtype (cast to x's dtype for the GEMM).
+    Returns (out, mean, var): out (N, Cout, H, W) in x's dtype and layout (channels_last when x's
+    channel stride is its smallest), mean/var (Cout,) float32, the biased batch statistics of out
+    as stored. Raises ValueError / TypeError naming the offending tensor.
+    """
+    weight = _check_inputs(x, scale, shift, weight)
+    n, k, h, w = x.shape
+    cout = weight.shape[0]
+    m = n * h * w
+    out = _empty_output(x, cout)
+    precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
+    args = (x, scale.contiguous(), shift.contiguous(), weight, out)
+    sizes = (m, k, cout, h * w, w, *x.stride(), *weight.stride(), *out.stride())
+    if INTERPRET:
+        block_m = INTERPRET_CONFIG["BLOCK_M"]
+        parts = triton.cdiv(m, block_m)
+        ws_mean = torch.empty((parts, cout), dtype=torch.float32, device=x.device)
+        ws_m2 = torch.empty_like(ws_mean)
+        grid = (parts, triton.cdiv(cout, INTERPRET_CONFIG["BLOCK_N"]))
+        _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision,
+                                      num_warps=4, **INTERPRET_CONFIG)
+    else:
+        major, _ = torch.cuda.get_device_capability(x.device)
+        tuned = _TUNED["sm90" if major >= 9 else "sm80"]
+        # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
+        # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
+        min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
+        ws_mean = torch.empty((triton.cdiv(m, min_block_m), cout), dtype=torch.float32, device=x.device)
+        ws_m2 = torch.empty_like(ws_mean)
+
+        def grid(meta):
+            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+
+        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision)
+        block_m = tuned.best_config.kwargs["BLOCK_M"]
+        parts = triton.cdiv(m, block_m)
+    mean, var = merge_partial_stats(ws_mean, ws_m2, parts, block_m, m)
+    return out, mean, var
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def triton_bn_relu_conv1x1(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """torch.ops.densenet_fast.triton_bn_relu_conv1x1: :func:`bn_relu_conv1x1_triton` as a custom op."""
+    return bn_relu_conv1x1_triton(x, scale, shift, weight)
+
+
+@triton_bn_relu_conv1x1.register_fake
+def _triton_bn_relu_conv1x1_fake(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
+                                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    if x.dim() != 4:
+        raise ValueError(f"x must have 4 dims (N, C, H, W), got {x.dim()}")
+    cout = weight.shape[0]
+    stats = x.new_empty((cout,), dtype=torch.float32)
+    return _empty_output(x, cout), stats, x.new_empty((cout,), dtype=torch.float32)

@@ -1,0 +1,261 @@
+"""Tests of the standalone Triton kernels (densenet_fast.triton_kernels): channel_stats and the fused
+BN-ReLU-Conv1x1 with its output statistics.
+
+Without a GPU they run on CPU tensors through triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 before any test module imports the kernels (@triton.jit reads it when it
+decorates). With a GPU the same tests run on CUDA with the compiled, autotuned kernels, plus the
+bf16 and autotuning tests marked below. Shapes are tiny because the interpreter runs every
+program in Python, one after another.
+
+Tolerance policy (style.md, "Tests"). Every result is compared with a float64 reference
+(densenet_fast.reference.*_ref on the same data upcast), and low-precision GEMM outputs also with
+the reference run in the input dtype:
+
+  quantity                   dtype       rule                                 why
+  -------------------------  ----------  -----------------------------------  -----------------------------------
+  stats mean                 any input   |err| <= 16 eps32 max|x|             fp32 sums of exactly-read data
+                                                                              (fp16 widens to fp32 exactly);
+                                                                              16 ulp of the largest value covers
+                                                                              the summation order of M values.
+  stats var                  any input   |err| <= 16 eps32 (1 + |mean|/std)   a stable (two-pass/Chan) variance
+                                                 * var                        loses only ~eps * |mean|/std
+                                                                              relative (the rounding of the
+                                                                              tile means); E[x^2]-E[x]^2 would
+                                                                              lose eps * (mean/std)^2.
+  GEMM out                   float32     tolerances.TOLERANCES[float32]       K <= 40 fp32 products, ieee dot
+                                         (1e-5 max|ref|, rtol 1e-4)           (no TF32): ~K eps of the max.
+  GEMM out                   fp16/bf16   tolerances.assert_within_naive_      the kernel rounds BN-ReLU once to
+                                         error: <= 2x the error of the        the input dtype and accumulates in
+                                         reference run in the input dtype     fp32; the reference rounds every
+                                         + atol floor of TOLERANCES[dtype]    step, so 2x its error is generous.
+  stats of the GEMM output   any         the stats rule above, against the    the epilogue sees the rounded
+                                         float64 stats of the stored output   values that are stored.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from densenet_fast import triton_kernels
+from densenet_fast.reference import bn_relu_conv1x1_ref, channel_stats_ref
+
+if not triton_kernels.HAS_TRITON:
+    pytest.skip(f"the Triton kernels need triton ({triton_kernels.IMPORT_ERROR})", allow_module_level=True)
+if not triton_kernels.INTERPRET and not torch.cuda.is_available():
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
+                allow_module_level=True)
+
+from densenet_fast.triton_kernels.bn_relu_conv1x1 import bn_relu_conv1x1_triton  # noqa: E402
+from densenet_fast.triton_kernels.channel_stats import channel_stats_triton  # noqa: E402
+from helpers import assert_close_report  # noqa: E402
+from tolerances import assert_close, assert_within_naive_error  # noqa: E402
+
+# The interpreter reads CPU tensors; compiled kernels need CUDA ones.
+DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
+GPU_ONLY = pytest.mark.skipif(triton_kernels.INTERPRET or not torch.cuda.is_available(),
+                              reason="needs a GPU and compiled kernels (bf16 and autotuning do not run "
+                                     "under TRITON_INTERPRET)")
+# The interpreter has no bfloat16.
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=GPU_ONLY)]
+LAYOUTS = ["nchw", "channels_last"]
+EPS32 = torch.finfo(torch.float32).eps
+
+# (name, buffer shape (N, C_buf, H, W), channel slice) -- what real block buffers look like.
+SLICES = [
+    # a slice at an unaligned offset of a wider buffer (a middle layer's new channels): the base
+    # pointer is not 16-byte aligned and the strides belong to the 40-channel buffer
+    ("slice13_25", (2, 40, 5, 7), slice(13, 25)),
+    # the channel prefix F[:, :24] (what norm1 of a layer reads), odd 5x7 image: ragged row tiles
+    ("prefix24", (2, 40, 5, 7), slice(0, 24)),
+    # batch 1, 13 channels (not a multiple of 8 or of the 16-wide channel tile), whole tensor
+    ("whole13_batch1", (1, 13, 5, 7), slice(0, 13)),
+]
+
+
+def _buffer(shape, layout: str, dtype: torch.dtype, seed: int, loc: float = 0.0, spread: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    buf = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + loc).to(dtype)
+    if layout == "channels_last":
+        buf = buf.to(memory_format=torch.channels_last)
+    return buf.to(DEVICE)
+
+
+def _assert_stats(mean, var, x, name: str) -> None:
+    """The stats rule of the module docstring, against channel_stats_ref(x) (float64)."""
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32, (mean.dtype, var.dtype)
+    ref_mean, ref_var = channel_stats_ref(x)
+    mean_atol = 16 * EPS32 * float(x.detach().double().abs().max())
+    assert_close_report(mean, ref_mean, atol=mean_atol, rtol=0.0, name=f"{name} mean")
+    std = ref_var.sqrt().clamp_min(1e-30)
+    allowed = 16 * EPS32 * (1 + ref_mean.abs() / std) * ref_var
+    # assert_close_report takes a scalar atol: compare the variance relative to its allowance.
+    assert_close_report(var.double() / allowed.clamp_min(1e-300), ref_var / allowed.clamp_min(1e-300),
+                        atol=1.0, rtol=0.0, name=f"{name} var (in units of its allowance)")
+
+
+# --------------------------------------------------------------------------------------------
+# channel_stats
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,shape,channels", SLICES, ids=[s[0] for s in SLICES])
+def test_channel_stats(name, shape, channels, layout, dtype):
+    x = _buffer(shape, layout, dtype, seed=1, loc=0.5, spread=2.0)[:, channels]
+    mean, var = channel_stats_triton(x)
+    assert mean.shape == (x.shape[1],) and var.shape == (x.shape[1],)
+    _assert_stats(mean, var, x, f"channel_stats {name} {layout} {dtype}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_channel_stats_stable_when_mean_is_1000x_spread(layout):
+    # dense_block.md: "inputs whose mean is 1000x their spread must work". 1000 + N(0, 1).
+    x = _buffer((2, 40, 5, 7), layout, torch.float32, seed=2, loc=1000.0, spread=1.0)[:, 13:25]
+    mean, var = channel_stats_triton(x)
+    _assert_stats(mean, var, x, f"channel_stats 1000x {layout}")
+    # The case is hard: the textbook E[x^2] - E[x]^2 in fp32 is far outside the allowance.
+    x32 = x.float()
+    naive_var = (x32 * x32).mean(dim=(0, 2, 3)) - x32.mean(dim=(0, 2, 3)) ** 2
+    _, ref_var = channel_stats_ref(x)
+    assert float(((naive_var.double() - ref_var) / ref_var).abs().max()) > 16 * EPS32 * 1001
+
+
+def test_channel_stats_deterministic():
+    x = _buffer((2, 40, 5, 7), "channels_last", torch.float32, seed=3)[:, 13:25]
+    first = channel_stats_triton(x)
+    second = channel_stats_triton(x)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_channel_stats_custom_op():
+    x = _buffer((2, 40, 5, 7), "channels_last", torch.float32, seed=4)[:, 13:25]
+    mean, var = torch.ops.densenet_fast.triton_channel_stats(x)
+    _assert_stats(mean, var, x, "triton_channel_stats op")
+    torch.library.opcheck(torch.ops.densenet_fast.triton_channel_stats.default, (x,))
+
+
+# --------------------------------------------------------------------------------------------
+# bn_relu_conv1x1
+# --------------------------------------------------------------------------------------------
+
+
+def _bn_params(x, seed: int):
+    """Batch statistics of x and random affine parameters; returns the float64 pieces for the
+    reference and the (scale, shift) float32 pair the kernel takes."""
+    k = x.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    mean, var = channel_stats_ref(x)
+    gamma = torch.rand(k, generator=g, dtype=torch.float64).to(x.device) + 0.5
+    beta = torch.randn(k, generator=g, dtype=torch.float64).to(x.device) * 0.2
+    eps = 1e-5
+    scale = gamma * torch.rsqrt(var + eps)
+    shift = beta - mean * scale
+    return (mean, var, gamma, beta, eps), scale.float(), shift.float()
+
+
+def _check_bn_relu_conv1x1(x, cout: int, seed: int, name: str) -> None:
+    g = torch.Generator().manual_seed(seed + 100)
+    weight = (torch.randn(cout, x.shape[1], 1, 1, generator=g, dtype=torch.float64)
+              / x.shape[1] ** 0.5).to(x.device)
+    bn, scale, shift = _bn_params(x, seed)
+    out, mean, var = bn_relu_conv1x1_triton(x, scale, shift, weight.to(x.dtype))
+
+    assert out.shape == (x.shape[0], cout, *x.shape[2:]) and out.dtype == x.dtype
+    channels_last = x.stride(1) == 1
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    # The reference sees the data as stored in x's dtype and the weight as rounded to it.
+    exact = bn_relu_conv1x1_ref(x.double(), *bn, weight.to(x.dtype).double())
+    if x.dtype == torch.float32:
+        assert_close(out, exact, torch.float32, f"{name} out")
+    else:
+        naive = bn_relu_conv1x1_ref(x, *(t.to(x.dtype) if torch.is_tensor(t) else t for t in bn),
+                                    weight.to(x.dtype))
+        assert_within_naive_error(out, naive, exact, x.dtype, f"{name} out")
+    _assert_stats(mean, var, out, f"{name} stats of out")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name,shape,channels", SLICES, ids=[s[0] for s in SLICES])
+@pytest.mark.parametrize("cout", [12, 24, 13])
+def test_bn_relu_conv1x1(cout, name, shape, channels, layout, dtype):
+    # cout 12/24: growth rates; 13: not a multiple of the 16-wide column tile.
+    x = _buffer(shape, layout, dtype, seed=5, loc=0.3, spread=1.5)[:, channels]
+    _check_bn_relu_conv1x1(x, cout, seed=6, name=f"bn_relu_conv1x1 {name} {layout} {dtype} cout={cout}")
+
+
+def test_bn_relu_conv1x1_accepts_2d_weight_and_matches_4d():
+    x = _buffer((2, 40, 5, 7), "nchw", torch.float32, seed=7)[:, :24]
+    _, scale, shift = _bn_params(x, seed=7)
+    weight = torch.randn(12, 24, 1, 1, dtype=torch.float32, device=x.device)
+    a = bn_relu_conv1x1_triton(x, scale, shift, weight)
+    b = bn_relu_conv1x1_triton(x, scale, shift, weight.view(12, 24))
+    for t, u in zip(a, b):
+        assert torch.equal(t, u)
+
+
+def test_bn_relu_conv1x1_custom_op_and_compile():
+    x = _buffer((1, 40, 5, 7), "channels_last", torch.float32, seed=8)[:, 13:25]
+    _, scale, shift = _bn_params(x, seed=8)
+    weight = torch.randn(12, 12, dtype=torch.float32, device=x.device)
+    op = torch.ops.densenet_fast.triton_bn_relu_conv1x1
+    torch.library.opcheck(op.default, (x, scale, shift, weight))
+
+    # torch.compile traces both ops through their fake implementations (aot_eager keeps this
+    # fast on a CPU; inductor treats custom ops as opaque calls in the same way).
+    def f(x, scale, shift, weight):
+        out, mean, var = op(x, scale, shift, weight)
+        m2, v2 = torch.ops.densenet_fast.triton_channel_stats(out)
+        return out, mean, var, m2, v2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(x, scale, shift, weight), f(x, scale, shift, weight)
+    for i, (t, u) in enumerate(zip(got, want)):
+        assert torch.equal(t, u), f"output {i} of the compiled function differs"
+    assert got[0].stride() == want[0].stride()
+
+
+# --------------------------------------------------------------------------------------------
+# Errors name the tensor
+# --------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_tensor():
+    x = torch.randn(2, 12, 5, 7)
+    scale, shift, weight = torch.ones(12), torch.zeros(12), torch.randn(24, 12)
+    with pytest.raises(ValueError, match="x must have 4 dims .*got 3"):
+        channel_stats_triton(x[0])
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int32"):
+        channel_stats_triton(x.to(torch.int32))
+    with pytest.raises(ValueError, match="x must have 4 dims .*got 3"):
+        bn_relu_conv1x1_triton(x[0], scale, shift, weight)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int64"):
+        bn_relu_conv1x1_triton(x.long(), scale, shift, weight)
+    with pytest.raises(ValueError, match=r"scale must have shape \(12,\)"):
+        bn_relu_conv1x1_triton(x, torch.ones(11), shift, weight)
+    with pytest.raises(TypeError, match="shift must be float32, got torch.float16"):
+        bn_relu_conv1x1_triton(x, scale, shift.half(), weight)
+    with pytest.raises(ValueError, match=r"weight must have shape \(Cout, 12\)"):
+        bn_relu_conv1x1_triton(x, scale, shift, torch.randn(24, 13))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: autotuned configurations on realistic sizes
+# --------------------------------------------------------------------------------------------
+
+
+@GPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_relu_conv1x1_autotuned_block_sizes(layout, dtype):
+    # A late layer of a wide block: K = 372 channels read from a 400-channel buffer, bottleneck
+    # width 48, 32x32 images: many row tiles, several K steps, every config benchmarked.
+    x = _buffer((8, 400, 32, 32), layout, dtype, seed=9)[:, :372]
+    _check_bn_relu_conv1x1(x, 48, seed=9, name=f"autotuned {layout} {dtype}")
+    stats_x = _buffer((8, 400, 32, 32), layout, dtype, seed=10, loc=1000.0)[:, 13:372]
+    mean, var = channel_stats_triton(stats_x)
+    _assert_stats(mean, var, stats_x, f"channel_stats large {layout} {dtype}")
