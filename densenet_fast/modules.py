@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .backends import check_backend_name, kernels_for
+from .ops.amp import autocast_dtype
 from .ops.dense_block import run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
@@ -37,7 +38,7 @@ def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: b
     if x.device != param.device:
         raise ValueError(f"{where}: input x is on {x.device} but the module's parameters are on {param.device}; "
                          "move one of them (model.to(x.device))")
-    if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != param.dtype and autocast_dtype(x.device.type) is None:
         raise TypeError(f"{where}: input x has dtype {x.dtype} but the module's parameters are {param.dtype}; "
                         "convert the model (model.to(dtype)) or run under torch.autocast")
     if x.numel() == 0:

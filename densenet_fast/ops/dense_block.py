@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_stats_for, sync_stats, \
     uses_batch_stats, update_running_stats_
@@ -108,9 +109,12 @@ def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
     Drawing it again with the same seed on the same device gives the same mask, so backward
     regenerates it instead of keeping N*k*H*W values per layer alive.
     """
+    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    if like.device.type == "meta":  # shape-only planning run: no generator exists there
+        return keep
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed)
-    keep = torch.empty(like.shape, dtype=like.dtype, device=like.device).bernoulli_(1.0 - p, generator=gen)
+    keep.bernoulli_(1.0 - p, generator=gen)
     return keep.div_(1.0 - p)
 
 
@@ -307,9 +311,8 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
     saved state; running statistics still move once in training mode, as nn.BatchNorm2d's do).
     """
     device_type = x.device.type
-    cast = None
-    if torch.is_autocast_enabled(device_type):
-        cast = torch.get_autocast_dtype(device_type)
+    cast = autocast_dtype(device_type)
+    if cast is not None:
         x = x.to(cast)
     for layer in layers:
         if layer.norm1.affine is False or layer.norm2.affine is False:
@@ -317,7 +320,7 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
     compute_stats = compute_stats or any(uses_batch_stats(layer.norm1) for layer in layers)
     spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats)
     params = block_params(layers, cast)
-    with torch.autocast(device_type, enabled=False):
+    with autocast_disabled(device_type):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
             return DenseBlockFunction.apply(spec, x, *params)
         fbuf, mean, var, _ = block_forward(spec, x, [p.detach() for p in params])

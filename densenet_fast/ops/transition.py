@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, bn_relu, bn_relu_backward, norm_stats_for, uses_batch_stats
 from .dense_block import BlockKernels
@@ -117,8 +118,8 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     device_type = fbuf.device.type
-    if torch.is_autocast_enabled(device_type):
-        dt = torch.get_autocast_dtype(device_type)
+    dt = autocast_dtype(device_type)
+    if dt is not None:
         fbuf = fbuf.to(dt)
         conv_weight = conv_weight.to(dt) if conv_weight is not None else None
     count = kernels.total_count(fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3])
@@ -128,5 +129,5 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
         stats = norm_stats_for(norm, mean, var, fbuf.shape[1], count, kernels.group)
     else:
         stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
-    with torch.autocast(device_type, enabled=False):
+    with autocast_disabled(device_type):
         return BNReLUPoolConvFunction.apply(fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool, chunk)
