@@ -1,0 +1,488 @@
+"""The one benchmark harness: a Case names a provider, a model configuration and a mode; run_case
+builds the provider's model, measures the step's peak memory in one run and its time in others,
+and returns one CSV row.  The method is written down in densenet_fast/bench/__init__.py.
+
+Providers (the model that runs the step):
+  naive       densenet_fast.reference.DenseNet: torch.cat per layer, torchvision's computation
+  checkpoint  the same reference model with checkpoint=True (torchvision's memory_efficient=True)
+  torch, cuda densenet_fast's model (get_model(name, backend=...)), bottleneck recomputed
+  <backend>-saved   the same with save_bottleneck=True (e.g. torch-saved)
+Every provider of a run gets the same weights (loaded from one state_dict), so they compute the
+same function.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import reference
+from ..backends import available_backends, resolve_backend
+from ..models import get_model
+from . import memory
+
+MODES: Tuple[str, ...] = ("forward", "backward", "full")
+REFERENCE_PROVIDERS: Tuple[str, ...] = ("naive", "checkpoint")
+SAVED_SUFFIX = "-saved"
+DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BenchError(Exception):
+    """A bad request (unknown model or provider, no GPU): the CLI prints it as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measurement: `provider` runs `model` on (batch, 3, image_size, image_size) inputs.
+
+    mode: forward (training-mode forward with autograd recording, loss included), backward
+    (loss.backward() of a graph built just before, untimed) or full (both: one training step
+    without the optimizer).  dtype: float32, or bfloat16/float16 through torch.autocast.
+    """
+
+    provider: str
+    model: str
+    batch: int
+    image_size: int
+    mode: str = "full"
+    dtype: str = "float32"
+    channels_last: bool = False
+
+
+CASE_FIELDS: Tuple[str, ...] = tuple(f.name for f in fields(Case))
+METRIC_FIELDS: Tuple[str, ...] = (
+    "status", "peak_mem_bytes", "peak_mem_mib", "median_ms", "min_ms", "images_per_s",
+    "mem_vs_naive", "time_vs_naive", "images_per_s_vs_naive",
+    "step_gflop", "tflops", "ceiling_tflops", "pct_of_ceiling", "repeats", "warmup",
+)
+META_FIELDS: Tuple[str, ...] = ("device", "device_name", "torch", "triton", "cuda", "git_sha", "date", "threads",
+                                "run")
+CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
+
+
+# ------------------------------------------------------------------------------------------
+# Providers and models
+# ------------------------------------------------------------------------------------------
+
+
+def split_provider(provider: str) -> Tuple[str, bool]:
+    """'torch-saved' -> ('torch', True); 'naive' -> ('naive', False)."""
+    if provider.endswith(SAVED_SUFFIX):
+        return provider[: -len(SAVED_SUFFIX)], True
+    return provider, False
+
+
+def default_providers(device: str) -> List[str]:
+    """naive, checkpoint, then every backend that runs on `device` (cuda first on a GPU)."""
+    return list(REFERENCE_PROVIDERS) + list(available_backends(device))
+
+
+def check_provider(provider: str, device: str) -> None:
+    """Raise BenchError unless `provider` can run on `device` in this installation."""
+    base, saved = split_provider(provider)
+    if base in REFERENCE_PROVIDERS and not saved:
+        return
+    if base in REFERENCE_PROVIDERS:
+        raise BenchError(f"provider {provider!r}: save_bottleneck only exists for densenet_fast's backends")
+    try:
+        resolve_backend(base, torch.device(device))
+    except (ValueError, RuntimeError) as exc:
+        known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "torch-saved", "cuda-saved"])
+        raise BenchError(f"provider {provider!r}: {exc} (providers: {known})") from None
+
+
+def check_model(name: str) -> None:
+    """Raise BenchError for a name get_model does not know (checked on the meta device: no work)."""
+    try:
+        with torch.device("meta"):
+            get_model(name)
+    except ValueError as exc:
+        raise BenchError(str(exc)) from None
+
+
+def bc_depth(name: str) -> Optional[Tuple[int, int]]:
+    """(depth, growth) of a 'densenet_bc_<depth>_<k>' name ('densenet_bc' is 100, 12), else None."""
+    if name == "densenet_bc":
+        return 100, 12
+    parts = name.split("_")
+    if name.startswith("densenet_bc_") and len(parts) == 4 and parts[2].isdigit() and parts[3].isdigit():
+        return int(parts[2]), int(parts[3])
+    return None
+
+
+def reference_config(model: nn.Module) -> dict:
+    """reference.DenseNet keyword arguments that rebuild `model`'s architecture.
+
+    Read from the module tree (the names are torchvision's, shared by every DenseNet of the
+    package), so any model get_model builds has its naive and checkpoint twins without a table.
+    """
+    feats = model.features
+    blocks = [m for n, m in feats.named_children() if n.startswith("denseblock")]
+    first = next(iter(blocks[0].children()))
+    growth = first.conv2.out_channels
+    compression = 0.5
+    if hasattr(feats, "transition1"):
+        c_in, c_out = feats.transition1.conv.in_channels, feats.transition1.conv.out_channels
+        compression = 0.5 if c_out == c_in // 2 else c_out / c_in
+    return dict(growth_rate=growth, block_config=tuple(len(b) for b in blocks),
+                num_init_features=feats.conv0.out_channels, bn_size=first.conv1.out_channels // growth,
+                drop_rate=first.drop_rate, num_classes=model.classifier.out_features,
+                small_inputs=not hasattr(feats, "norm0"), compression=compression,
+                in_channels=feats.conv0.in_channels)
+
+
+@functools.lru_cache(maxsize=64)
+def reference_config_for(name: str) -> Tuple[Tuple[str, object], ...]:
+    """reference_config of get_model(name), read from a model built on the meta device (no work)."""
+    with torch.device("meta"):
+        return tuple(reference_config(get_model(name)).items())
+
+
+def build_model(provider: str, name: str) -> nn.Module:
+    """The provider's model for `name`, on the CPU, float32, freshly initialised."""
+    base, saved = split_provider(provider)
+    if base in REFERENCE_PROVIDERS:
+        return reference.DenseNet(**dict(reference_config_for(name)), checkpoint=base == "checkpoint")
+    return get_model(name, backend=base, save_bottleneck=saved)
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_weights(name: str) -> Dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return get_model(name).state_dict()
+
+
+def load_shared_weights(model: nn.Module, name: str) -> nn.Module:
+    """Give `model` the weights every provider of `name` gets (strict: also checks that the
+    naive/checkpoint twin has exactly our model's architecture)."""
+    model.load_state_dict(_shared_weights(name), strict=True)
+    return model
+
+
+def num_classes_of(model: nn.Module) -> int:
+    return model.classifier.out_features
+
+
+# ------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------
+
+
+class Step:
+    """One measured step of `mode` on `model` with inputs x: (N, 3, S, S), labels y: (N,).
+
+    setup() does the untimed part (gradients set to None, so that their memory counts in the
+    step; for mode 'backward' also the forward pass), run() the measured part, teardown() drops
+    what the step left (the graph of a forward-only step).
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
+                 autocast_dtype: Optional[torch.dtype]) -> None:
+        if mode not in MODES:
+            raise BenchError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        self.model, self.x, self.y, self.mode = model, x, y, mode
+        self.autocast_dtype = autocast_dtype
+        self.loss: Optional[torch.Tensor] = None
+
+    def forward_loss(self) -> torch.Tensor:
+        if self.autocast_dtype is None:  # no autocast context at all: it rejects the meta device
+            out = self.model(self.x)
+        else:
+            with torch.autocast(self.x.device.type, dtype=self.autocast_dtype):
+                out = self.model(self.x)
+        return F.cross_entropy(out.float(), self.y)
+
+    def setup(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        if self.mode == "backward":
+            self.loss = self.forward_loss()
+
+    def run(self) -> None:
+        if self.mode == "forward":
+            self.loss = self.forward_loss()
+        elif self.mode == "backward":
+            self.loss.backward()
+        else:
+            self.forward_loss().backward()
+
+    def teardown(self) -> None:
+        self.loss = None
+
+
+def make_inputs(case: Case, num_classes: int, device: str, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x: (batch, 3, S, S) standard normal (channels_last if asked), y: (batch,) labels."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=gen)
+    y = torch.randint(0, num_classes, (case.batch,), generator=gen)
+    x = x.to(device)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device)
+
+
+def prepare(case: Case, device: str) -> Step:
+    """Build the case's model (shared weights) and inputs on `device`, ready to step."""
+    model = load_shared_weights(build_model(case.provider, case.model), case.model).to(device).train()
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = make_inputs(case, num_classes_of(model), device)
+    autocast = None if case.dtype == "float32" else DTYPES[case.dtype]
+    return Step(model, x, y, case.mode, autocast)
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], None], device: str) -> float:
+    """Seconds one call of fn takes: CUDA events on a GPU, time.perf_counter on the CPU."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure_peak(step: Step, device: str) -> int:
+    """Peak bytes above the pre-step baseline of one step.run() (see memory.step_peak_bytes)."""
+    try:
+        return memory.step_peak_bytes(step.run, device, setup=step.setup)
+    finally:
+        step.teardown()
+
+
+def time_step(step: Step, device: str, repeats: int, warmup: int,
+              on_step: Callable[[str, int, int], None] = lambda phase, i, n: None) -> List[float]:
+    """Seconds of `repeats` timed step.run() calls after `warmup` untimed ones (setup untimed)."""
+    times = []
+    for i in range(warmup + repeats):
+        if i < warmup:
+            on_step("warm-up", i, warmup)
+        else:
+            on_step("timing", i - warmup, repeats)
+        step.setup()
+        t = timed(step.run, device)
+        step.teardown()
+        if i >= warmup:
+            times.append(t)
+    return times
+
+
+@functools.lru_cache(maxsize=64)
+def step_flop(model: str, batch: int, image_size: int, mode: str) -> int:
+    """FLOPs of the model's own math in one step (convolutions and the classifier, counted by
+    torch.utils.flop_counter on the meta device with the naive model): what every provider
+    must compute; recomputation (checkpoint, our recomputed bottleneck) is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        net = build_model("naive", model)
+    step = Step(net, *make_inputs(Case("naive", model, batch, image_size), num_classes_of(net), "meta"),
+                mode="full", autocast_dtype=None)
+    counter = FlopCounterMode(display=False)
+    step.setup()
+    with counter:
+        loss = step.forward_loss()
+    forward = counter.get_total_flops()
+    with counter:
+        loss.backward()
+    total = counter.get_total_flops()
+    return {"forward": forward, "backward": total - forward, "full": total}[mode]
+
+
+@functools.lru_cache(maxsize=8)
+def matmul_ceiling_tflops(device: str, dtype: str) -> float:
+    """The measured ceiling: median TFLOP/s of a square matmul in `dtype` on `device`
+    (4096 on a GPU, 2048 on the CPU), the reference that pct_of_ceiling divides by.  A float32
+    GPU matmul may use TF32 exactly when cuDNN's convolutions may (torch's default: they may),
+    so that the ceiling and the convolutions play by the same rules."""
+    cuda = torch.device(device).type == "cuda"
+    n = 4096 if cuda else 2048
+    a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 if cuda else saved
+    try:
+        timed(lambda: a @ b, device)
+        secs = statistics.median(timed(lambda: a @ b, device) for _ in range(5))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    return 2 * n ** 3 / secs / 1e12
+
+
+# ------------------------------------------------------------------------------------------
+# Running cases, rows
+# ------------------------------------------------------------------------------------------
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc) \
+        or "out of memory" in str(exc).lower()
+
+
+def run_case(case: Case, device: str, repeats: int, warmup: int,
+             on_step: Callable[[str, int, int], None] = lambda phase, i, n: None) -> dict:
+    """Measure one case: a memory run (one step, first), then `warmup` untimed and `repeats`
+    timed steps.  Returns the metrics part of a row; status is 'ok', 'oom' or 'error: ...'."""
+    row: dict = {"repeats": repeats, "warmup": warmup}
+    step = None
+    try:
+        step = prepare(case, device)
+        on_step("memory", 0, 1)
+        peak = measure_peak(step, device)
+        times = time_step(step, device, repeats, warmup, on_step)
+    except Exception as exc:  # one failing case (OOM, a backend error) must not lose the others
+        row["status"] = "oom" if is_oom(exc) else f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        return row
+    finally:
+        del step
+        release_memory(device)
+    median = statistics.median(times)
+    flop = step_flop(case.model, case.batch, case.image_size, case.mode)
+    tflops = flop / median / 1e12
+    ceiling = matmul_ceiling_tflops(device, case.dtype)
+    row.update(status="ok", peak_mem_bytes=peak, peak_mem_mib=round(peak / 2 ** 20, 2),
+               median_ms=round(median * 1e3, 3), min_ms=round(min(times) * 1e3, 3),
+               images_per_s=round(case.batch / median, 2), step_gflop=round(flop / 1e9, 3), tflops=round(tflops, 4),
+               ceiling_tflops=round(ceiling, 3), pct_of_ceiling=round(100 * tflops / ceiling, 2))
+    return row
+
+
+def release_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_ratios(rows: List[dict]) -> List[dict]:
+    """Fill mem_vs_naive, time_vs_naive, images_per_s_vs_naive from the naive row measured in the
+    same run for the same (model, batch, image_size, mode, dtype, channels_last)."""
+    def key(r):
+        return tuple(r[f] for f in CASE_FIELDS if f != "provider")
+
+    naive = {key(r): r for r in rows if r["provider"] == "naive" and r.get("status") == "ok"}
+    for r in rows:
+        base = naive.get(key(r))
+        if base is None or r.get("status") != "ok":
+            continue
+        r["mem_vs_naive"] = round(r["peak_mem_bytes"] / base["peak_mem_bytes"], 4)
+        r["time_vs_naive"] = round(r["median_ms"] / base["median_ms"], 4)
+        r["images_per_s_vs_naive"] = round(r["images_per_s"] / base["images_per_s"], 4)
+    return rows
+
+
+def run_cases(cases: Sequence[Case], device: str, repeats: int, warmup: int,
+              on_case: Callable[[int, Case], None] = lambda i, case: None,
+              on_step: Callable[[str, int, int], None] = lambda phase, i, n: None) -> List[dict]:
+    """Run every case (in order) and return full CSV rows (case, metrics, metadata, ratios)."""
+    meta = environment(device)
+    rows = []
+    for i, case in enumerate(cases):
+        on_case(i, case)
+        rows.append({**asdict(case), **run_case(case, device, repeats, warmup, on_step), **meta})
+    return add_ratios(rows)
+
+
+# ------------------------------------------------------------------------------------------
+# Metadata and CSV
+# ------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: str) -> str:
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+
+
+def git_sha() -> str:
+    """Short sha of the checkout this package runs from, '+dirty' with uncommitted tracked
+    changes, 'unknown' outside a git repository (or before its first commit)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def environment(device: str) -> dict:
+    """The metadata columns every row carries."""
+    now = datetime.now(timezone.utc)
+    return {"device": torch.device(device).type, "device_name": device_name(device), "torch": torch.__version__,
+            "triton": package_version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
+            "date": now.isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
+            "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}"}
+
+
+def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/results")) -> Path:
+    """benchmarks/results/<kind>-<device>-<UTC date>.csv."""
+    return root / f"{kind}-{torch.device(device).type}-{datetime.now(timezone.utc):%Y-%m-%d}.csv"
+
+
+def write_csv(rows: Iterable[dict], path: os.PathLike) -> Path:
+    """Append rows to `path` (header written when the file is new); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+    return path
+
+
+def read_csv(path: os.PathLike) -> List[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))

@@ -1,0 +1,180 @@
+"""The benchmark suite (densenet_fast.bench, densenet_fast.cli): the planner agrees with the
+measured peak, the CSV carries its metadata, tables are regenerated from the CSV, and bad
+requests end with one line and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from densenet_fast import cli
+from densenet_fast.bench import harness, memory, plan, report as reporting
+from densenet_fast.bench.harness import Case
+
+# A model small enough that a real step takes well under a second: DenseNet-BC depth 10 has one
+# layer per block; 8x8 inputs survive the two transitions' pooling.
+TINY = "densenet_bc_10_4"
+
+
+@pytest.mark.parametrize("provider", ["naive", "torch"])
+def test_planned_peak_matches_measured_cpu_peak(provider):
+    # The planner runs the step on fake tensors; the measurement runs it for real under the
+    # profiler.  DenseNet-BC-40 at batch 8 is deep enough for naive's quadratic concatenations
+    # and ours' shared buffers to differ by 3x, so agreement on both is not a coincidence.
+    case = Case(provider, "densenet_bc_40_12", 8, 32)
+    planned = plan.planned_peak_bytes(case)
+    measured = harness.measure_peak(harness.prepare(case, "cpu"), "cpu")
+    assert measured > 0
+    assert abs(planned - measured) <= 0.10 * measured, (provider, planned, measured)
+
+
+def test_cpu_peak_counts_frees_of_memory_allocated_in_setup():
+    # The backward frees what the forward saved; with the forward profiled as setup the frees are
+    # known, so the backward's peak is not inflated by memory it released.
+    keep = {}
+
+    def setup():
+        keep["a"] = torch.empty(1 << 20, dtype=torch.uint8)
+
+    def fn():
+        del keep["a"]
+        keep["b"] = torch.empty(1 << 19, dtype=torch.uint8)
+
+    assert memory.cpu_peak_bytes(fn, setup) == 0
+    assert memory.cpu_peak_bytes(lambda: torch.empty(1 << 20, dtype=torch.uint8)) == 1 << 20
+
+
+def test_storage_tracker_counts_views_and_in_place_results_once():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(1024)  # existed before: not counted
+        with memory.StorageTracker() as tracker:
+            y = x * 2           # 4 KiB
+            y.add_(1)           # in place: nothing new
+            v = y[:10]          # a view: nothing new
+            del y, v
+            z = x + 1           # 4 KiB; y died first, so the peak stays 4 KiB
+    assert tracker.peak == 4096
+    del z
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 << 30), ("512MiB", 512 << 20), ("2GB", 2 * 10 ** 9),
+                                            ("1.5G", 3 << 29), ("1000", 1000), ("64 kb", 64000)])
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "8XB", "-1GiB", "GiB", "0"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError):
+        memory.parse_size(text)
+
+
+def test_search_largest_finds_the_boundary_from_any_guess():
+    for true in (0, 1, 7, 250):
+        for guess in (1, 5, 240, 1000):
+            found = plan.search_largest(lambda i: i <= true, guess)
+            assert found == (true or None)
+
+
+def test_reference_twin_has_our_architecture():
+    # load_shared_weights is strict: it fails if the config read from our model is wrong.
+    for name in ("densenet121", "densenet_bc_40_12", "densenet_bc_250_24"):
+        with torch.device("meta"):
+            ours = harness.build_model("torch", name)
+            twin = harness.build_model("checkpoint", name)
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in twin.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def bench_csv(tmp_path_factory):
+    """One real run of every mode for three providers of the tiny model, written to a CSV."""
+    cases = [Case(p, TINY, 2, 8, mode) for mode in harness.MODES for p in ("naive", "checkpoint", "torch")]
+    rows = harness.run_cases(cases, "cpu", repeats=1, warmup=0)
+    path = tmp_path_factory.mktemp("bench") / "bench.csv"
+    harness.write_csv(rows, path)
+    return path
+
+
+def test_csv_has_metadata_and_metrics(bench_csv):
+    rows = harness.read_csv(bench_csv)
+    assert len(rows) == 9
+    assert tuple(rows[0]) == harness.CSV_FIELDS
+    for r in rows:
+        assert r["status"] == "ok", r["status"]
+        assert r["device"] == "cpu" and r["device_name"]
+        assert r["torch"] == torch.__version__
+        assert r["triton"] and r["cuda"] and r["git_sha"]
+        assert datetime.fromisoformat(r["date"]).tzinfo is not None  # UTC ISO 8601
+        assert int(r["threads"]) == torch.get_num_threads()
+        assert int(r["peak_mem_bytes"]) >= 0 and float(r["median_ms"]) > 0 and float(r["images_per_s"]) > 0
+        assert float(r["ceiling_tflops"]) > 0
+    naive = [r for r in rows if r["provider"] == "naive"]
+    assert all(float(r["mem_vs_naive"]) == 1.0 and float(r["time_vs_naive"]) == 1.0 for r in naive)
+    assert len({r["run"] for r in rows}) == 1
+
+
+def test_report_regenerates_the_table_from_the_csv(bench_csv, capsys):
+    text = reporting.report(bench_csv)
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | provider | mode | peak MiB")
+    assert len(table) == 1 + 9
+    assert "| densenet_bc_10_4 | checkpoint | backward |" in text
+    assert reporting.main([str(bench_csv), "--latest"]) == 0
+    assert capsys.readouterr().out == reporting.report(bench_csv, latest=True)
+
+
+def test_plot_writes_a_png(bench_csv, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = reporting.plot(bench_csv, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_runs_and_appends_to_the_csv(tmp_path):
+    out = tmp_path / "cli.csv"
+    args = ["bench", "--model", TINY, "--batch", "2", "--image-size", "8", "--repeats", "1", "--out", str(out),
+            "--plain"]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--providers", "naive,torch-saved", "--mode", "forward"]) == 0
+    rows = harness.read_csv(out)
+    assert [r["provider"] for r in rows] == harness.default_providers("cpu") + ["naive", "torch-saved"]
+    assert len({r["run"] for r in rows}) == 2
+
+
+def _one_line_error(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densenet-fast: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--model", "densenet_9000"], "unknown model"),
+    (["bench", "--providers", "naive,triton"], "triton"),
+    (["bench", "--mode", "sideways"], "unknown mode"),
+    (["bench", "--batch", "many"], "invalid int value"),
+    (["plan", "--budget", "lots"], "cannot parse size"),
+    (["sweep", "--depths", "41"], "6*n + 4"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cli_errors_are_one_line_with_status_2(capsys, argv, needle):
+    assert needle in _one_line_error(capsys, argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cli_cuda_without_gpu_is_one_line_with_status_2(capsys):
+    assert "no GPU" in _one_line_error(capsys, ["bench", "--device", "cuda"])
+
+
+def test_python_dash_m_exit_status_and_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "densenet_fast", "bench", "--model", "nope"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "unknown model 'nope'" in proc.stderr
