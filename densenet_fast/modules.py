@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .backends import check_backend_name, kernels_for
+from .reference import dense_layer_modules
 from .ops.amp import autocast_dtype
 from .ops.dense_block import run_dense_block
 from .ops.transition import bn_relu_pool_conv
@@ -60,12 +61,8 @@ class DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0, *,
                  backend: str = "auto", save_bottleneck: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        for name, module in dense_layer_modules(num_input_features, growth_rate, bn_size).items():
+            self.add_module(name, module)
         self.drop_rate = float(drop_rate)
         self.backend = check_backend_name(backend)
         self.save_bottleneck = save_bottleneck

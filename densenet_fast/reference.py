@@ -135,6 +135,20 @@ def dense_block_ref(block: nn.Module, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def dense_layer_modules(num_input_features: int, growth_rate: int, bn_size: int) -> "OrderedDict[str, nn.Module]":
+    """The submodules of a dense layer, named as torchvision names them (shared by the naive and
+    the efficient DenseLayer, so their state_dicts are interchangeable)."""
+    width = bn_size * growth_rate
+    return OrderedDict([
+        ("norm1", nn.BatchNorm2d(num_input_features)),
+        ("relu1", nn.ReLU(inplace=True)),
+        ("conv1", nn.Conv2d(num_input_features, width, kernel_size=1, stride=1, bias=False)),
+        ("norm2", nn.BatchNorm2d(width)),
+        ("relu2", nn.ReLU(inplace=True)),
+        ("conv2", nn.Conv2d(width, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)),
+    ])
+
+
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 on the concatenation of its inputs (torchvision's _DenseLayer).
 
@@ -145,12 +159,8 @@ class DenseLayer(nn.Module):
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float,
                  checkpoint: bool = False) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        for name, module in dense_layer_modules(num_input_features, growth_rate, bn_size).items():
+            self.add_module(name, module)
         self.drop_rate = float(drop_rate)
         self.checkpoint = checkpoint
 
