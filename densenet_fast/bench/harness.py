@@ -435,14 +435,16 @@ def device_name(device: str) -> str:
 
 def git_sha() -> str:
     """Short sha of the checkout this package runs from, '+dirty' with uncommitted tracked
-    changes, 'unknown' outside a git repository (or before its first commit)."""
+    changes outside benchmarks/results (the results being rewritten do not change what ran),
+    'unknown' outside a git repository (or before its first commit)."""
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=root, capture_output=True, timeout=10)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results"],
+                               cwd=root, capture_output=True, timeout=10)
         return sha.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
