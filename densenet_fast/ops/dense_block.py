@@ -24,7 +24,7 @@ statistics; the "cuda" backend swaps in the compiled statistics kernel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch

@@ -23,14 +23,9 @@ from torch import Tensor
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, bn_relu, bn_relu_backward, norm_stats_for, uses_batch_stats
-from .dense_block import BlockKernels
+from .dense_block import BlockKernels, chunk_size
 
 aten = torch.ops.aten
-
-# Channels per chunk when rebuilding relu(bn(F)).  Wide enough that each chunk is one efficient
-# elementwise pass, narrow enough that its transients stay small next to F.
-DEFAULT_CHUNK = 64
-
 
 POOLS = ("none", "avg2", "global")
 
@@ -107,13 +102,15 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
 
 def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], *, pool: str,
                       kernels: BlockKernels, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                      chunk: int = DEFAULT_CHUNK) -> Tensor:
+                      chunk: int = 0) -> Tensor:
     """conv1x1(pool(relu(norm(fbuf)))) (no conv when conv_weight is None), norm reading the cache.
 
     fbuf: (N, C, H, W) (a dense block's output buffer, or the stem conv's output).
     pool: "avg2" (2x2/2 average: transition), "global" (head), "none" (stem norm0 + relu0).
     cache: the block's (mean, var) of every channel of fbuf, or None to compute them here.
-    Returns (N, C_out, H', W').  norm's running statistics move once in training mode.
+    chunk: channels of relu(bn(fbuf)) rebuilt at a time (0: the block's rule, ~CHUNK_ELEMENTS
+    values per chunk).  Returns (N, C_out, H', W').  norm's running statistics move once in
+    training mode.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
@@ -129,5 +126,6 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
         stats = norm_stats_for(norm, mean, var, fbuf.shape[1], count, kernels.group)
     else:
         stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
+    chunk = chunk_size(chunk, fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3], fbuf.shape[1])
     with autocast_disabled(device_type):
         return BNReLUPoolConvFunction.apply(fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool, chunk)
