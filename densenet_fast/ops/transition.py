@@ -23,7 +23,7 @@ from torch import Tensor
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, bn_relu, bn_relu_backward, norm_stats_for, uses_batch_stats
-from .dense_block import BlockKernels, chunk_size
+from .dense_block import BlockKernels, buffer_memory_format, chunk_size
 
 aten = torch.ops.aten
 
@@ -48,9 +48,8 @@ def _pooled(fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: f
             chunk: int) -> Tensor:
     n, c, h, w = fbuf.shape
     ho, wo = {"global": (1, 1), "avg2": (h // 2, w // 2), "none": (h, w)}[pool]
-    fmt = torch.channels_last if (fbuf.is_contiguous(memory_format=torch.channels_last)
-                                  and not fbuf.is_contiguous()) else torch.contiguous_format
-    pooled = torch.empty((n, c, ho, wo), dtype=fbuf.dtype, device=fbuf.device, memory_format=fmt)
+    pooled = torch.empty((n, c, ho, wo), dtype=fbuf.dtype, device=fbuf.device,
+                         memory_format=buffer_memory_format(fbuf))
     for a in range(0, c, chunk):
         e = min(c, a + chunk)
         pooled[:, a:e] = _pool(bn_relu(fbuf[:, a:e], stats.slice(a, e), weight[a:e], bias[a:e], eps), pool)
