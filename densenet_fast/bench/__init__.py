@@ -10,8 +10,8 @@ What is measured
   Modes, on (N, 3, S, S) standard-normal inputs with cross-entropy loss on random labels:
     forward   the training-mode forward with autograd recording, loss included;
     backward  loss.backward() alone: each repeat first runs a forward, untimed, outside the
-              measured region (the graph cannot be reused: densenet_fast's block frees its
-              per-layer records in backward, so retain_graph is not an option);
+              measured region (a fresh graph per repeat rather than retain_graph, so that the
+              saved tensors are freed as in a real step);
     full      forward + backward: a training step without the optimizer.
   dtype float32, or bfloat16/float16 through torch.autocast (parameters stay float32).
 
