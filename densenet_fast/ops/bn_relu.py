@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from .channel_stats import channel_stats_torch, stats_dtype
+
 aten = torch.ops.aten
 
 
@@ -97,12 +99,10 @@ def batch_stats(x: Tensor, stats_fn=None) -> Tuple[Tensor, Tensor]:
     """
     if stats_fn is not None:
         return stats_fn(x)
-    xs = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if xs.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not is_fake(xs):
-        return torch.batch_norm_update_stats(xs, None, None, 0.0)
-    # No meta/fake kernel exists for it (memory planning, tracing): the same statistics.
-    var, mean = torch.var_mean(xs, dim=(0, 2, 3), unbiased=False)
-    return mean, var
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not is_fake(x):
+        return torch.batch_norm_update_stats(x.to(stats_dtype(x.dtype)), None, None, 0.0)
+    # No meta/fake kernel exists for it (memory planning, tracing): the var_mean path.
+    return channel_stats_torch(x)
 
 
 def _packed_on_cpu(x: Tensor) -> Tensor:

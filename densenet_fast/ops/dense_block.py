@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .amp import autocast_dtype, autocast_disabled
+from .channel_stats import stats_dtype
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_stats_for, sync_stats, \
     uses_batch_stats, update_running_stats_
@@ -97,10 +98,6 @@ def buffer_memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
-
-
-def stat_dtype_for(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
@@ -173,7 +170,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
     group = spec.kernels.group
     fbuf = torch.empty((n, c_total, h, w), dtype=x.dtype, device=x.device, memory_format=buffer_memory_format(x))
     fbuf[:, :c0].copy_(x)
-    sdt = stat_dtype_for(x)
+    sdt = stats_dtype(x.dtype)
     if spec.compute_stats:
         mean = torch.empty(c_total, dtype=sdt, device=x.device)
         var = torch.empty(c_total, dtype=sdt, device=x.device)

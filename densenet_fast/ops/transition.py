@@ -118,13 +118,14 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
     if dt is not None:
         fbuf = fbuf.to(dt)
         conv_weight = conv_weight.to(dt) if conv_weight is not None else None
-    count = kernels.total_count(fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3])
+    local_count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
+    count = kernels.total_count(local_count)
     if uses_batch_stats(norm):
         have_cache = cache is not None and cache[0].numel() == fbuf.shape[1]
         mean, var = cache if have_cache else kernels.channel_stats(fbuf)
         stats = norm_stats_for(norm, mean, var, fbuf.shape[1], count, kernels.group)
     else:
         stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
-    chunk = chunk_size(chunk, fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3], fbuf.shape[1])
+    chunk = chunk_size(chunk, local_count, fbuf.shape[1])
     with autocast_disabled(device_type):
         return BNReLUPoolConvFunction.apply(fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool, chunk)
