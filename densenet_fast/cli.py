@@ -201,7 +201,8 @@ def default_image_size(model: str) -> int:
 
 def ours(device: str) -> str:
     """The provider name of our model's default backend on `device`."""
-    return harness.default_providers(device)[len(harness.REFERENCE_PROVIDERS)]
+    from .backends import available_backends
+    return available_backends(device)[0]
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import densenet_fast
 from densenet_fast import reference
 from builders import (copy_weights, efficient_densenet, param_grads, projection_loss, randomize_bn_, seeded_input,
                       states)
-from tolerances import assert_close, assert_within_naive_error
+from tolerances import assert_close, assert_model_within_naive_error, assert_within_naive_error
 
 F64 = torch.float64
 
@@ -368,22 +368,6 @@ def test_block_under_autocast(dtype):
             assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
 
 
-def _assert_model_within_naive_error(fast, slow, ref, dtype):
-    """Logits and running statistics elementwise; gradients (input first, then every parameter,
-    each scaled by its reference norm) as one vector: rounding flips single ReLU masks."""
-    assert_within_naive_error(fast[0], slow[0], ref[0], dtype, "logits")
-    for name in ref[3]:
-        if "running" in name:
-            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
-
-    def vector(result):
-        parts = [result[1].double().flatten() / ref[1].double().norm()]
-        parts += [result[2][n].double().flatten() / ref[2][n].double().norm() for n in sorted(ref[2])]
-        return torch.cat(parts)
-
-    assert_within_naive_error(vector(fast), vector(slow), vector(ref), dtype, "all gradients (normalised)")
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_densenet_under_autocast(dtype):
     """A whole model (stem, blocks, fused transition and head) under autocast.
@@ -406,7 +390,7 @@ def test_densenet_under_autocast(dtype):
     fast = _run(ours, x, dtype)
     slow = _run(naive, x, dtype)
     ref = _run(exact, x.double())
-    _assert_model_within_naive_error(fast, slow, ref, dtype)
+    assert_model_within_naive_error(fast, slow, ref, dtype)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -431,7 +415,7 @@ def test_densenet_in_low_precision(dtype, mode):
     slow = _run(naive, x.to(dtype))
     ref = _run(exact, x.to(dtype).double())
     assert fast[0].dtype == dtype
-    _assert_model_within_naive_error(fast, slow, ref, dtype)
+    assert_model_within_naive_error(fast, slow, ref, dtype)
 
 
 class _BlockThenTransition(nn.Module):

@@ -95,3 +95,21 @@ def assert_within_naive_error(fast: Tensor, naive: Tensor, exact: Tensor, dtype:
         f"{name}: ||fast - exact|| = {fast_err:.4g} exceeds {NAIVE_ERROR_FACTOR:g} * ||naive - exact|| "
         f"({naive_err:.4g}) + {TOLERANCES[dtype].atol:g} * ||exact|| ({scale:.4g}) = {allowed:.4g} "
         f"[relative: fast {fast_err / max(scale, 1e-300):.3g}, naive {naive_err / max(scale, 1e-300):.3g}]{detail}")
+
+
+def assert_model_within_naive_error(fast, slow, ref, dtype) -> None:
+    """fast, slow, ref: (logits, input grad, {param: grad}, state_dict) of ours, the naive model in
+    the same dtype and the float64 reference.  Logits and running statistics elementwise;
+    gradients (input first, then every parameter, each scaled by its reference norm) as one
+    vector: rounding flips single ReLU masks."""
+    assert_within_naive_error(fast[0], slow[0], ref[0], dtype, "logits")
+    for name in ref[3]:
+        if "running" in name:
+            assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], dtype, name)
+
+    def vector(result):
+        parts = [result[1].double().flatten() / ref[1].double().norm()]
+        parts += [result[2][n].double().flatten() / ref[2][n].double().norm() for n in sorted(ref[2])]
+        return torch.cat(parts)
+
+    assert_within_naive_error(vector(fast), vector(slow), vector(ref), dtype, "all gradients (normalised)")

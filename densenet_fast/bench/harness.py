@@ -5,6 +5,7 @@ and returns one CSV row.  The method is written down in densenet_fast/bench/__in
 Providers (the model that runs the step):
   naive       densenet_fast.reference.DenseNet: torch.cat per layer, torchvision's computation
   checkpoint  the same reference model with checkpoint=True (torchvision's memory_efficient=True)
+  compile     torch.compile of the naive model (compiled before anything is measured; GPU default)
   torch, cuda densenet_fast's model (get_model(name, backend=...)), bottleneck recomputed
   <backend>-saved   the same with save_bottleneck=True (e.g. torch-saved)
 Every provider of a run gets the same weights (loaded from one state_dict), so they compute the
@@ -36,7 +37,10 @@ from ..models import get_model
 from . import memory
 
 MODES: Tuple[str, ...] = ("forward", "backward", "full")
-REFERENCE_PROVIDERS: Tuple[str, ...] = ("naive", "checkpoint")
+REFERENCE_PROVIDERS: Tuple[str, ...] = ("naive", "checkpoint", "compile")
+# torch.compile of the naive model: on by default on a GPU only (compiling DenseNet-BC-100 takes
+# minutes of CPU time, and inductor's CPU code is not what the GPU targets are about).
+GPU_ONLY_PROVIDERS: Tuple[str, ...] = ("compile",)
 SAVED_SUFFIX = "-saved"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,8 +91,9 @@ def split_provider(provider: str) -> Tuple[str, bool]:
 
 
 def default_providers(device: str) -> List[str]:
-    """naive, checkpoint, then every backend that runs on `device` (cuda first on a GPU)."""
-    return list(REFERENCE_PROVIDERS) + list(available_backends(device))
+    """naive, checkpoint (and compile on a GPU), then every backend that runs on `device`."""
+    refs = [p for p in REFERENCE_PROVIDERS if torch.device(device).type == "cuda" or p not in GPU_ONLY_PROVIDERS]
+    return refs + list(available_backends(device))
 
 
 def check_provider(provider: str, device: str) -> None:
@@ -101,7 +106,8 @@ def check_provider(provider: str, device: str) -> None:
     try:
         resolve_backend(base, torch.device(device))
     except (ValueError, RuntimeError) as exc:
-        known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "torch-saved", "cuda-saved"])
+        known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "triton", "torch-saved", "cuda-saved",
+                                                       "triton-saved"])
         raise BenchError(f"provider {provider!r}: {exc} (providers: {known})") from None
 
 
@@ -156,6 +162,8 @@ def build_model(provider: str, name: str) -> nn.Module:
     """The provider's model for `name`, on the CPU, float32, freshly initialised."""
     base, saved = split_provider(provider)
     if base in REFERENCE_PROVIDERS:
+        # "compile" is the naive model here; prepare() wraps it in torch.compile once it has
+        # its weights and device.
         return reference.DenseNet(**dict(reference_config_for(name)), checkpoint=base == "checkpoint")
     return get_model(name, backend=base, save_bottleneck=saved)
 
@@ -242,6 +250,16 @@ def prepare(case: Case, device: str) -> Step:
         model = model.to(memory_format=torch.channels_last)
     x, y = make_inputs(case, num_classes_of(model), device)
     autocast = None if case.dtype == "float32" else DTYPES[case.dtype]
+    if case.provider == "compile":
+        model = torch.compile(model)
+        step = Step(model, x, y, case.mode, autocast)
+        # Compile outside every measurement: one full step traces forward and backward (its
+        # compile-time allocations would otherwise count in the memory step).
+        Step(model, x, y, "full", autocast).run()
+        for p in model.parameters():
+            p.grad = None
+        synchronize(device)
+        return step
     return Step(model, x, y, case.mode, autocast)
 
 
@@ -436,7 +454,10 @@ def device_name(device: str) -> str:
 def git_sha() -> str:
     """Short sha of the checkout this package runs from, '+dirty' with uncommitted tracked
     changes outside benchmarks/results (the results being rewritten do not change what ran),
-    'unknown' outside a git repository (or before its first commit)."""
+    'unknown' outside a git repository (or before its first commit).  DENSENET_FAST_GIT_SHA, when
+    set, wins: a copy of the tree without .git (a remote GPU machine) still names its commit."""
+    if os.environ.get("DENSENET_FAST_GIT_SHA"):
+        return os.environ["DENSENET_FAST_GIT_SHA"]
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

@@ -20,7 +20,8 @@ from .harness import bc_depth, read_csv
 
 # Rows of one table share these (plus the run); the table's rows differ in model, provider, mode.
 CONDITION_FIELDS: Tuple[str, ...] = ("run", "device", "device_name", "batch", "image_size", "dtype", "channels_last")
-PROVIDER_ORDER = ("naive", "checkpoint", "cuda", "cuda-saved", "torch", "torch-saved")
+PROVIDER_ORDER = ("naive", "checkpoint", "compile", "triton", "triton-saved", "cuda", "cuda-saved", "torch",
+                  "torch-saved")
 MODE_ORDER = ("forward", "backward", "full")
 
 

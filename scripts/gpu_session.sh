@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# One prepared GPU session (benchmarks/README.md, "On a GPU"): build the extension against the
+# machine's own torch, run the GPU tests, then the benchmarks.  Logs and CSVs go to $OUT (the
+# device tool's output folder) or benchmarks/results/gpu-<date>/.
+#
+#   bash scripts/gpu_session.sh quick   build + GPU tests + DenseNet-BC-100 fp32 (no compile)
+#   bash scripts/gpu_session.sh full    build + GPU tests + per-op GB/s + both models, fp32 and
+#                                       bf16 channels_last, torch.compile baseline
+#
+# Uses the machine's python3 (the project's pins do not apply there); set DENSENET_FAST_GIT_SHA
+# when the copy of the tree has no .git, so that the CSV rows name their commit.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-quick}
+OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+stamp "environment"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  nvcc --version | tail -2; } 2>&1 | tee "$OUT/env.txt"
+
+stamp "build"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16} DENSENET_FAST_FORCE_CUDA_BUILD=1
+if ! $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; stamp "BUILD FAILED"
+fi
+$PY -c "from densenet_fast import _ext; from densenet_fast.backends import available_backends as a; \
+print('extension', _ext.HAS_C, _ext.IMPORT_ERROR, 'cuda kernels', _ext.has_cuda_kernels(), 'backends', a('cuda'))" \
+  2>&1 | tee -a "$OUT/env.txt"
+
+stamp "GPU tests"
+TESTS="tests/test_gpu.py tests/test_channel_stats.py tests/test_extension.py tests/test_triton_kernels.py"
+[ "$MODE" = full ] && for f in tests/test_fused_bn.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py \
+         tests/test_triton_transition.py tests/test_triton_backend.py; do
+  [ -f "$f" ] && TESTS="$TESTS $f"
+done
+timeout "${TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider -rfE $TESTS >"$OUT/tests.log" 2>&1
+echo "pytest exit $?"; grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30
+
+if [ "$MODE" = full ]; then
+  stamp "per-op bandwidth"
+  timeout 120 $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
+fi
+
+stamp "model benchmarks"
+# naive, checkpoint and every backend that runs here (no torch.compile: DenseNet-121 compiles slowly)
+NOCOMPILE=$($PY -c "from densenet_fast.bench import harness as h; \
+print(','.join(p for p in h.default_providers('cuda') if p != 'compile'))")
+if [ "$MODE" = full ]; then
+  timeout 200 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
+    --out "$OUT/bench.csv" 2>&1 | tail -15
+  timeout 120 $PY -m densenet_fast bench --device cuda --plain --model densenet121 --batch 64 \
+    --providers $NOCOMPILE --out "$OUT/bench.csv" 2>&1 | tail -12
+  timeout 120 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
+    --dtype bfloat16 --channels-last --providers $NOCOMPILE --out "$OUT/bench.csv" 2>&1 | tail -12
+else
+  timeout 100 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
+    --providers $NOCOMPILE --repeats 10 --out "$OUT/bench.csv" 2>&1 | tail -12
+fi
+stamp "done"

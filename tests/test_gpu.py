@@ -1,0 +1,121 @@
+"""Whole models on a GPU, every backend that runs there, against the naive reference.
+
+The same invariants as tests/test_equivalence.py and tests/test_block.py (outputs, the input
+gradient, every parameter gradient and the running statistics match the naive model with the same
+weights), on CUDA tensors, for each backend available on the GPU (torch, cuda, triton), in NCHW and
+channels_last, float32 and bf16/fp16 autocast.  Skipped without a GPU.
+
+Tolerances (tests/tolerances.py): three-way comparisons against the naive model run in float64 on
+the same GPU.  float32: ||ours - exact|| <= 2 ||naive - exact|| + 1e-5 ||exact||, per tensor (cuDNN
+convolutions may use TF32 for float32 by torch's default; the same flags apply to both models, and
+our Triton GEMMs use IEEE fp32, so ours is not less accurate).  bf16/fp16 autocast: the rule of
+test_block.test_densenet_under_autocast (logits and running statistics per tensor, gradients as one
+normalised vector).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from densenet_fast import reference
+from densenet_fast.backends import available_backends
+from builders import copy_weights, param_grads, projection_loss, randomize_bn_, seeded_input, states, \
+    efficient_densenet
+from tolerances import assert_model_within_naive_error, assert_within_naive_error
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+ALL_BACKENDS = ("torch", "cuda", "triton")
+FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
+# growth 12 and 20 input channels: every layer's new channels start at an offset that is not a
+# multiple of 8 (unaligned slices); 13x11 images: odd sizes, pooled to 6x5.
+CFG = dict(growth_rate=12, block_config=(3, 2), num_init_features=20, bn_size=4, num_classes=7, small_inputs=True)
+SHAPE = (6, 3, 13, 11)
+
+
+def _backend_or_skip(backend: str) -> None:
+    if not torch.cuda.is_available() or backend not in available_backends("cuda"):
+        pytest.skip(f"backend {backend!r} is not available on the GPU in this installation")
+
+
+def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    naive = reference.DenseNet(CFG["growth_rate"], CFG["block_config"], CFG["num_init_features"], CFG["bn_size"], 0,
+                               CFG["num_classes"], small_inputs=True)
+    randomize_bn_(naive, seed + 1)
+    ours = efficient_densenet(**CFG, backend=backend, save_bottleneck=save_bottleneck)
+    copy_weights(naive, ours)
+    exact = copy.deepcopy(naive).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [m.cuda().to(memory_format=fmt) for m in (ours, naive, exact)]
+
+
+def _run(model, x, autocast_dtype=None):
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        out = model(xi)
+    projection_loss(out.double(), 37).backward()
+    return out.detach(), xi.grad, param_grads(model), states(model)
+
+
+def _input(channels_last: bool, seed: int) -> torch.Tensor:
+    return seeded_input(SHAPE, seed, torch.float32, channels_last, scale=1.5, offset=0.3).cuda()
+
+
+@pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float32_train_and_eval(backend, channels_last, save_bottleneck):
+    _backend_or_skip(backend)
+    ours, naive, exact = _models(backend, channels_last, save_bottleneck)
+    for mode in ("train", "eval"):
+        for m in (ours, naive, exact):
+            m.train(mode == "train")
+            m.zero_grad(set_to_none=True)
+        x = _input(channels_last, 11 if mode == "train" else 12)
+        fast, slow, ref = _run(ours, x), _run(naive, x), _run(exact, x.double())
+        assert_within_naive_error(fast[0], slow[0], ref[0], torch.float32, f"{mode}: logits")
+        assert_within_naive_error(fast[1], slow[1], ref[1], torch.float32, f"{mode}: input grad")
+        for name in ref[2]:
+            assert_within_naive_error(fast[2][name], slow[2][name], ref[2][name], torch.float32,
+                                      f"{mode}: grad {name}")
+        for name in ref[3]:
+            if name.endswith("num_batches_tracked"):
+                assert int(fast[3][name]) == int(slow[3][name]), name
+            else:
+                assert_within_naive_error(fast[3][name], slow[3][name], ref[3][name], torch.float32,
+                                          f"{mode}: {name}")
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_autocast(backend, dtype, channels_last):
+    _backend_or_skip(backend)
+    ours, naive, exact = _models(backend, channels_last, seed=5)
+    x = seeded_input((16, 3, 16, 16), 43, torch.float32, channels_last).cuda()
+    fast, slow, ref = _run(ours, x, dtype), _run(naive, x, dtype), _run(exact, x.double())
+    assert_model_within_naive_error(fast, slow, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_large_mean_input_statistics(backend):
+    """Channels whose mean is 1000x their spread: the statistics cache must keep the variance
+    (a plain E[x^2] - E[x]^2 in fp32 would lose it completely)."""
+    _backend_or_skip(backend)
+    import densenet_fast
+
+    torch.manual_seed(3)
+    block = densenet_fast.DenseBlock(2, 8, 2, 4, backend=backend).cuda()
+    naive = reference.DenseBlock(2, 8, 2, 4, 0.0).cuda()
+    copy_weights(block, naive)
+    exact = copy.deepcopy(naive).double()
+    x = (1000.0 + torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).cuda()
+    fast, slow, ref = block(x.float()), naive(x.float()), exact(x)
+    assert_within_naive_error(fast, slow, ref, torch.float32, "block output")
+    for name, buf in naive.state_dict().items():
+        if "running_var" in name:
+            assert_within_naive_error(block.state_dict()[name], buf, exact.state_dict()[name], torch.float32, name)
