@@ -60,7 +60,7 @@ def projection_loss(out: Tensor, seed: int) -> Tensor:
     """sum(out * R) with a fixed random R: every output element gets a distinct gradient (a plain
     sum would give BN-normalised outputs a zero gradient and hide errors)."""
     gen = torch.Generator().manual_seed(seed)
-    r = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    r = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=out.device, dtype=out.dtype)
     return (out * r).sum()
 
 

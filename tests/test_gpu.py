@@ -16,6 +16,7 @@ normalised vector).
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -26,7 +27,10 @@ from builders import copy_weights, param_grads, projection_loss, randomize_bn_, 
     efficient_densenet
 from tolerances import assert_model_within_naive_error, assert_within_naive_error
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# DENSENET_FAST_GPU_TESTS_ON=cpu runs this file's logic on the CPU (debugging the tests themselves
+# without a GPU; autocast then runs on the CPU too).
+DEVICE = "cuda" if torch.cuda.is_available() else os.environ.get("DENSENET_FAST_GPU_TESTS_ON", "")
+pytestmark = pytest.mark.skipif(DEVICE == "", reason="needs a CUDA GPU")
 
 ALL_BACKENDS = ("torch", "cuda", "triton")
 FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]
@@ -37,8 +41,8 @@ SHAPE = (6, 3, 13, 11)
 
 
 def _backend_or_skip(backend: str) -> None:
-    if not torch.cuda.is_available() or backend not in available_backends("cuda"):
-        pytest.skip(f"backend {backend!r} is not available on the GPU in this installation")
+    if backend not in available_backends(DEVICE):
+        pytest.skip(f"backend {backend!r} is not available on {DEVICE} in this installation")
 
 
 def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, seed: int = 0):
@@ -50,19 +54,19 @@ def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, se
     copy_weights(naive, ours)
     exact = copy.deepcopy(naive).double()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return [m.cuda().to(memory_format=fmt) for m in (ours, naive, exact)]
+    return [m.to(DEVICE, memory_format=fmt) for m in (ours, naive, exact)]
 
 
 def _run(model, x, autocast_dtype=None):
     xi = x.clone().requires_grad_(True)
-    with torch.autocast("cuda", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+    with torch.autocast(DEVICE, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
         out = model(xi)
     projection_loss(out.double(), 37).backward()
     return out.detach(), xi.grad, param_grads(model), states(model)
 
 
 def _input(channels_last: bool, seed: int) -> torch.Tensor:
-    return seeded_input(SHAPE, seed, torch.float32, channels_last, scale=1.5, offset=0.3).cuda()
+    return seeded_input(SHAPE, seed, torch.float32, channels_last, scale=1.5, offset=0.3).to(DEVICE)
 
 
 @pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
@@ -96,7 +100,7 @@ def test_float32_train_and_eval(backend, channels_last, save_bottleneck):
 def test_autocast(backend, dtype, channels_last):
     _backend_or_skip(backend)
     ours, naive, exact = _models(backend, channels_last, seed=5)
-    x = seeded_input((16, 3, 16, 16), 43, torch.float32, channels_last).cuda()
+    x = seeded_input((16, 3, 16, 16), 43, torch.float32, channels_last).to(DEVICE)
     fast, slow, ref = _run(ours, x, dtype), _run(naive, x, dtype), _run(exact, x.double())
     assert_model_within_naive_error(fast, slow, ref, dtype)
 
@@ -109,11 +113,11 @@ def test_large_mean_input_statistics(backend):
     import densenet_fast
 
     torch.manual_seed(3)
-    block = densenet_fast.DenseBlock(2, 8, 2, 4, backend=backend).cuda()
-    naive = reference.DenseBlock(2, 8, 2, 4, 0.0).cuda()
+    block = densenet_fast.DenseBlock(2, 8, 2, 4, backend=backend).to(DEVICE)
+    naive = reference.DenseBlock(2, 8, 2, 4, 0.0).to(DEVICE)
     copy_weights(block, naive)
     exact = copy.deepcopy(naive).double()
-    x = (1000.0 + torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).cuda()
+    x = (1000.0 + torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(4), dtype=torch.float64)).to(DEVICE)
     fast, slow, ref = block(x.float()), naive(x.float()), exact(x)
     assert_within_naive_error(fast, slow, ref, torch.float32, "block output")
     for name, buf in naive.state_dict().items():

@@ -36,7 +36,7 @@ from .amp import autocast_dtype, autocast_disabled
 from .channel_stats import stats_dtype
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_stats_for, sync_stats, \
-    uses_batch_stats, update_running_stats_
+    update_running_stats_many_, uses_batch_stats
 
 aten = torch.ops.aten
 
@@ -71,6 +71,59 @@ class BlockKernels:
         t = torch.tensor([count], dtype=torch.int64)
         dist.all_reduce(t, group=self.group)
         return int(t.item())
+
+    # ---- the four per-layer primitives (plain PyTorch here; kernel backends override them) ----
+
+    def bottleneck(self, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor, eps: float,
+                   w1: Tensor, step: int, want_stats: bool
+                   ) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+        """Bt = conv1x1(relu(bn1(F[:, :cl]))) (N, B, H, W) in F's layout, and, when want_stats,
+        its per-channel batch (mean, var) (the norm2 statistics)."""
+        bt = bn_relu_conv1x1(fbuf, cl, stats1, g1, b1, eps, w1, step)
+        return bt, (self.channel_stats(bt) if want_stats else None)
+
+    def layer_output(self, bt: Tensor, stats2: NormStats, g2: Tensor, b2: Tensor, eps: float, w2: Tensor,
+                     dst: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        """dst <- conv3x3(relu(bn2(bt)), padding=1) (dst: the slice F[:, C_l:C_l+k]).  Returns the
+        (mean, var) of what was written when the kernel produced them, else None."""
+        z2 = bn_relu(bt, stats2, g2, b2, eps)
+        dst.copy_(F.conv2d(z2, w2, padding=1))
+        return None
+
+    def layer_output_backward(self, d_out: Tensor, bt: Tensor, stats2: NormStats, g2: Tensor, b2: Tensor,
+                              eps: float, w2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of layer_output: (d_bt, d_g2, d_b2, d_w2).  d_out: (N, k, H, W), any float dtype."""
+        z2 = bn_relu(bt, stats2, g2, b2, eps)
+        d_z2, d_w2, _ = aten.convolution_backward(d_out.to(bt.dtype), z2, w2, None, [1, 1], [1, 1], [1, 1], False,
+                                                  [0, 0], 1, [True, True, False])
+        d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, stats2, g2, eps)
+        return d_bt, d_g2, d_b2, d_w2
+
+    def bottleneck_backward(self, d_bt: Tensor, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor,
+                            eps: float, w1: Tensor, step: int, grad_acc: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Gradients of bottleneck: grad_acc (the slice G[:, :cl]) += dLoss/dF[:, :cl]; returns
+        (d_w1, d_g1, d_b1).
+
+        dgrad and wgrad of a 1x1 conv split exactly by input channel, and so does BN backward
+        (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and added
+        into G, so no C_l-channel intermediate ever exists.
+        """
+        d_w1 = torch.empty_like(w1)
+        d_g1 = torch.empty_like(g1)
+        d_b1 = torch.empty_like(b1)
+        for a in range(0, cl, step):
+            e = min(cl, a + step)
+            xc = fbuf[:, a:e]
+            sc = stats1.slice(a, e)
+            z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps)
+            d_z1c, d_w1c = conv1x1_backward(d_bt, z1c, w1[:, a:e])
+            d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps)
+            grad_acc[:, a:e].add_(d_xc)
+            d_w1[:, a:e].copy_(d_w1c)
+            d_g1[a:e].copy_(d_g1c)
+            d_b1[a:e].copy_(d_b1c)
+            del z1c, d_z1c, d_xc
+        return d_w1, d_g1, d_b1
 
 
 @dataclass
@@ -178,31 +231,34 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
     else:
         mean = var = torch.empty(0, dtype=sdt, device=x.device)
     records: List[_LayerRecord] = []
+    pending: List[Tuple[nn.Module, Tensor, Tensor]] = []  # running-statistics updates, applied together
     for l, layer in enumerate(layers):
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
         cl = c0 + l * k
-        stats1 = norm_stats_for(layer.norm1, mean if spec.compute_stats else None, var, cl, count, group)
-        bt = bn_relu_conv1x1(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
-                             chunk_size(spec.chunk_channels, n * h * w, cl))
-        if uses_batch_stats(layer.norm2):
-            m2, v2 = spec.kernels.channel_stats(bt)
-            update_running_stats_(layer.norm2, m2, v2, count)
+        stats1 = norm_stats_for(layer.norm1, mean if spec.compute_stats else None, var, cl, count, group, pending)
+        batch2 = uses_batch_stats(layer.norm2)
+        bt, bt_stats = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
+                                               chunk_size(spec.chunk_channels, n * h * w, cl), batch2)
+        if batch2:
+            m2, v2 = bt_stats
+            pending.append((layer.norm2, m2, v2))
             stats2 = NormStats(m2, v2, True, count, group)
         else:
             stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
-        z2 = bn_relu(bt, stats2, g2, b2, layer.norm2.eps)
-        out = F.conv2d(z2, w2, padding=1)
-        del z2
+        dst = fbuf[:, cl:cl + k]
+        new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst)
         seed = None
         if layer.drop_rate > 0 and layer.training:
             seed = _draw_seed()
-            out.mul_(dropout_mask(seed, out, layer.drop_rate))
-        fbuf[:, cl:cl + k].copy_(out)
+            dst.mul_(dropout_mask(seed, dst, layer.drop_rate))
+            new_stats = None
         if spec.compute_stats:
-            mean[cl:cl + k], var[cl:cl + k] = spec.kernels.channel_stats(out)
-        del out
+            if new_stats is None or group is not None:
+                new_stats = spec.kernels.channel_stats(dst)
+            mean[cl:cl + k], var[cl:cl + k] = new_stats
         records.append(_LayerRecord(None if stats1.batch else stats1, stats2, seed,
                                     bt if spec.save_bottleneck else None))
+    update_running_stats_many_(pending, count)
     return fbuf, mean, var, records
 
 
@@ -225,34 +281,17 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
         stats1 = rec.stats1 if rec.stats1 is not None else \
             NormStats(mean[:cl], var[:cl], True, spec.count, spec.kernels.group)
         step = chunk_size(spec.chunk_channels, count, cl)
-        bt = rec.bottleneck if rec.bottleneck is not None else bn_relu_conv1x1(fbuf, cl, stats1, g1, b1, eps1, w1, step)
-        z2 = bn_relu(bt, rec.stats2, g2, b2, layer.norm2.eps)
-        d_out = gbuf[:, cl:cl + k].to(fbuf.dtype)
+        bt = rec.bottleneck
+        if bt is None:
+            bt, _ = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, eps1, w1, step, False)
+        d_out = gbuf[:, cl:cl + k]
         if rec.seed is not None:
-            d_out = d_out * dropout_mask(rec.seed, d_out, layer.drop_rate)
-        d_z2, d_w2, _ = aten.convolution_backward(d_out, z2, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                  [True, True, False])
-        del d_out
-        d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, rec.stats2, g2, layer.norm2.eps)
-        del z2, d_z2, bt
-        d_w1 = torch.empty_like(w1)
-        d_g1 = torch.empty_like(g1)
-        d_b1 = torch.empty_like(b1)
-        # dgrad and wgrad of a 1x1 conv split exactly by input channel, and so does BN backward
-        # (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and
-        # added into G, so no C_l-channel intermediate ever exists.
-        for a in range(0, cl, step):
-            e = min(cl, a + step)
-            xc = fbuf[:, a:e]
-            sc = stats1.slice(a, e)
-            z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps1)
-            d_z1c, d_w1c = conv1x1_backward(d_bt, z1c, w1[:, a:e])
-            d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps1)
-            gbuf[:, a:e].add_(d_xc)
-            d_w1[:, a:e].copy_(d_w1c)
-            d_g1[a:e].copy_(d_g1c)
-            d_b1[a:e].copy_(d_b1c)
-            del z1c, d_z1c, d_xc
+            d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
+        d_bt, d_g2, d_b2, d_w2 = spec.kernels.layer_output_backward(d_out, bt, rec.stats2, g2, b2,
+                                                                    layer.norm2.eps, w2)
+        del d_out, bt
+        d_w1, d_g1, d_b1 = spec.kernels.bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps1, w1, step,
+                                                            gbuf[:, :cl])
         del d_bt
         grads[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)] = [d_g1, d_b1, d_w1, d_g2, d_b2, d_w2]
     return gbuf[:, :c0], grads
