@@ -156,3 +156,33 @@ def test_nan_input_gives_nan_output(mode):
         assert torch.isfinite(out[[0, 2]]).all()
     assert torch.equal(torch.isnan(out), torch.isnan(out_n))
     assert torch.equal(torch.isnan(grad), torch.isnan(grad_n)), "input-gradient NaN pattern differs from naive"
+
+
+GRAPH_REFUSALS = [
+    pytest.param(dict(drop_rate=0.2), "drop_rate=0.2", id="dropout"),
+    pytest.param(dict(momentum=None), "momentum=None", id="cumulative-average"),
+]
+
+
+@pytest.mark.parametrize("change, message", GRAPH_REFUSALS)
+def test_graphed_step_refuses_what_a_graph_would_freeze(change, message):
+    """A captured step would replay one dropout mask forever, or read a host-side counter once:
+    check_graphable names the offending module instead."""
+    from densenet_fast.graphs import check_graphable
+
+    net = efficient_densenet(growth_rate=4, block_config=(2,), num_init_features=6, bn_size=2, num_classes=3,
+                             small_inputs=True, drop_rate=change.get("drop_rate", 0.0))
+    if "momentum" in change:
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+    with pytest.raises(ValueError, match=message):
+        check_graphable(net)
+
+
+def test_graphed_step_needs_cuda_inputs():
+    from densenet_fast.graphs import GraphedStep
+
+    net = _small_net()
+    with pytest.raises(ValueError, match="x_example must be a CUDA tensor"):
+        GraphedStep(net, torch.nn.functional.cross_entropy, torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))

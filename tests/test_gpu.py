@@ -123,3 +123,37 @@ def test_large_mean_input_statistics(backend):
     for name, buf in naive.state_dict().items():
         if "running_var" in name:
             assert_within_naive_error(block.state_dict()[name], buf, exact.state_dict()[name], torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_graphed_step_matches_eager(backend):
+    """Two replays of a captured training step give the gradients and running statistics of two
+    eager steps on the same inputs (after the same warm-up steps on both models)."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    _backend_or_skip(backend)
+    import torch.nn.functional as F
+    from densenet_fast.graphs import GraphedStep
+
+    eager, graphed_model, _ = _models(backend, channels_last=True, seed=9)
+    xs = [_input(True, 20 + i) for i in range(5)]
+    y = torch.randint(0, CFG["num_classes"], (SHAPE[0],), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    # graphed_model is the naive twin here: replace it with a second copy of ours
+    graphed_model = copy.deepcopy(eager)
+    step = GraphedStep(graphed_model, F.cross_entropy, xs[0], y, warmup=3)
+    for _ in range(3):  # the warm-up steps GraphedStep ran (all on xs[0])
+        eager.zero_grad(set_to_none=True)
+        F.cross_entropy(eager(xs[0]).float(), y).backward()
+    for x in xs[3:]:
+        eager.zero_grad(set_to_none=True)
+        loss_e = F.cross_entropy(eager(x).float(), y)
+        loss_e.backward()
+        loss_g = step(x, y)
+        torch.testing.assert_close(loss_g, loss_e.detach(), rtol=1e-5, atol=1e-6)
+        ge, gg = param_grads(eager), param_grads(graphed_model)
+        for name in ge:
+            torch.testing.assert_close(gg[name], ge[name], rtol=1e-4, atol=1e-5 * ge[name].abs().max().item(),
+                                       msg=lambda m: f"grad {name}: {m}")
+    se, sg = states(eager), states(graphed_model)
+    for name in se:
+        torch.testing.assert_close(sg[name], se[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

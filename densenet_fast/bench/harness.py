@@ -42,6 +42,9 @@ REFERENCE_PROVIDERS: Tuple[str, ...] = ("naive", "checkpoint", "compile")
 # minutes of CPU time, and inductor's CPU code is not what the GPU targets are about).
 GPU_ONLY_PROVIDERS: Tuple[str, ...] = ("compile",)
 SAVED_SUFFIX = "-saved"
+# "<provider>+graph": the same model, its training step captured in a CUDA graph and replayed
+# (densenet_fast.graphs.GraphedStep); GPU and mode "full" only.  Memory is the eager step's.
+GRAPH_SUFFIX = "+graph"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,8 +86,16 @@ CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
 # ------------------------------------------------------------------------------------------
 
 
+def split_graph(provider: str) -> Tuple[str, bool]:
+    """'triton+graph' -> ('triton', True); 'naive' -> ('naive', False)."""
+    if provider.endswith(GRAPH_SUFFIX):
+        return provider[: -len(GRAPH_SUFFIX)], True
+    return provider, False
+
+
 def split_provider(provider: str) -> Tuple[str, bool]:
-    """'torch-saved' -> ('torch', True); 'naive' -> ('naive', False)."""
+    """'torch-saved' -> ('torch', True); 'naive' -> ('naive', False) ('+graph' is ignored here)."""
+    provider, _ = split_graph(provider)
     if provider.endswith(SAVED_SUFFIX):
         return provider[: -len(SAVED_SUFFIX)], True
     return provider, False
@@ -98,6 +109,8 @@ def default_providers(device: str) -> List[str]:
 
 def check_provider(provider: str, device: str) -> None:
     """Raise BenchError unless `provider` can run on `device` in this installation."""
+    if split_graph(provider)[1] and torch.device(device).type != "cuda":
+        raise BenchError(f"provider {provider!r}: CUDA graphs need --device cuda")
     base, saved = split_provider(provider)
     if base in REFERENCE_PROVIDERS and not saved:
         return
@@ -250,6 +263,8 @@ def prepare(case: Case, device: str) -> Step:
         model = model.to(memory_format=torch.channels_last)
     x, y = make_inputs(case, num_classes_of(model), device)
     autocast = None if case.dtype == "float32" else DTYPES[case.dtype]
+    if split_graph(case.provider)[1]:
+        return _graphed_step(model, x, y, case.mode, autocast, device)
     if case.provider == "compile":
         model = torch.compile(model)
         step = Step(model, x, y, case.mode, autocast)
@@ -261,6 +276,35 @@ def prepare(case: Case, device: str) -> Step:
         synchronize(device)
         return step
     return Step(model, x, y, case.mode, autocast)
+
+
+class _GraphStep(Step):
+    """A Step whose run() replays a captured training step; measured_peak is the eager step's."""
+
+    def __init__(self, graphed, model, x, y, measured_peak: int) -> None:
+        super().__init__(model, x, y, "full", None)
+        self.graphed, self.measured_peak = graphed, measured_peak
+
+    def setup(self) -> None:  # the graph owns the gradients; nothing to reset
+        pass
+
+    def run(self) -> None:
+        self.graphed()
+
+
+def _graphed_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
+                  autocast: Optional[torch.dtype], device: str) -> Step:
+    from ..graphs import GraphedStep
+
+    if mode != "full":
+        raise BenchError("CUDA-graph providers measure mode 'full' only")
+    eager = Step(model, x, y, "full", autocast)
+    peak = memory.step_peak_bytes(eager.run, device, setup=eager.setup)
+    eager.teardown()
+    for p in model.parameters():
+        p.grad = None
+    graphed = GraphedStep(model, F.cross_entropy, x, y, autocast_dtype=autocast)
+    return _GraphStep(graphed, model, x, y, peak)
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,6 +334,8 @@ def timed(fn: Callable[[], None], device: str) -> float:
 
 def measure_peak(step: Step, device: str) -> int:
     """Peak bytes above the pre-step baseline of one step.run() (see memory.step_peak_bytes)."""
+    if isinstance(step, _GraphStep):
+        return step.measured_peak
     try:
         return memory.step_peak_bytes(step.run, device, setup=step.setup)
     finally:
