@@ -30,7 +30,8 @@ from typing import Callable, Mapping, NamedTuple, Optional
 from setuptools import setup
 
 EXTENSION = "densenet_fast._C"
-SOURCES = ["csrc/ops.cpp", "csrc/channel_stats_cpu.cpp", "csrc/channel_stats.cu"]
+SOURCES = ["csrc/ops.cpp", "csrc/channel_stats_cpu.cpp", "csrc/channel_stats.cu", "csrc/bn_relu_cpu.cpp",
+           "csrc/bn_relu.cu"]
 SKIP_ENV = "DENSENET_FAST_SKIP_CUDA_BUILD"
 FORCE_ENV = "DENSENET_FAST_FORCE_CUDA_BUILD"
 # Ampere and Hopper SASS; the +PTX lets newer GPUs JIT-compile the Hopper code.

@@ -297,3 +297,50 @@ class DenseNet(nn.Module):
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)
         return self.classifier(out)
+
+
+# --------------------------------------------------------------------------------------------
+# References of the fused batch-norm passes (densenet_fast.ops.fused_bn)
+# --------------------------------------------------------------------------------------------
+
+__all__ += ["fused_bn_relu_ref", "fused_bn_backward_reduce_ref", "fused_bn_backward_apply_ref"]
+
+
+def _per_channel64(v: Tensor) -> Tensor:
+    return v.double().view(1, -1, 1, 1)
+
+
+def fused_bn_relu_ref(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """relu(x * scale + shift) in float64.
+
+    x: (N, C, H, W), any dtype and layout; scale, shift: (C,).  Returns (N, C, H, W) float64.
+    """
+    return torch.relu(x.double() * _per_channel64(scale) + _per_channel64(shift))
+
+
+def fused_bn_backward_reduce_ref(grad_z: Tensor, x: Tensor, scale: Tensor, shift: Tensor,
+                                 mean: Tensor) -> Tuple[Tensor, Tensor]:
+    """The reduction of a BN-ReLU backward with the ReLU mask recomputed from x, in float64.
+
+    grad_z, x: (N, C, H, W); scale, shift, mean: (C,).  With dy = grad_z * [x * scale + shift > 0]
+    returns (sum_dy, sum_dy_xmu), each (C,) float64: the sums over N, H, W of dy and of
+    dy * (x - mean).
+    """
+    x64 = x.double()
+    dy = torch.where(x64 * _per_channel64(scale) + _per_channel64(shift) > 0, grad_z.double(), 0.0)
+    return dy.sum(dim=(0, 2, 3)), (dy * (x64 - _per_channel64(mean))).sum(dim=(0, 2, 3))
+
+
+def fused_bn_backward_apply_ref(grad_z: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor,
+                                a: Tensor, b: Tensor, grad_x: Tensor, accumulate: bool) -> Tensor:
+    """The elementwise pass of a BN-ReLU backward, in float64, out of place.
+
+    grad_z, x, grad_x: (N, C, H, W); scale, shift, mean, a, b: (C,).  With
+    dy = grad_z * [x * scale + shift > 0] and dx = scale * (dy - a - (x - mean) * b), returns the
+    value grad_x should hold afterwards as (N, C, H, W) float64: grad_x + dx when accumulate, else
+    dx.  (a = sum_dy / M, b = invstd**2 * sum_dy_xmu / M give training-mode BN; a = b = 0 eval.)
+    """
+    x64 = x.double()
+    dy = torch.where(x64 * _per_channel64(scale) + _per_channel64(shift) > 0, grad_z.double(), 0.0)
+    dx = _per_channel64(scale) * (dy - _per_channel64(a) - (x64 - _per_channel64(mean)) * _per_channel64(b))
+    return grad_x.double() + dx if accumulate else dx

@@ -1,0 +1,100 @@
+"""The "cuda" backend's block logic (densenet_fast.ops.cuda_block.CudaBlockKernels) against the
+naive reference, run on the CPU through the extension's CPU kernels of the same ops.
+
+backend="cuda" itself needs CUDA tensors (tests/test_gpu.py runs it on a GPU); the ops it calls
+(bn_relu_out, bn_relu_backward_reduce, bn_backward_apply, channel_stats) have CPU kernels with the
+same semantics, so the chunking, the scratch reuse, the accumulation into the gradient buffer and
+the BN-backward coefficients are tested here on every CI run.
+
+Tolerances (tests/tolerances.py): float32 three-way (||ours - exact|| <= 2 ||naive - exact|| +
+1e-5 ||exact||, exact = the naive block in float64); bfloat16 (block converted with .to): the same
+rule with the bf16 floor, gradients as one normalised vector (rounding flips single ReLU masks).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import densenet_fast
+from densenet_fast import _ext, reference
+from builders import param_grads, randomize_bn_, seeded_input
+from tolerances import assert_within_naive_error
+
+if not _ext.HAS_C or not hasattr(torch.ops.densenet_fast, "bn_relu_out"):
+    pytest.skip(f"the extension with the fused BN ops is not built ({_ext.IMPORT_ERROR})", allow_module_level=True)
+
+from densenet_fast.ops.cuda_block import CudaBlockKernels  # noqa: E402
+from densenet_fast.ops.dense_block import run_dense_block  # noqa: E402
+
+
+def _run_ours(block, x, chunk, r):
+    xi = x.clone().requires_grad_(True)
+    f, _, _ = run_dense_block(xi, list(block.values()), CudaBlockKernels(), chunk_channels=chunk)
+    (f.double() * r).sum().backward()
+    return f.detach(), xi.grad, param_grads(block)
+
+
+def _run_naive(block, x, r):
+    xi = x.clone().requires_grad_(True)
+    out = block(xi)
+    (out.double() * r).sum().backward()
+    return out.detach(), xi.grad, param_grads(block)
+
+
+# chunk 4 splits the 7 + 5l channel prefixes unevenly: the scratch chunk is reused with a short
+# last chunk, and G[:, a:e] is accumulated chunk by chunk.
+@pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunk4"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_block_kernels_match_naive(mode, channels_last, chunk):
+    torch.manual_seed(0)
+    ours = densenet_fast.DenseBlock(3, 7, 3, 5, backend="torch")
+    randomize_bn_(ours, 1)
+    naive = reference.DenseBlock(3, 7, 3, 5, 0.0)
+    naive.load_state_dict(ours.state_dict())
+    exact = copy.deepcopy(naive).double()
+    for m in (ours, naive, exact):
+        m.train(mode == "train")
+    x = seeded_input((2, 7, 9, 7), 2, torch.float32, channels_last, scale=1.5, offset=0.4)
+    r = torch.randn(2, 22, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    fast = _run_ours(ours, x, chunk, r)
+    slow = _run_naive(naive, x, r)
+    ref = _run_naive(exact, x.double(), r)
+    assert_within_naive_error(fast[0], slow[0], ref[0], torch.float32, "block output")
+    assert_within_naive_error(fast[1], slow[1], ref[1], torch.float32, "input grad")
+    for name in ref[2]:
+        assert_within_naive_error(fast[2][name], slow[2][name], ref[2][name], torch.float32, f"grad {name}")
+    so, sn, se = ours.state_dict(), naive.state_dict(), exact.state_dict()
+    for name in se:
+        if "running" in name:
+            assert_within_naive_error(so[name], sn[name], se[name], torch.float32, name)
+        elif name.endswith("num_batches_tracked"):
+            assert int(so[name]) == int(sn[name]), name
+
+
+def test_cuda_block_kernels_bfloat16():
+    torch.manual_seed(4)
+    ours = densenet_fast.DenseBlock(2, 10, 2, 6, backend="torch")
+    randomize_bn_(ours, 5)
+    naive = reference.DenseBlock(2, 10, 2, 6, 0.0)
+    naive.load_state_dict(ours.state_dict())
+    exact = copy.deepcopy(naive).double()
+    ours.to(torch.bfloat16)
+    naive.to(torch.bfloat16)
+    x = seeded_input((8, 10, 16, 16), 6, torch.float32, True, offset=0.5)
+    r = torch.randn(8, 22, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    fast = _run_ours(ours, x.bfloat16(), 0, r)
+    slow = _run_naive(naive, x.bfloat16(), r)
+    ref = _run_naive(exact, x.bfloat16().double(), r)
+    assert fast[0].dtype == torch.bfloat16
+    assert_within_naive_error(fast[0], slow[0], ref[0], torch.bfloat16, "block output")
+
+    def vector(result):
+        parts = [result[1].double().flatten() / ref[1].double().norm()]
+        parts += [result[2][n].double().flatten() / ref[2][n].double().norm() for n in sorted(ref[2])]
+        return torch.cat(parts)
+
+    assert_within_naive_error(vector(fast), vector(slow), vector(ref), torch.bfloat16, "all gradients (normalised)")
