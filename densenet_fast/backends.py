@@ -2,9 +2,16 @@
 
   torch  plain PyTorch (ATen's fused batch_norm / conv kernels fed the cached statistics); runs
          anywhere, CPU included.
-  cuda   the compiled extension densenet_fast._C (csrc/): its statistics kernel replaces the ATen
-         reduction; needs the extension built with CUDA and CUDA tensors.
-  auto   cuda when the extension is built and the input is on a GPU, else torch.
+  cuda   the compiled extension densenet_fast._C (csrc/): its kernels do the statistics and every
+         batch-norm pass (scale-shift-ReLU into a reused scratch chunk, the ReLU-masked BN backward
+         reductions, the BN backward accumulating into the gradient buffer), cuBLAS/cuDNN through
+         ATen the GEMMs and the 3x3 conv; needs the extension built with CUDA and CUDA tensors.
+  triton fused Triton kernels (densenet_fast/triton_kernels/): BN-ReLU as the GEMM prologue, the
+         statistics in the epilogues, the 3x3 conv as an implicit GEMM, two-pass backwards that
+         never store a prefix-sized intermediate; needs triton and CUDA tensors (or CPU tensors
+         under TRITON_INTERPRET=1, which the tests use).
+  auto   on a GPU: triton when triton is importable, else cuda when the extension is built, else
+         torch; on the CPU: torch.
 
 Every backend computes the same thing (../shared/design/dense_block.md); they differ in fusion.
 """
@@ -18,24 +25,33 @@ import torch
 from . import _ext
 from .ops.dense_block import BlockKernels
 
-BACKENDS: Tuple[str, ...] = ("auto", "torch", "cuda")
+BACKENDS: Tuple[str, ...] = ("auto", "torch", "cuda", "triton")
 
 
 def check_backend_name(name: str) -> str:
     if name not in BACKENDS:
-        hint = ""
-        if name == "triton":
-            hint = " (the Triton kernels are not part of this release yet)"
-        raise ValueError(f"densenet_fast: unknown backend {name!r}{hint}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"densenet_fast: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    from . import triton_kernels
+    if not triton_kernels.HAS_TRITON:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_kernels.INTERPRET)
 
 
 def available_backends(device: torch.device | str = "cpu") -> Tuple[str, ...]:
     """The concrete backends that can run on `device` in this installation."""
     device = torch.device(device)
-    out = ["torch"]
+    out = []
+    if device.type == "cuda" and _triton_runs_on(device):
+        out.append("triton")
     if device.type == "cuda" and _ext.has_cuda_kernels():
-        out.insert(0, "cuda")
+        out.append("cuda")
+    out.append("torch")
+    # backend="triton" also runs on CPU tensors under TRITON_INTERPRET=1 (the tests), but the
+    # interpreter is far too slow to count as available there: it must be asked for by name.
     return tuple(out)
 
 
@@ -52,6 +68,14 @@ def resolve_backend(name: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"densenet_fast: backend='cuda' needs CUDA tensors, got input on {device}; "
                              "use backend='torch' or 'auto' on the CPU")
+    if name == "triton" and not _triton_runs_on(device):
+        from . import triton_kernels
+        if not triton_kernels.HAS_TRITON:
+            raise RuntimeError(f"densenet_fast: backend='triton' needs triton ({triton_kernels.IMPORT_ERROR}); "
+                               "pip install triton, or use backend='torch'")
+        raise ValueError(f"densenet_fast: backend='triton' needs CUDA tensors, got input on {device} "
+                         "(CPU tensors run only under TRITON_INTERPRET=1, set before import); use backend='torch' "
+                         "or 'auto' on the CPU")
     return name
 
 
@@ -61,7 +85,10 @@ def kernels_for(name: str, device: torch.device, group: Any = None) -> BlockKern
     group: the torch.distributed process group of synchronized batch norm, or None.
     """
     concrete = resolve_backend(name, device)
+    if concrete == "triton":
+        from .triton_kernels.block_kernels import TritonBlockKernels
+        return TritonBlockKernels(group=group)
     if concrete == "cuda":
-        from .ops.channel_stats import channel_stats
-        return BlockKernels(name="cuda", stats=channel_stats, group=group)
+        from .ops.cuda_block import CudaBlockKernels
+        return CudaBlockKernels(group=group)
     return BlockKernels(name="torch", group=group)

@@ -157,3 +157,22 @@ def test_graphed_step_matches_eager(backend):
     se, sg = states(eager), states(graphed_model)
     for name in se:
         torch.testing.assert_close(sg[name], se[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_compile_fullgraph(backend):
+    """torch.compile(fullgraph=True) with inductor on the GPU: logits and gradients as eager."""
+    if DEVICE != "cuda":
+        pytest.skip("inductor on the GPU")
+    _backend_or_skip(backend)
+    ours, _, _ = _models(backend, channels_last=True, seed=21)
+    twin = copy.deepcopy(ours)
+    compiled = torch.compile(twin, fullgraph=True)
+    x = _input(True, 22)
+    a = _run(ours, x)
+    out = _run(compiled, x)[0]
+    grads = param_grads(twin)  # the compiled wrapper prefixes its names
+    torch.testing.assert_close(out, a[0], rtol=1e-4, atol=1e-5 * a[0].abs().max().item())
+    for name in a[2]:
+        torch.testing.assert_close(grads[name], a[2][name], rtol=1e-3, atol=1e-4 * a[2][name].abs().max().item(),
+                                   msg=lambda m: f"grad {name}: {m}")

@@ -118,6 +118,10 @@ def check_provider(provider: str, device: str) -> None:
         raise BenchError(f"provider {provider!r}: save_bottleneck only exists for densenet_fast's backends")
     try:
         resolve_backend(base, torch.device(device))
+        if base not in available_backends(device):
+            # e.g. triton on CPU tensors: only triton's interpreter (tests) runs it there
+            raise ValueError(f"backend {base!r} does not run natively on {torch.device(device).type} "
+                             f"(available: {', '.join(available_backends(device))})")
     except (ValueError, RuntimeError) as exc:
         known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "triton", "torch-saved", "cuda-saved",
                                                        "triton-saved"])

@@ -125,6 +125,12 @@ class BlockKernels:
             del z1c, d_z1c, d_xc
         return d_w1, d_g1, d_b1
 
+    def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
+                  conv_weight: Optional[Tensor], pool: str) -> Optional[Tensor]:
+        """A backend's own differentiable transition/head, or None for ops.transition's chunked
+        plain-PyTorch Function."""
+        return None
+
 
 @dataclass
 class BlockSpec:

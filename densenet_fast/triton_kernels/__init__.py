@@ -39,3 +39,13 @@ else:
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET"]
+
+# DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
+# without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.
+AUTOTUNE = os.environ.get("DENSENET_FAST_TRITON_AUTOTUNE", "1") != "0"
+
+
+def autotune(configs, key, **kwargs):
+    """triton.autotune over `configs`, or over configs[:1] only when AUTOTUNE is off."""
+    import triton as _triton
+    return _triton.autotune(configs=list(configs) if AUTOTUNE else list(configs)[:1], key=key, **kwargs)

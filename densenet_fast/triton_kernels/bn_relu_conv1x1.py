@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET
+from . import INTERPRET, autotune
 from .channel_stats import check_activation, is_channels_last, merge_partial_stats
 
 __all__ = ["bn_relu_conv1x1_triton"]
@@ -56,7 +56,7 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 
 @triton.jit
 def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean_ptr, ws_m2_ptr,
-                            M, K, COUT, HW, W,
+                            M, K, COUT, HW, W, K_BUCKET,
                             sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
                             INPUT_PRECISION: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -100,7 +100,9 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
 
 
 _TUNED = {
-    arch: triton.autotune(configs=configs, key=["M", "K", "COUT", "INPUT_PRECISION"])(_bn_relu_conv1x1_kernel)
+    # K (the layer's prefix width C_l) changes with every layer: keyed on its power-of-two bucket
+    # instead, so a block autotunes a handful of times rather than once per layer.
+    arch: autotune(configs=configs, key=["M", "K_BUCKET", "COUT", "INPUT_PRECISION"])(_bn_relu_conv1x1_kernel)
     for arch, configs in (("sm90", CONFIGS_SM90), ("sm80", CONFIGS_SM80))
 }
 
@@ -156,7 +158,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     out = _empty_output(x, cout)
     precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
-    sizes = (m, k, cout, h * w, w, *x.stride(), *weight.stride(), *out.stride())
+    sizes = (m, k, cout, h * w, w, triton.next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
     if INTERPRET:
         block_m = INTERPRET_CONFIG["BLOCK_M"]
         parts = triton.cdiv(m, block_m)

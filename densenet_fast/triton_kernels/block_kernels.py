@@ -1,0 +1,157 @@
+"""The "triton" backend: the block's per-layer primitives (ops.dense_block.BlockKernels) as fused
+Triton kernels.
+
+  bottleneck             bn_relu_conv1x1_triton: BN-ReLU applied as the GEMM's A operand is read
+                         from the buffer prefix (never stored), norm2's statistics in the epilogue
+  layer_output           bn_relu_conv3x3_triton: implicit GEMM, zero padding after BN-ReLU, the
+                         k new channels written straight into F[:, C_l:C_l+k] with their statistics
+                         (the statistics cache's entries) from the epilogue
+  layer_output_backward  bn_relu_conv3x3_backward_triton: dgrad with the ReLU mask and the BN sums
+                         fused, one BN elementwise pass, wgrad with the prologue recomputed
+  bottleneck_backward    bn_relu_conv1x1_backward_triton: two passes that never store dZ1, the
+                         second accumulating dX1 into G[:, :C_l]
+  transition             bn_relu_pool_conv1x1(_backward)_triton: pooling before the 1x1 conv
+  channel_stats          channel_stats_triton (x0 and anything the kernels did not cover)
+
+What the kernels do not cover runs the plain-PyTorch primitive of the base class: float64 data
+(Triton's dots are fp32/fp16/bf16), synchronized batch norm (its statistics and backward sums are
+all-reduced on the host side), and dropout (the block masks the layer's output after the kernel and
+takes the statistics with channel_stats).
+
+In eager mode the launchers are called directly (a torch.library custom op costs a Python dispatch
+per call, and a DenseNet step is thousands of calls); while torch.compile traces, the same kernels
+are called through their custom ops (densenet_fast::triton_*), which carry fake implementations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.bn_relu import NormStats, batch_stats
+from ..ops.dense_block import BlockKernels
+from .bn_relu_conv1x1 import bn_relu_conv1x1_triton
+from .channel_stats import channel_stats_triton
+from .conv1x1_backward import bn_relu_conv1x1_backward_triton
+from .conv3x3 import bn_relu_conv3x3_backward_triton, bn_relu_conv3x3_triton
+from .transition import bn_relu_pool_conv1x1_backward_triton, bn_relu_pool_conv1x1_triton
+
+__all__ = ["TritonBlockKernels", "KERNEL_DTYPES"]
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ops():
+    return torch.ops.densenet_fast
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def stats_triton_or_torch(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """channel_stats_triton for the dtypes it reads, the plain-PyTorch statistics otherwise."""
+    if x.dtype not in KERNEL_DTYPES:
+        return batch_stats(x)
+    if _compiling():
+        return _ops().triton_channel_stats(x)
+    return channel_stats_triton(x)
+
+
+def _scale_shift(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(invstd, scale, shift) in float32: y = x * scale + shift == (x - mean) * invstd * weight + bias."""
+    invstd = torch.rsqrt(stats.var.float() + eps)
+    scale = weight.float() * invstd
+    shift = bias.float() - stats.mean.float() * scale
+    return invstd, scale, shift
+
+
+class TritonBlockKernels(BlockKernels):
+    """BlockKernels whose four per-layer primitives and transition are Triton kernels."""
+
+    def __init__(self, group=None) -> None:
+        super().__init__(name="triton", stats=stats_triton_or_torch, group=group)
+
+    def _fused(self, x: Tensor) -> bool:
+        return x.dtype in KERNEL_DTYPES and self.group is None
+
+    def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
+        if not self._fused(fbuf):
+            return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
+        _, scale, shift = _scale_shift(stats1, g1, b1, eps)
+        x = fbuf[:, :cl]
+        if _compiling():
+            bt, mean, var = _ops().triton_bn_relu_conv1x1(x, scale, shift, w1)
+        else:
+            bt, mean, var = bn_relu_conv1x1_triton(x, scale, shift, w1)
+        return bt, ((mean, var) if want_stats else None)
+
+    def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
+        if not self._fused(bt):
+            return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
+        _, scale, shift = _scale_shift(stats2, g2, b2, eps)
+        if _compiling():
+            mean, var = _ops().triton_bn_relu_conv3x3_out(bt, scale, shift, w2, dst)
+        else:
+            _, mean, var = bn_relu_conv3x3_triton(bt, scale, shift, w2, out=dst)
+        return mean, var
+
+    def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
+        if not self._fused(bt):
+            return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
+        invstd = torch.rsqrt(stats2.var.float() + eps)
+        args = (d_out, bt, w2, stats2.mean.float(), invstd, g2.float(), b2.float(), stats2.batch)
+        if _compiling():
+            d_bt, d_g2, d_b2, d_w2 = _ops().triton_bn_relu_conv3x3_backward(*args)
+        else:
+            d_bt, d_g2, d_b2, d_w2 = bn_relu_conv3x3_backward_triton(*args)
+        return d_bt, d_g2.to(g2.dtype), d_b2.to(b2.dtype), d_w2
+
+    def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+        if not self._fused(fbuf) or grad_acc.dtype != torch.float32:
+            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+        invstd = torch.rsqrt(stats1.var.float() + eps)
+        args = (d_bt, fbuf[:, :cl], w1, stats1.mean.float(), invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
+        if _compiling():
+            d_g1, d_b1, d_w1 = _ops().triton_bn_relu_conv1x1_backward(*args)
+        else:
+            d_g1, d_b1, d_w1 = bn_relu_conv1x1_backward_triton(*args)
+        return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
+
+    def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
+                  conv_weight: Optional[Tensor], pool: str) -> Optional[Tensor]:
+        """The transition (pool 'avg2' with a conv) as Triton kernels, or None for the base path."""
+        if pool != "avg2" or conv_weight is None or not self._fused(fbuf) or min(fbuf.shape[2:]) < 2:
+            return None
+        return TritonTransitionFunction.apply(fbuf, stats, weight, bias, conv_weight, eps)
+
+
+class TritonTransitionFunction(torch.autograd.Function):
+    """apply(fbuf, stats, weight, bias, conv_weight, eps) -> conv1x1(avgpool2x2(relu(bn(fbuf))))."""
+
+    @staticmethod
+    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps):
+        invstd, scale, shift = _scale_shift(stats, weight, bias, eps)
+        if _compiling():
+            out = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
+        else:
+            out = bn_relu_pool_conv1x1_triton(fbuf, scale, shift, conv_weight)
+        ctx.stats, ctx.eps = stats, eps
+        ctx.save_for_backward(fbuf, weight, bias, conv_weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if torch.is_grad_enabled():
+            raise RuntimeError("densenet_fast: double backward through the fused transition is not supported")
+        fbuf, weight, bias, conv_weight = ctx.saved_tensors
+        stats = ctx.stats
+        invstd = torch.rsqrt(stats.var.float() + ctx.eps)
+        args = (grad_out, fbuf, conv_weight, stats.mean.float(), invstd, weight.float(), bias.float(), stats.batch)
+        if _compiling():
+            gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
+        else:
+            gx, gg, gb, gw = bn_relu_pool_conv1x1_backward_triton(*args)
+        return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None
