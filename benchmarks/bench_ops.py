@@ -105,14 +105,14 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
         add("channel_stats", "cuda", lambda: channel_stats(x), nb)
     tk = _triton_module("channel_stats")
     if tk is not None:
-        add("channel_stats", "triton", lambda: tk.channel_stats_triton(x), nb)
+        add("channel_stats", "triton", lambda tk=tk: tk.channel_stats_triton(x), nb)
 
     # --- BN-ReLU of the prefix into a scratch buffer: read + write
     nb = 2 * m * s.c * es
     add("bn_relu", "torch", lambda: torch_ops.bn_relu(x, stats, gamma, beta, 1e-5), nb)
     fb = _optional("densenet_fast.ops.fused_bn")
     if fb is not None and _ext.has_cuda_kernels():
-        scratch = torch.empty_like(x, memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+        scratch = torch.empty_like(x, memory_format=new_fmt(layout))
         add("bn_relu", "cuda", lambda: fb.bn_relu_out(x, scale, shift, scratch), nb)
 
     # --- BN-ReLU-Conv1x1 (the bottleneck): read the prefix, write Bt
@@ -122,7 +122,7 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
         lambda: conv1x1(torch_ops.bn_relu(x, stats, gamma, beta, 1e-5), w1), nb, flop)
     tk = _triton_module("bn_relu_conv1x1")
     if tk is not None:
-        add("bn_relu_conv1x1", "triton", lambda: tk.bn_relu_conv1x1_triton(x, scale, shift, w1), nb, flop)
+        add("bn_relu_conv1x1", "triton", lambda tk=tk: tk.bn_relu_conv1x1_triton(x, scale, shift, w1), nb, flop)
 
     # --- BN-ReLU-Conv3x3 into the buffer slice: read Bt, write k channels
     nb = m * (s.b + s.k) * es
@@ -133,7 +133,42 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
         nb, flop)
     tk = _triton_module("conv3x3")
     if tk is not None:
-        add("bn_relu_conv3x3", "triton", lambda: tk.bn_relu_conv3x3_triton(bt, sc2, sh2, w2, out=new), nb, flop)
+        add("bn_relu_conv3x3", "triton", lambda tk=tk: tk.bn_relu_conv3x3_triton(bt, sc2, sh2, w2, out=new), nb, flop)
+
+    # --- backward of BN-ReLU-Conv3x3: read dOut (fp32 slice of G) and Bt, write dBt
+    g_out = torch.randn(s.n, s.k, s.h, s.w, device=device).contiguous(memory_format=new_fmt(layout))
+    inv2 = torch.rsqrt(v2 + 1e-5)
+    nb = m * (4 * s.k + 2 * s.b * es)
+    flop = 2 * 2 * m * s.b * 9 * s.k
+    tk = _triton_module("conv3x3")
+    if tk is not None:
+        add("bn_relu_conv3x3_bwd", "triton",
+            lambda tk=tk: tk.bn_relu_conv3x3_backward_triton(g_out, bt, w2, m2, inv2, g2, b2, True), nb, flop)
+
+    # --- backward of the bottleneck: read dBt and the prefix, read + write G[:, :C_l] (fp32)
+    d_bt = torch.randn_like(bt)
+    gacc = torch.zeros(s.n, s.c, s.h, s.w, device=device, dtype=torch.float32).contiguous(
+        memory_format=new_fmt(layout))
+    nb = m * (s.b * es + s.c * es + 8 * s.c)
+    flop = 2 * 2 * m * s.c * s.b
+    tk = _triton_module("conv1x1_backward")
+    if tk is not None:
+        add("bn_relu_conv1x1_bwd", "triton",
+            lambda tk=tk: tk.bn_relu_conv1x1_backward_triton(d_bt, x, w1, mean, invstd, gamma, beta, True, gacc), nb, flop)
+
+    # --- transition (pool before conv): read the whole buffer, write the pooled half-width output
+    cout = s.c_buf // 2
+    wt = torch.randn(cout, s.c_buf, 1, 1, device=device, dtype=dtype) * 0.05
+    fm, fv = _stats(fbuf)
+    gt = torch.rand(s.c_buf, device=device) + 0.5
+    bt_ = torch.randn(s.c_buf, device=device)
+    fsc = gt * torch.rsqrt(fv + 1e-5)
+    fsh = bt_ - fm * fsc
+    nb = m * s.c_buf * es + (m // 4) * cout * es
+    flop = 2 * (m // 4) * s.c_buf * cout
+    tk = _triton_module("transition")
+    if tk is not None:
+        add("transition", "triton", lambda tk=tk: tk.bn_relu_pool_conv1x1_triton(fbuf, fsc, fsh, wt), nb, flop)
 
     # --- BN backward reductions over the prefix (ReLU mask recomputed): read grad + x
     gz = torch.randn_like(x)
@@ -142,12 +177,16 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
         add("bn_backward_reduce", "cuda", lambda: fb.bn_relu_backward_reduce(gz, x, scale, shift, mean), nb)
         a = torch.randn(s.c, device=device) * 1e-3
         b = torch.randn(s.c, device=device) * 1e-3
-        gacc = torch.zeros(s.n, s.c, s.h, s.w, device=device, dtype=torch.float32,
-                           memory_format=torch.channels_last if layout == "nhwc" else torch.contiguous_format)
+        gacc = torch.zeros(s.n, s.c, s.h, s.w, device=device, dtype=torch.float32).contiguous(
+            memory_format=new_fmt(layout))
         # read grad_z, x, G; write G (fp32)
         add("bn_backward_apply", "cuda", lambda: fb.bn_backward_apply(gz, x, scale, shift, mean, a, b, gacc, True),
             2 * m * s.c * es + 8 * m * s.c)
     return out
+
+
+def new_fmt(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == "nhwc" else torch.contiguous_format
 
 
 def _optional(module: str):
