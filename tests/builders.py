@@ -106,3 +106,14 @@ def assert_same_keys(a: Dict[str, Tensor], b: Dict[str, Tensor], what: str) -> N
 def efficient_densenet(**kwargs) -> densenet_fast.DenseNet:
     kwargs.setdefault("backend", "torch")
     return densenet_fast.DenseNet(**kwargs)
+
+
+def seeded_buffer(shape: Sequence[int], layout: str, dtype: torch.dtype, seed: int, device: str,
+                  loc: float = 0.0, spread: float = 1.0) -> Tensor:
+    """A block-buffer-like tensor: loc + spread * N(0, 1), rounded to dtype, in layout "nchw" or
+    "channels_last", on device (the kernel tests slice channel ranges out of it)."""
+    g = torch.Generator().manual_seed(seed)
+    buf = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + loc).to(dtype)
+    if layout == "channels_last":
+        buf = buf.to(memory_format=torch.channels_last)
+    return buf.to(device)

@@ -50,6 +50,7 @@ from densenet_fast.triton_kernels.conv3x3 import (  # noqa: E402
     bn_relu_conv3x3_triton,
 )
 from helpers import assert_close_report  # noqa: E402
+from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
 # The interpreter reads CPU tensors; compiled kernels need CUDA ones.
@@ -83,11 +84,7 @@ CASE_IDS = [c[0] for c in CASES]
 
 
 def _buffer(shape, layout: str, dtype: torch.dtype, seed: int, loc: float = 0.0, spread: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    buf = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + loc).to(dtype)
-    if layout == "channels_last":
-        buf = buf.to(memory_format=torch.channels_last)
-    return buf.to(DEVICE)
+    return seeded_buffer(shape, layout, dtype, seed, DEVICE, loc, spread)
 
 
 def _weight(k: int, b: int, seed: int, dtype: torch.dtype) -> torch.Tensor:

@@ -49,6 +49,7 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
 from densenet_fast.triton_kernels.bn_relu_conv1x1 import bn_relu_conv1x1_triton  # noqa: E402
 from densenet_fast.triton_kernels.channel_stats import channel_stats_triton  # noqa: E402
 from helpers import assert_close_report  # noqa: E402
+from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
 # The interpreter reads CPU tensors; compiled kernels need CUDA ones.
@@ -75,11 +76,7 @@ SLICES = [
 
 
 def _buffer(shape, layout: str, dtype: torch.dtype, seed: int, loc: float = 0.0, spread: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    buf = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + loc).to(dtype)
-    if layout == "channels_last":
-        buf = buf.to(memory_format=torch.channels_last)
-    return buf.to(DEVICE)
+    return seeded_buffer(shape, layout, dtype, seed, DEVICE, loc, spread)
 
 
 def _assert_stats(mean, var, x, name: str) -> None:

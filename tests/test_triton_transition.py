@@ -50,6 +50,7 @@ from densenet_fast.triton_kernels.transition import (  # noqa: E402
     bn_relu_pool_conv1x1_backward_triton,
     bn_relu_pool_conv1x1_triton,
 )
+from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
 DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
@@ -79,11 +80,7 @@ CASE_IDS = [case[0] for case in CASES]
 
 
 def _buffer(shape, layout: str, dtype: torch.dtype, seed: int, loc: float = 0.0, spread: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    buf = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + loc).to(dtype)
-    if layout == "channels_last":
-        buf = buf.to(memory_format=torch.channels_last)
-    return buf.to(DEVICE)
+    return seeded_buffer(shape, layout, dtype, seed, DEVICE, loc, spread)
 
 
 def _params(x, cout: int, seed: int):

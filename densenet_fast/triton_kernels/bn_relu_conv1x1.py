@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune
+from .indexing import row_nhw
 from .channel_stats import check_activation, is_channels_last, merge_partial_stats
 
 __all__ = ["bn_relu_conv1x1_triton"]
@@ -64,11 +65,7 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    r = rows.to(tl.int64)
-    n = r // HW
-    hw = r % HW
-    h = hw // W
-    w = hw % W
+    n, h, w = row_nhw(rows, HW, W)
     x_row = n * sx_n + h * sx_h + w * sx_w
     o_row = n * so_n + h * so_h + w * so_w
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune
+from .indexing import row_nhw
 from .channel_stats import check_activation
 
 __all__ = ["bn_relu_conv1x1_backward_triton"]
@@ -135,11 +136,7 @@ def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
         # row m = (n, h, w), int64 offsets (a block buffer can exceed 2^31 elements)
-        r = rows.to(tl.int64)
-        n = r // HW
-        hw = r % HW
-        h = hw // W
-        w = hw % W
+        n, h, w = row_nhw(rows, HW, W)
         g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + col_g[None, :],
                     mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
         mask = rmask[:, None] & cmask[None, :]
@@ -194,11 +191,7 @@ def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, 
     for start in range(row0, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
-        r = rows.to(tl.int64)
-        n = r // HW
-        hw = r % HW
-        h = hw // W
-        w = hw % W
+        n, h, w = row_nhw(rows, HW, W)
         g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + col_g[None, :],
                     mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
         mask = rmask[:, None] & cmask[None, :]

@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune
+from .indexing import row_nhw
 from .channel_stats import check_activation, is_channels_last, merge_partial_stats
 
 __all__ = ["bn_relu_conv3x3_triton", "bn_relu_conv3x3_backward_triton"]
@@ -117,11 +118,7 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    r = rows.to(tl.int64)
-    n = r // (H * W)
-    hw = r % (H * W)
-    h = hw // W
-    w = hw % W
+    n, h, w = row_nhw(rows, H * W, W)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < KOUT
     w_col = cols.to(tl.int64) * sw_o
@@ -174,11 +171,7 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    r = rows.to(tl.int64)
-    n = r // (H * W)
-    hw = r % (H * W)
-    h = hw // W
-    w = hw % W
+    n, h, w = row_nhw(rows, H * W, W)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # bottleneck channels c
     cmask = cols < B
     w_col = cols.to(tl.int64) * sw_c
@@ -231,11 +224,7 @@ def _bn_backward_dx_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, dbeta
     pid_c = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    r = rows.to(tl.int64)
-    n = r // (H * W)
-    hw = r % (H * W)
-    h = hw // W
-    w = hw % W
+    n, h, w = row_nhw(rows, H * W, W)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < B
     col64 = cols.to(tl.int64)
@@ -284,11 +273,7 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
     for start in range(row0, row_end, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
-        r = rows.to(tl.int64)
-        n = r // (H * W)
-        hw = r % (H * W)
-        h = hw // W
-        w = hw % W
+        n, h, w = row_nhw(rows, H * W, W)
         g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + g_col[None, :],
                     mask=rmask[:, None] & omask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         hs = h + (kh - 1)

@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune
+from .indexing import row_nhw
 from .channel_stats import SUPPORTED_DTYPES, check_activation, is_channels_last
 
 __all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"]
@@ -137,11 +138,7 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < P
-    r = rows.to(tl.int64)
-    n = r // HWO
-    hw = r % HWO
-    ho = hw // WO
-    wo = hw % WO
+    n, ho, wo = row_nhw(rows, HWO, WO)
     x_row = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w
     o_row = n * so_n + ho * so_h + wo * so_w
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -183,11 +180,7 @@ def _pool_conv1x1_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
     for start in range(row0, row_end, BLOCK_P):
         rows = start + tl.arange(0, BLOCK_P)
         rmask = rows < row_end
-        r = rows.to(tl.int64)
-        n = r // HWO
-        hw = r % HWO
-        ho = hw // WO
-        wo = hw % WO
+        n, ho, wo = row_nhw(rows, HWO, WO)
         g_row = n * sg_n + ho * sg_h + wo * sg_w
         # grad_out^T tile (BLOCK_O, BLOCK_P); zero at padded rows, so they add nothing
         gt = tl.load(g_ptr + outs[:, None].to(tl.int64) * sg_o + g_row[None, :],
@@ -212,11 +205,7 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
     pid_c = tl.program_id(1)
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < P
-    r = rows.to(tl.int64)
-    n = r // HWO
-    hw = r % HWO
-    ho = hw // WO
-    wo = hw % WO
+    n, ho, wo = row_nhw(rows, HWO, WO)
     g_row = n * sg_n + ho * sg_h + wo * sg_w
     x_row = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w
     gx_row = n * sgx_n + (2 * ho) * sgx_h + (2 * wo) * sgx_w
