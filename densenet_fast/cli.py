@@ -356,8 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", type=int, help="batch size (default %d; without --model: %s)" % (
         DEFAULT_BATCH, ", ".join(f"{m} {b} on {d}" for d, pairs in DEFAULT_BENCH.items() for m, b in pairs)))
     b.add_argument("--image-size", type=int, help="input height = width (default 32 for DenseNet-BC, else 224)")
-    b.add_argument("--providers", help="comma-separated: naive, checkpoint, torch, cuda, torch-saved, cuda-saved "
-                   "(default: naive, checkpoint and the backends available on the device)")
+    b.add_argument("--providers", help="comma-separated: naive, checkpoint, compile, torch, cuda, triton, "
+                   "<backend>-saved, <provider>+graph (CUDA graph, GPU only) (default: naive, checkpoint, compile "
+                   "on a GPU, and the backends available on the device)")
     b.add_argument("--mode", default="full", help="forward, backward, full, a comma list, or all (default full)")
     b.add_argument("--out", help="CSV to append to (default benchmarks/results/bench-<device>-<date>.csv)")
     b.add_argument("--plot", nargs="?", const="", help="also draw a PNG (default path: the CSV's, .png)")
