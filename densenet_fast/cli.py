@@ -201,8 +201,8 @@ def default_image_size(model: str) -> int:
 
 def ours(device: str) -> str:
     """The provider name of our model's default backend on `device`."""
-    from .backends import available_backends
-    return available_backends(device)[0]
+    from .backends import resolve_backend
+    return resolve_backend("auto", torch.device(device))
 
 
 # ------------------------------------------------------------------------------------------
