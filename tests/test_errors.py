@@ -184,3 +184,26 @@ def test_graphed_step_needs_cuda_inputs():
     net = _small_net()
     with pytest.raises(ValueError, match="x_example must be a CUDA tensor"):
         GraphedStep(net, torch.nn.functional.cross_entropy, torch.randn(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_triton_backend_on_cpu_input_without_interpreter():
+    """Outside the interpreter (which the test suite switches on), backend='triton' on CPU tensors
+    is a ValueError that says what to use instead (checked in a fresh process, where
+    TRITON_INTERPRET is off before triton decorates anything)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, densenet_fast\n"
+            "net = densenet_fast.DenseBlock(2, 5, 2, 3, backend='triton')\n"
+            "try:\n"
+            "    net(torch.randn(2, 5, 4, 4))\n"
+            "except (ValueError, RuntimeError) as exc:\n"
+            "    print(type(exc).__name__, exc)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip()
+    assert out.startswith(("ValueError", "RuntimeError")), out
+    assert "backend='triton' needs" in out and "backend='torch'" in out, out
