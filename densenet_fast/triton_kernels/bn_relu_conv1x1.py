@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune
 from .indexing import row_nhw
-from .channel_stats import check_activation, is_channels_last, merge_partial_stats
+from .channel_stats import check_activation, check_channel_vectors, is_channels_last, merge_partial_stats
 
 __all__ = ["bn_relu_conv1x1_triton"]
 
@@ -108,15 +108,7 @@ def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Te
     """Validate the arguments (messages name the tensor); returns weight viewed as (Cout, K)."""
     check_activation(x, "x")
     k = x.shape[1]
-    for name, t in (("scale", scale), ("shift", shift)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != k:
-            raise ValueError(f"{name} must have shape ({k},) (one value per channel of x), got {list(t.shape)}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    check_channel_vectors(x, scale=scale, shift=shift)
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from . import INTERPRET
 
-__all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "is_channels_last"]
+__all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "check_channel_vectors",
+           "is_channels_last"]
 
 OP_NAME = "densenet_fast::triton_channel_stats"
 
@@ -57,6 +58,21 @@ def check_activation(x: Tensor, name: str) -> None:
     if not INTERPRET and x.device.type != "cuda":
         raise ValueError(f"{name} must be a CUDA tensor, got device {x.device} "
                          "(CPU tensors run only under TRITON_INTERPRET=1, set before import)")
+
+
+def check_channel_vectors(x: Tensor, **vectors: Tensor) -> None:
+    """Raise unless every named vector is a (C,) float32 tensor on x's device (C = x's channels):
+    the per-channel scale/shift or mean/invstd/gamma/beta the kernels read."""
+    c = x.shape[1]
+    for name, t in vectors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape[0] != c:
+            raise ValueError(f"{name} must have shape ({c},) (one value per channel of x), got {list(t.shape)}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def is_channels_last(x: Tensor) -> bool:

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune
 from .indexing import row_nhw
-from .channel_stats import check_activation
+from .channel_stats import check_activation, check_channel_vectors
 
 __all__ = ["bn_relu_conv1x1_backward_triton"]
 
@@ -298,15 +298,7 @@ def _check_inputs(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, inv
     """Validate the arguments (messages name the tensor); returns weight viewed as (B, C)."""
     check_activation(x, "x")
     n, c, h, w = x.shape
-    for name, t in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"{name} must have shape ({c},) (one value per channel of x), got {list(t.shape)}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
+    check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
     w2 = weight

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune
 from .indexing import row_nhw
-from .channel_stats import check_activation, is_channels_last, merge_partial_stats
+from .channel_stats import check_activation, check_channel_vectors, is_channels_last, merge_partial_stats
 
 __all__ = ["bn_relu_conv3x3_triton", "bn_relu_conv3x3_backward_triton"]
 
@@ -327,19 +327,6 @@ def _check_tensor(t, name: str, x: Tensor) -> None:
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _check_channel_vectors(x: Tensor, **vectors: Tensor) -> None:
-    b = x.shape[1]
-    for name, t in vectors.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-        if t.dim() != 1 or t.shape[0] != b:
-            raise ValueError(f"{name} must have shape ({b},) (one value per channel of x), got {list(t.shape)}")
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, got {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-
 def _check_weight(x: Tensor, weight: Tensor) -> None:
     _check_tensor(weight, "weight", x)
     b = x.shape[1]
@@ -352,7 +339,7 @@ def _check_weight(x: Tensor, weight: Tensor) -> None:
 
 def _check_forward(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Optional[Tensor]) -> None:
     check_activation(x, "x")
-    _check_channel_vectors(x, scale=scale, shift=shift)
+    check_channel_vectors(x, scale=scale, shift=shift)
     _check_weight(x, weight)
     if out is not None:
         _check_tensor(out, "out", x)
@@ -367,7 +354,7 @@ def _check_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, i
                     gamma: Tensor, beta: Tensor) -> None:
     check_activation(x, "x")
     _check_weight(x, weight)
-    _check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
+    check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
     _check_tensor(grad_out, "grad_out", x)
     want = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     if tuple(grad_out.shape) != want:

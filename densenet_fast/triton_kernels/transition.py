@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune
 from .indexing import row_nhw
-from .channel_stats import SUPPORTED_DTYPES, check_activation, is_channels_last
+from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, is_channels_last
 
 __all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"]
 
@@ -327,18 +327,6 @@ def _check_x(x: Tensor) -> None:
                          f"got {x.shape[2]}x{x.shape[3]}")
 
 
-def _check_vector(t: Tensor, name: str, x: Tensor) -> None:
-    c = x.shape[1]
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
-    if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(f"{name} must have shape ({c},) (one value per channel of x), got {list(t.shape)}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
-
-
 def _check_weight(weight: Tensor, x: Tensor) -> Tensor:
     """Returns weight viewed as (Cout, C)."""
     c = x.shape[1]
@@ -403,8 +391,7 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     accumulation. Returns out. Raises ValueError / TypeError naming the offending tensor.
     """
     _check_x(x)
-    _check_vector(scale, "scale", x)
-    _check_vector(shift, "shift", x)
+    check_channel_vectors(x, scale=scale, shift=shift)
     w2 = _check_weight(weight, x)
     n, c, h, w = x.shape
     cout = w2.shape[0]
@@ -460,8 +447,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     """
     _check_x(x)
     w2 = _check_weight(weight, x)
-    for name, t in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("beta", beta)):
-        _check_vector(t, name, x)
+    check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
     cout = w2.shape[0]
     _check_pooled(grad_out, "grad_out", x, cout, tuple(dict.fromkeys((x.dtype, torch.float32))))
     if not isinstance(batch_stats, bool):
