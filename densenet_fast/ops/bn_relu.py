@@ -43,6 +43,16 @@ class NormStats:
         return NormStats(self.mean[c0:c1], self.var[c0:c1], self.batch, self.count, self.group)
 
 
+def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, scale, shift), float32 contiguous (C,): the fused kernels' form of a BN,
+    relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias)."""
+    mean = stats.mean.float().contiguous()
+    invstd = torch.rsqrt(stats.var.float() + eps)
+    scale = weight.float() * invstd
+    shift = bias.float() - mean * scale
+    return mean, invstd, scale, shift
+
+
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """nn.BatchNorm2d's rule: batch statistics in training mode, or when it tracks none."""
     return bn.training or bn.running_mean is None

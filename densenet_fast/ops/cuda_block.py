@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bn_relu import NormStats
+from .bn_relu import bn_affine
 from .conv1x1 import conv1x1, conv1x1_backward
 from .dense_block import BlockKernels
 
@@ -39,15 +39,6 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _ops():
     return torch.ops.densenet_fast
-
-
-def _affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, invstd, scale, shift), float32 contiguous: relu(x * scale + shift) is the BN-ReLU."""
-    mean = stats.mean.float().contiguous()
-    invstd = torch.rsqrt(stats.var.float() + eps)
-    scale = weight.float() * invstd
-    shift = bias.float() - mean * scale
-    return mean, invstd, scale, shift
 
 
 def _scratch_like(x: Tensor, channels: int) -> Tensor:
@@ -89,7 +80,7 @@ class CudaBlockKernels(BlockKernels):
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
             return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
-        _, _, scale, shift = _affine(stats1, g1, b1, eps)
+        _, _, scale, shift = bn_affine(stats1, g1, b1, eps)
         scratch = _scratch_like(fbuf, min(step, cl))
         bt: Optional[Tensor] = None
         for a in range(0, cl, step):
@@ -102,7 +93,7 @@ class CudaBlockKernels(BlockKernels):
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
         if not self._fused(bt):
             return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
-        _, _, scale, shift = _affine(stats2, g2, b2, eps)
+        _, _, scale, shift = bn_affine(stats2, g2, b2, eps)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)
         dst.copy_(F.conv2d(z2, w2, padding=1))
@@ -111,7 +102,7 @@ class CudaBlockKernels(BlockKernels):
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
         if not self._fused(bt):
             return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
-        mean, invstd, scale, shift = _affine(stats2, g2, b2, eps)
+        mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)
         d_z2, d_w2, _ = aten.convolution_backward(d_out.to(bt.dtype), z2, w2, None, [1, 1], [1, 1], [1, 1], False,
@@ -125,7 +116,7 @@ class CudaBlockKernels(BlockKernels):
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
         if not self._fused(fbuf):
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
-        mean, invstd, scale, shift = _affine(stats1, g1, b1, eps)
+        mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps)
         count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
         scratch = _scratch_like(fbuf, min(step, cl))
         d_w1 = torch.empty_like(w1)

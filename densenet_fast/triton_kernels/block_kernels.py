@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.bn_relu import NormStats, batch_stats
+from ..ops.bn_relu import NormStats, batch_stats, bn_affine
 from ..ops.dense_block import BlockKernels
 from .bn_relu_conv1x1 import bn_relu_conv1x1_triton
 from .channel_stats import channel_stats_triton
@@ -60,14 +60,6 @@ def stats_triton_or_torch(x: Tensor) -> Tuple[Tensor, Tensor]:
     return channel_stats_triton(x)
 
 
-def _scale_shift(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(invstd, scale, shift) in float32: y = x * scale + shift == (x - mean) * invstd * weight + bias."""
-    invstd = torch.rsqrt(stats.var.float() + eps)
-    scale = weight.float() * invstd
-    shift = bias.float() - stats.mean.float() * scale
-    return invstd, scale, shift
-
-
 class TritonBlockKernels(BlockKernels):
     """BlockKernels whose four per-layer primitives and transition are Triton kernels."""
 
@@ -80,7 +72,7 @@ class TritonBlockKernels(BlockKernels):
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
             return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
-        _, scale, shift = _scale_shift(stats1, g1, b1, eps)
+        _, _, scale, shift = bn_affine(stats1, g1, b1, eps)
         x = fbuf[:, :cl]
         if _compiling():
             bt, mean, var = _ops().triton_bn_relu_conv1x1(x, scale, shift, w1)
@@ -91,7 +83,7 @@ class TritonBlockKernels(BlockKernels):
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
         if not self._fused(bt):
             return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
-        _, scale, shift = _scale_shift(stats2, g2, b2, eps)
+        _, _, scale, shift = bn_affine(stats2, g2, b2, eps)
         if _compiling():
             mean, var = _ops().triton_bn_relu_conv3x3_out(bt, scale, shift, w2, dst)
         else:
@@ -133,7 +125,7 @@ class TritonTransitionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps):
-        invstd, scale, shift = _scale_shift(stats, weight, bias, eps)
+        _, _, scale, shift = bn_affine(stats, weight, bias, eps)
         if _compiling():
             out = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
         else:
