@@ -16,7 +16,7 @@ from torch import Tensor
 from .backends import check_backend_name, kernels_for
 from .reference import dense_layer_modules
 from .ops.amp import autocast_dtype
-from .ops.dense_block import run_dense_block
+from .ops.dense_block import new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
@@ -111,14 +111,28 @@ class DenseBlock(nn.ModuleDict):
     def num_output_features(self) -> int:
         return self.num_input_features + len(self) * self.growth_rate
 
-    def forward_with_stats(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    def new_buffer(self, like: Tensor, height: int, width: int) -> Tensor:
+        """An uninitialised block buffer (N, C0 + L*k, height, width) with like's batch size,
+        device and memory format (like: (N, ., ., .)), in the autocast dtype under autocast, else
+        like's dtype.
+
+        Hand its channel prefix to whatever produces the block's input (Transition(out=...)) and
+        the buffer to forward_with_stats(buffer=...): the block then skips copying its input.
+        """
+        return new_block_buffer(like, self.num_output_features, height, width, autocast_dtype(like.device.type))
+
+    def forward_with_stats(self, x: Tensor, buffer: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """(F, mean, var): the buffer plus the batch statistics of its channels (training mode;
-        empty tensors in eval mode), for a following Transition or head to reuse."""
+        empty tensors in eval mode), for a following Transition or head to reuse.
+
+        buffer: optional new_buffer(x) to fill (F is then that tensor); when x is its channel
+        prefix buffer[:, :C0], x is not copied.  A buffer serves one call.
+        """
         layers = list(self.values())
         check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
         return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
                                save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
-                               compute_stats=self.training)
+                               compute_stats=self.training, buffer=buffer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_with_stats(x)[0]
@@ -127,9 +141,11 @@ class DenseBlock(nn.ModuleDict):
 class Transition(nn.Module):
     """BN-ReLU-Conv1x1-AvgPool2x2 (torchvision's _Transition), computed as conv(pool(relu(bn(x)))).
 
-    (N, C, H, W) -> (N, C_out, H // 2, W // 2).  forward(x, stats=None): `stats` is the preceding
-    block's (mean, var) cache (DenseBlock.forward_with_stats); without it the batch statistics
-    are computed here.  relu(bn(x)) is never stored.
+    (N, C, H, W) -> (N, C_out, H // 2, W // 2).  forward(x, stats=None, out=None): `stats` is the
+    preceding block's (mean, var) cache (DenseBlock.forward_with_stats); without it the batch
+    statistics are computed here.  `out`: a (N, C_out, H // 2, W // 2) tensor to write the result
+    into, typically next_block.new_buffer(...)[:, :C_out]; the result then shares its memory.
+    relu(bn(x)) is never stored.
     """
 
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
@@ -141,7 +157,8 @@ class Transition(nn.Module):
         self.backend = check_backend_name(backend)
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
-    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None
+                ) -> Tensor:
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
-        return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats,
+        return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out,
                                  kernels=kernels_for(self.backend, x.device, self.process_group))

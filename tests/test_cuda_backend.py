@@ -93,3 +93,56 @@ def test_cuda_block_kernels_bfloat16():
     # output and running statistics per tensor, gradients as one normalised vector
     assert_model_within_naive_error(fast + (ours.state_dict(),), slow + (naive.state_dict(),),
                                     ref + (exact.state_dict(),), torch.bfloat16)
+
+
+def _pool_net(pool, conv, c):
+    """What bn_relu_pool_conv computes, as naive modules: the transition (BN-ReLU-conv-pool), the
+    head (BN-ReLU-global pool) or the stem norm (BN-ReLU)."""
+    layers = [torch.nn.BatchNorm2d(c), torch.nn.ReLU()]
+    if conv:
+        layers.append(torch.nn.Conv2d(c, 5, 1, bias=False))
+    layers.append({"avg2": torch.nn.AvgPool2d(2, 2), "global": torch.nn.AdaptiveAvgPool2d(1),
+                   "none": torch.nn.Identity()}[pool])
+    return torch.nn.Sequential(*layers)
+
+
+# The transition, head and stem norm on the extension's kernels (CudaBlockKernels.bn_relu_chunk and
+# its backward inside ops.transition's Function).  chunk 4 splits the 11 channels unevenly; the
+# head's gradient reaches the kernels as a stride-0 expanded tensor; 9x7 is odd, so the 2x2 pool
+# drops a row and a column, whose gradient must be exactly zero.
+@pytest.mark.parametrize("pool,conv", [("avg2", True), ("global", False), ("none", False)],
+                         ids=["transition", "head", "stem-norm"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_cuda_kernels_transition_head_stem(mode, channels_last, pool, conv):
+    from densenet_fast.ops.transition import bn_relu_pool_conv
+    torch.manual_seed(8)
+    c = 11
+    naive = randomize_bn_(_pool_net(pool, conv, c), 9)
+    exact = copy.deepcopy(naive).double()
+    ours = copy.deepcopy(naive)
+    for m in (ours, naive, exact):
+        m.train(mode == "train")
+    x = seeded_input((3, c, 9, 7), 10, torch.float32, channels_last, scale=1.5, offset=0.4)
+    results = []
+    for model, xin, fused in ((ours, x, True), (naive, x, False), (exact, x.double(), False)):
+        xi = xin.clone().requires_grad_(True)
+        if fused:
+            out = bn_relu_pool_conv(xi, model[0], model[2].weight if conv else None, pool=pool,
+                                    kernels=CudaBlockKernels(), chunk=4)
+        else:
+            out = model(xi)
+        r = torch.randn(out.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+        (out.double() * r).sum().backward()
+        results.append((out.detach(), xi.grad, param_grads(model), model.state_dict()))
+    (fo, fg, fp, fs), (no, ng, np_, ns), (eo, eg, ep, es) = results
+    assert_within_naive_error(fo, no, eo, torch.float32, "output")
+    assert_within_naive_error(fg, ng, eg, torch.float32, "input grad")
+    assert set(fp) == set(ep)
+    for name in ep:
+        assert_within_naive_error(fp[name], np_[name], ep[name], torch.float32, f"grad {name}")
+    for name in es:
+        if "running" in name:
+            assert_within_naive_error(fs[name], ns[name], es[name], torch.float32, name)
+        elif name.endswith("num_batches_tracked"):
+            assert int(fs[name]) == int(ns[name]), name

@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torchvision.models.densenet as tvd
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet_fast
 from densenet_fast import reference
@@ -265,6 +266,108 @@ def test_transition_matches_reference(with_stats, dtype, channels_last):
             s_o, s_n = states(ours_m), states(naive_m)
             for name in s_n:
                 assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{mode}: {what} {name}")
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transition_writes_into_next_block_buffer(dtype, channels_last):
+    """Block -> transition(out=next block's buffer prefix) -> block(buffer=...), the chain
+    DenseNet.forward runs: the second block must not copy its input (its F is the very tensor the
+    transition wrote into) and values, gradients and running statistics must equal the naive chain's,
+    in train and eval mode."""
+    c0, k, c_out = 6, 4, 5
+    torch.manual_seed(30)
+    ours = [densenet_fast.DenseBlock(2, c0, 2, k, backend="torch"),
+            densenet_fast.Transition(c0 + 2 * k, c_out, backend="torch"),
+            densenet_fast.DenseBlock(3, c_out, 2, k, backend="torch")]
+    naive = [reference.DenseBlock(2, c0, 2, k, 0.0), reference.Transition(c0 + 2 * k, c_out),
+             reference.DenseBlock(3, c_out, 2, k, 0.0)]
+    for o, n, seed in zip(ours, naive, (31, 32, 33)):
+        randomize_bn_(n, seed)
+        copy_weights(n, o)
+        o.to(dtype)
+        n.to(dtype)
+    b1, trans, b2 = ours
+    for mode in ("train", "eval"):
+        for m in ours + naive:
+            m.train(mode == "train")
+            m.zero_grad(set_to_none=True)
+        x = seeded_input((3, c0, 11, 13), 34, dtype, channels_last, scale=0.7, offset=2.0)
+        xo, xn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        fbuf, mean, var = b1.forward_with_stats(xo)
+        buf = b2.new_buffer(fbuf, 5, 6)
+        t = trans(fbuf, stats=(mean, var), out=buf[:, :c_out])
+        out_o, _, _ = b2.forward_with_stats(t, buffer=buf)
+        assert out_o.data_ptr() == buf.data_ptr() == t.data_ptr(), f"{mode}: the second block copied its input"
+        assert out_o.stride() == buf.stride()
+        out_n = naive[2](naive[1](naive[0](xn)))
+        assert_close(out_o, out_n, dtype, f"{mode}: output of block-transition-block")
+        projection_loss(out_o, 35).backward()
+        projection_loss(out_n, 35).backward()
+        assert_close(xo.grad, xn.grad, dtype, f"{mode}: input grad through block-transition-block")
+        for o, n, what in zip(ours, naive, ("block1", "transition", "block2")):
+            g_o, g_n = param_grads(o), param_grads(n)
+            assert_same_keys(g_o, g_n, what)
+            for name in g_n:
+                assert_close(g_o[name], g_n[name], dtype, f"{mode}: {what} grad {name}")
+            s_o, s_n = states(o), states(n)
+            for name in s_n:
+                assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{mode}: {what} {name}")
+
+
+def test_densenet_transitions_write_into_block_buffers():
+    """In DenseNet.forward every transition followed by a block writes into that block's buffer:
+    transition i's output is the channel prefix of the next block's F (which the next transition
+    receives as its input)."""
+    torch.manual_seed(36)
+    model = efficient_densenet(growth_rate=4, block_config=(2, 2, 2), num_init_features=6, bn_size=2,
+                               num_classes=3, small_inputs=True)
+    seen = {}
+    model.features.transition1.register_forward_hook(lambda m, args, out: seen.__setitem__("t1", out))
+    model.features.transition2.register_forward_pre_hook(lambda m, args: seen.__setitem__("f2", args[0]))
+    with _CopyLog() as copies:
+        model(seeded_input((2, 3, 12, 12), 37)).sum().backward()
+    assert seen["t1"].shape == (2, 7, 6, 6) and seen["f2"].shape == (2, 15, 6, 6)
+    assert seen["t1"].data_ptr() == seen["f2"].data_ptr(), "block 2's buffer is not where transition 1 wrote"
+    into_prefix = [shape for ptr, shape in copies.log if ptr == seen["f2"].data_ptr() and shape == (2, 7, 6, 6)]
+    assert not into_prefix, "block 2 copied its input into its buffer although transition 1 had written it there"
+
+
+class _CopyLog(TorchDispatchMode):
+    """Records (destination data_ptr, shape) of every aten copy_ run inside the context."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.log.append((args[0].data_ptr(), tuple(args[0].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_transition_out_and_block_buffer_errors():
+    torch.manual_seed(38)
+    trans = densenet_fast.Transition(8, 4, backend="torch")
+    block = densenet_fast.DenseBlock(2, 4, 2, 3, backend="torch")
+    x = seeded_input((2, 8, 6, 6), 39)
+    running = trans.norm.running_mean.clone()
+    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 3, 3\)"):
+        trans(x, out=torch.empty(2, 5, 3, 3))
+    with pytest.raises(TypeError, match="out must have the result's dtype"):
+        trans(x, out=torch.empty(2, 4, 3, 3, dtype=torch.float64))
+    assert torch.equal(trans.norm.running_mean, running), "a rejected out moved the running statistics"
+    t = seeded_input((2, 4, 3, 3), 40)
+    with pytest.raises(ValueError, match=r"buffer must have shape \(2, 10, 3, 3\)"):
+        block.forward_with_stats(t, buffer=torch.empty(2, 9, 3, 3))
+    with pytest.raises(TypeError, match="buffer must match input x's dtype"):
+        block.forward_with_stats(t, buffer=torch.empty(2, 10, 3, 3, dtype=torch.float64))
+    # A buffer whose prefix is not x: x is copied in, the result equals the unbuffered one.
+    buf = torch.full((2, 10, 3, 3), float("nan"))
+    torch.manual_seed(41)
+    got = block.forward_with_stats(t, buffer=buf)[0]
+    assert got.data_ptr() == buf.data_ptr()
+    assert_close(got, block.forward_with_stats(t)[0], torch.float32, "block output with a given buffer")
 
 
 def test_transition_standalone_on_plain_tensor():

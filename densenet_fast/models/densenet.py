@@ -80,9 +80,10 @@ class DenseNet(nn.Module):
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
-        pooled = None
+        pooled = buffer = None
         children = dict(self.features.named_children())
-        for name, module in children.items():
+        modules = list(children.values())
+        for i, (name, module) in enumerate(children.items()):
             if name == "relu0" and "norm0" in children:
                 continue  # applied together with norm0
             if name == "norm0":
@@ -90,10 +91,16 @@ class DenseNet(nn.Module):
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
                 h = bn_relu_pool_conv(h, module, None, pool="none", kernels=kernels)
             elif isinstance(module, DenseBlock):
-                h, mean, var = module.forward_with_stats(h)
-                cache = (mean, var)
+                h, mean, var = module.forward_with_stats(h, buffer=buffer)
+                cache, buffer = (mean, var), None
             elif isinstance(module, Transition):
-                h = module(h, stats=cache)
+                nxt = modules[i + 1] if i + 1 < len(modules) else None
+                if isinstance(nxt, DenseBlock) and not torch.compiler.is_compiling():
+                    # The transition writes straight into the next block's buffer (no copy there).
+                    buffer = nxt.new_buffer(h, h.shape[2] // 2, h.shape[3] // 2)
+                    h = module(h, stats=cache, out=buffer[:, :module.conv.out_channels])
+                else:
+                    h = module(h, stats=cache)
                 cache = None
             elif name == "norm5":
                 # norm5 + ReLU + global average pool fused, reading the last block's statistics.

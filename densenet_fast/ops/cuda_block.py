@@ -12,6 +12,8 @@ Per layer, with scale = gamma * invstd and shift = beta - mean * scale computed 
   bottleneck_backward    per chunk: bn_relu_out (z rebuilt into the scratch), the 1x1 GEMMs,
                          bn_relu_backward_reduce, and bn_backward_apply accumulating straight into
                          G[:, :C_l] (accumulate=True): no chunk-sized dX is ever formed
+  transition, head, stem ops.transition's chunked Function with bn_relu_chunk(_backward) on the
+                         same three kernels; the pooling and the 1x1 GEMM (on the pooled rows) are ATen's
 Against the torch backend this removes the separate ReLU, threshold_backward and add passes, and
 the allocations of per-chunk transients.
 
@@ -133,3 +135,19 @@ class CudaBlockKernels(BlockKernels):
             d_w1[:, a:e].copy_(d_wc)
             del d_z
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
+
+    def bn_relu_chunk(self, x, stats, weight, bias, eps):
+        if not self._fused(x):
+            return super().bn_relu_chunk(x, stats, weight, bias, eps)
+        _, _, scale, shift = bn_affine(stats, weight, bias, eps)
+        z = _scratch_like(x, x.shape[1])
+        _ops().bn_relu_out(x, scale, shift, z)
+        return z
+
+    def bn_relu_chunk_backward(self, grad_z, x, z, stats, weight, bias, eps, grad_x):
+        if not self._fused(x):
+            return super().bn_relu_chunk_backward(grad_z, x, z, stats, weight, bias, eps, grad_x)
+        mean, invstd, scale, shift = bn_affine(stats, weight, bias, eps)
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        d_w, d_b = _bn_backward(grad_z, x, mean, invstd, scale, shift, stats.batch, count, grad_x, False)
+        return d_w.to(weight.dtype), d_b.to(bias.dtype)

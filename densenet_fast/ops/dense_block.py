@@ -125,11 +125,56 @@ class BlockKernels:
             del z1c, d_z1c, d_xc
         return d_w1, d_g1, d_b1
 
+    # ---- BN-ReLU of a channel chunk, for ops.transition's chunked Function ----
+
+    def bn_relu_chunk(self, x: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        """relu(bn(x)) of a channel chunk x (N, c, H, W) (stats, weight, bias: its slices), a
+        transient in x's layout."""
+        return bn_relu(x, stats, weight, bias, eps)
+
+    def bn_relu_chunk_backward(self, grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, weight: Tensor,
+                               bias: Tensor, eps: float, grad_x: Tensor) -> Tuple[Tensor, Tensor]:
+        """grad_x <- dLoss/dx of z = relu(bn(x)) given grad_z (grad_x: (N, c, H, W), written, not
+        accumulated); returns (d_weight, d_bias)."""
+        gx, gw, gb = bn_relu_backward(grad_z, x, z, stats, weight, eps)
+        grad_x.copy_(gx)
+        return gw, gb
+
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
-                  conv_weight: Optional[Tensor], pool: str) -> Optional[Tensor]:
+                  conv_weight: Optional[Tensor], pool: str, out: Optional["Destination"] = None
+                  ) -> Optional[Tensor]:
         """A backend's own differentiable transition/head, or None for ops.transition's chunked
-        plain-PyTorch Function."""
+        plain-PyTorch Function.  out: where to write the result (see Destination), or None."""
         return None
+
+
+class Destination:
+    """A tensor an autograd Function's forward writes its result into, handed over outside the
+    Function's inputs.
+
+    The transition writes its output straight into the channel prefix of the next block's buffer
+    (the design's "transition writes into the next block's buffer").  Were that prefix an input of
+    the Function, autograd would see an in-place write into a view and route the whole buffer's
+    gradient through a CopySlices node (a full copy of it); handed over this way, autograd sees
+    the result only as the Function's output (`untracked_alias`).
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+def untracked_alias(t: Tensor) -> Tensor:
+    """A tensor over t's memory (same storage, offset, shape and strides) that is not an autograd
+    view of t and has its own version counter.
+
+    For a Function output that lives inside a buffer another Function fills in later: writes into
+    the buffer's other channels must not count as in-place modifications of this output (nothing
+    saves it for backward, and the channels it covers are never written again).
+    """
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(
+        t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
 @dataclass
@@ -142,6 +187,7 @@ class BlockSpec:
     chunk_channels: int = 0               # input channels per chunk of the 1x1 conv; 0: auto
     compute_stats: bool = True            # fill the statistics cache (training-mode consumers)
     count: int = 0                        # values per channel (over the process group); set by forward
+    buffer: Optional[Tensor] = None       # a preallocated F (new_block_buffer); x may already be its prefix
 
 
 @dataclass
@@ -157,6 +203,39 @@ def buffer_memory_format(x: Tensor) -> torch.memory_format:
     if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
+
+
+def new_block_buffer(like: Tensor, channels: int, height: int, width: int,
+                     dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An uninitialised block buffer (N, channels, height, width) with like's batch size, device
+    and memory format (like: (N, ., ., .)), of `dtype` or like's dtype."""
+    return torch.empty((like.shape[0], channels, height, width), dtype=dtype or like.dtype, device=like.device,
+                       memory_format=buffer_memory_format(like))
+
+
+def is_channel_prefix(x: Tensor, fbuf: Tensor) -> bool:
+    """True when x IS fbuf[:, :C0] (same memory, same strides), i.e. already in place.  Always
+    False while torch.compile traces (it cannot compare data pointers; the copy is then kept)."""
+    if torch.compiler.is_compiling():
+        return False
+    return (x.device == fbuf.device and x.dtype == fbuf.dtype and x.data_ptr() == fbuf.data_ptr()
+            and x.shape[1] <= fbuf.shape[1] and x.stride() == fbuf.stride()
+            and x.untyped_storage().data_ptr() == fbuf.untyped_storage().data_ptr())
+
+
+def check_block_buffer(fbuf: Tensor, x: Tensor, channels: int) -> None:
+    """buffer must be (N, channels, H, W) with x's batch and spatial size, dtype and device."""
+    n, _, h, w = x.shape
+    if not isinstance(fbuf, Tensor) or tuple(fbuf.shape) != (n, channels, h, w):
+        got = tuple(fbuf.shape) if isinstance(fbuf, Tensor) else type(fbuf).__name__
+        raise ValueError(f"DenseBlock: buffer must have shape {(n, channels, h, w)} (N, C0 + L*k, H, W of the "
+                         f"input x), got {got}")
+    if fbuf.dtype != x.dtype or fbuf.device != x.device:
+        raise TypeError(f"DenseBlock: buffer must match input x's dtype and device ({x.dtype}, {x.device}), got "
+                        f"{fbuf.dtype} on {fbuf.device}")
+    if buffer_memory_format(fbuf) == torch.contiguous_format and not fbuf.is_contiguous():
+        raise ValueError("DenseBlock: buffer must be contiguous (NCHW) or channels_last, got strides "
+                         f"{fbuf.stride()}")
 
 
 def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
@@ -227,8 +306,14 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
     count = spec.kernels.total_count(n * h * w)
     spec.count = count
     group = spec.kernels.group
-    fbuf = torch.empty((n, c_total, h, w), dtype=x.dtype, device=x.device, memory_format=buffer_memory_format(x))
-    fbuf[:, :c0].copy_(x)
+    fbuf, spec.buffer = spec.buffer, None  # spec lives in ctx: holding F there would be a reference cycle
+    if fbuf is None:
+        fbuf = torch.empty((n, c_total, h, w), dtype=x.dtype, device=x.device, memory_format=buffer_memory_format(x))
+        fbuf[:, :c0].copy_(x)
+    else:
+        check_block_buffer(fbuf, x, c_total)
+        if not is_channel_prefix(x, fbuf):  # else the transition before the block wrote x in place
+            fbuf[:, :c0].copy_(x)
     sdt = stats_dtype(x.dtype)
     if spec.compute_stats:
         mean = torch.empty(c_total, dtype=sdt, device=x.device)
@@ -344,9 +429,14 @@ def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = Non
 
 
 def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernels, *,
-                    save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True
-                    ) -> Tuple[Tensor, Tensor, Tensor]:
+                    save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True,
+                    buffer: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional entry: the block over x (N, C0, H, W) -> (F, mean, var).
+
+    buffer: an uninitialised F (N, C0 + L*k, H, W) in x's dtype (the autocast dtype under
+    autocast) to fill instead of allocating one; when x is its channel prefix (a transition wrote
+    it there, ops.transition.bn_relu_pool_conv(out=...)) the copy of x is skipped.  F is returned
+    and must not be reused by another call while this one's backward is pending.
 
     Handles autocast (the block runs in the autocast dtype with fp32 statistics and BN parameters,
     autocast itself disabled inside so that nothing is cast twice) and no_grad (no Function, no
@@ -360,7 +450,7 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
         if layer.norm1.affine is False or layer.norm2.affine is False:
             raise ValueError("densenet_fast: dense layers need affine BatchNorm (affine=True)")
     compute_stats = compute_stats or any(uses_batch_stats(layer.norm1) for layer in layers)
-    spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats)
+    spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats, buffer=buffer)
     params = block_params(layers, cast)
     with autocast_disabled(device_type):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
-from .bn_relu import NormStats, bn_relu, bn_relu_backward, norm_stats_for, uses_batch_stats
-from .dense_block import BlockKernels, buffer_memory_format, chunk_size
+from .bn_relu import NormStats, norm_stats_for, uses_batch_stats
+from .dense_block import BlockKernels, Destination, buffer_memory_format, chunk_size, untracked_alias
 
 aten = torch.ops.aten
 
@@ -44,26 +44,43 @@ def _pool_backward(grad_p: Tensor, z: Tensor, pool: str) -> Tensor:
     return grad_p
 
 
-def _pooled(fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float, pool: str,
-            chunk: int) -> Tensor:
+def _pooled(kernels: BlockKernels, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
+            pool: str, chunk: int) -> Tensor:
     n, c, h, w = fbuf.shape
     ho, wo = {"global": (1, 1), "avg2": (h // 2, w // 2), "none": (h, w)}[pool]
     pooled = torch.empty((n, c, ho, wo), dtype=fbuf.dtype, device=fbuf.device,
                          memory_format=buffer_memory_format(fbuf))
     for a in range(0, c, chunk):
         e = min(c, a + chunk)
-        pooled[:, a:e] = _pool(bn_relu(fbuf[:, a:e], stats.slice(a, e), weight[a:e], bias[a:e], eps), pool)
+        zc = kernels.bn_relu_chunk(fbuf[:, a:e], stats.slice(a, e), weight[a:e], bias[a:e], eps)
+        pooled[:, a:e] = _pool(zc, pool)
     return pooled
 
 
+def write_result(res: Tensor, out: Optional[Destination]) -> Tensor:
+    """res, or a copy of it in out's tensor returned as an untracked alias (see Destination)."""
+    if out is None:
+        return res
+    return untracked_alias(out.tensor.copy_(res))
+
+
 class BNReLUPoolConvFunction(torch.autograd.Function):
-    """apply(fbuf, stats, weight, bias, conv_weight|None, eps, pool, chunk) -> out."""
+    """apply(kernels, fbuf, stats, weight, bias, conv_weight|None, eps, pool, chunk, out|None) -> out.
+
+    The BN-ReLU passes are the kernels' bn_relu_chunk(_backward) (ATen's fused batch norm for the
+    torch backend, the extension's kernels for cuda); pooling and the GEMM are ATen's.
+    """
 
     @staticmethod
-    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, pool, chunk):
-        pooled = _pooled(fbuf, stats, weight, bias, eps, pool, chunk)
-        out = conv1x1(pooled, conv_weight) if conv_weight is not None else pooled
-        ctx.stats, ctx.eps, ctx.pool, ctx.chunk = stats, eps, pool, chunk
+    def forward(ctx, kernels, fbuf, stats, weight, bias, conv_weight, eps, pool, chunk, out=None):
+        pooled = _pooled(kernels, fbuf, stats, weight, bias, eps, pool, chunk)
+        if conv_weight is None:
+            out = write_result(pooled, out)
+        elif out is None:
+            out = conv1x1(pooled, conv_weight)
+        else:
+            out = untracked_alias(conv1x1(pooled, conv_weight, out=out.tensor))
+        ctx.kernels, ctx.stats, ctx.eps, ctx.pool, ctx.chunk = kernels, stats, eps, pool, chunk
         ctx.has_conv = conv_weight is not None
         ctx.save_for_backward(fbuf, weight, bias, *([conv_weight] if conv_weight is not None else []))
         return out
@@ -73,11 +90,11 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("densenet_fast: double backward through the fused transition/head is not supported")
         fbuf, weight, bias, *rest = ctx.saved_tensors
-        stats, eps, pool, chunk = ctx.stats, ctx.eps, ctx.pool, ctx.chunk
+        kernels, stats, eps, pool, chunk = ctx.kernels, ctx.stats, ctx.eps, ctx.pool, ctx.chunk
         grad_conv = None
         if ctx.has_conv:
             conv_weight = rest[0]
-            pooled = _pooled(fbuf, stats, weight, bias, eps, pool, chunk)
+            pooled = _pooled(kernels, fbuf, stats, weight, bias, eps, pool, chunk)
             grad_p, grad_conv = conv1x1_backward(grad_out, pooled, conv_weight)
             del pooled
         else:
@@ -90,34 +107,58 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
             e = min(c, a + chunk)
             xc = fbuf[:, a:e]
             sc = stats.slice(a, e)
-            zc = bn_relu(xc, sc, weight[a:e], bias[a:e], eps)
+            zc = kernels.bn_relu_chunk(xc, sc, weight[a:e], bias[a:e], eps)
             gz = _pool_backward(grad_p[:, a:e], zc, pool)
-            gx, gw, gb = bn_relu_backward(gz, xc, zc, sc, weight[a:e], eps)
-            grad_f[:, a:e] = gx
-            grad_w[a:e] = gw
-            grad_b[a:e] = gb
-        return grad_f, None, grad_w, grad_b, grad_conv, None, None, None
+            grad_w[a:e], grad_b[a:e] = kernels.bn_relu_chunk_backward(gz, xc, zc, sc, weight[a:e], bias[a:e], eps,
+                                                                      grad_f[:, a:e])
+        return None, grad_f, None, grad_w, grad_b, grad_conv, None, None, None, None
+
+
+def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
+    n, _, h, w = fbuf.shape
+    ho, wo = {"global": (1, 1), "avg2": (h // 2, w // 2), "none": (h, w)}[pool]
+    if not isinstance(out, Tensor) or tuple(out.shape) != (n, cout, ho, wo):
+        got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"out must have shape {(n, cout, ho, wo)} (N, C_out, H', W' of the result), got {got}")
+    if out.dtype != fbuf.dtype or out.device != fbuf.device:
+        raise TypeError(f"out must have the result's dtype and device ({fbuf.dtype}, {fbuf.device}; the autocast "
+                        f"dtype under autocast), got {out.dtype} on {out.device}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad (it is written in place; the result carries the graph)")
 
 
 def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], *, pool: str,
                       kernels: BlockKernels, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                      chunk: int = 0) -> Tensor:
+                      chunk: int = 0, out: Optional[Tensor] = None) -> Tensor:
     """conv1x1(pool(relu(norm(fbuf)))) (no conv when conv_weight is None), norm reading the cache.
 
     fbuf: (N, C, H, W) (a dense block's output buffer, or the stem conv's output).
     pool: "avg2" (2x2/2 average: transition), "global" (head), "none" (stem norm0 + relu0).
     cache: the block's (mean, var) of every channel of fbuf, or None to compute them here.
     chunk: channels of relu(bn(fbuf)) rebuilt at a time (0: the block's rule, ~CHUNK_ELEMENTS
-    values per chunk).  Returns (N, C_out, H', W').  norm's running statistics move once in
-    training mode.
+    values per chunk).  out: optional (N, C_out, H', W') tensor to write the result into, any
+    strides -- the channel prefix of the next block's buffer, so that the block need not copy its
+    input (DenseBlock.forward_with_stats(buffer=...)); the result then shares out's memory.
+    Returns (N, C_out, H', W').  norm's running statistics move once in training mode.
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    if out is not None and torch.compiler.is_compiling():
+        # The aliasing of `out` below is eager-only; traced, the result is computed and copied.
+        res = bn_relu_pool_conv(fbuf, norm, conv_weight, pool=pool, kernels=kernels, cache=cache, chunk=chunk)
+        _check_out(out, res, res.shape[1], "none")
+        with torch.no_grad():
+            out.copy_(res)
+        return res
     device_type = fbuf.device.type
     dt = autocast_dtype(device_type)
     if dt is not None:
         fbuf = fbuf.to(dt)
         conv_weight = conv_weight.to(dt) if conv_weight is not None else None
+    dest = None
+    if out is not None:  # checked before the running statistics move
+        _check_out(out, fbuf, fbuf.shape[1] if conv_weight is None else conv_weight.shape[0], pool)
+        dest = Destination(out)
     local_count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
     count = kernels.total_count(local_count)
     if uses_batch_stats(norm):
@@ -128,7 +169,8 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
         stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
     chunk = chunk_size(chunk, local_count, fbuf.shape[1])
     with autocast_disabled(device_type):
-        fused = kernels.pool_conv(fbuf, stats, norm.weight, norm.bias, norm.eps, conv_weight, pool)
+        fused = kernels.pool_conv(fbuf, stats, norm.weight, norm.bias, norm.eps, conv_weight, pool, dest)
         if fused is not None:
             return fused
-        return BNReLUPoolConvFunction.apply(fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool, chunk)
+        return BNReLUPoolConvFunction.apply(kernels, fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool,
+                                            chunk, dest)

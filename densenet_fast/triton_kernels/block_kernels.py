@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..ops.bn_relu import NormStats, batch_stats, bn_affine
-from ..ops.dense_block import BlockKernels
+from ..ops.dense_block import BlockKernels, Destination, untracked_alias
 from .bn_relu_conv1x1 import bn_relu_conv1x1_triton
 from .channel_stats import channel_stats_triton
 from .conv1x1_backward import bn_relu_conv1x1_backward_triton
@@ -113,23 +113,27 @@ class TritonBlockKernels(BlockKernels):
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
 
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
-                  conv_weight: Optional[Tensor], pool: str) -> Optional[Tensor]:
+                  conv_weight: Optional[Tensor], pool: str, out: Optional[Destination] = None) -> Optional[Tensor]:
         """The transition (pool 'avg2' with a conv) as Triton kernels, or None for the base path."""
         if pool != "avg2" or conv_weight is None or not self._fused(fbuf) or min(fbuf.shape[2:]) < 2:
             return None
-        return TritonTransitionFunction.apply(fbuf, stats, weight, bias, conv_weight, eps)
+        return TritonTransitionFunction.apply(fbuf, stats, weight, bias, conv_weight, eps, out)
 
 
 class TritonTransitionFunction(torch.autograd.Function):
-    """apply(fbuf, stats, weight, bias, conv_weight, eps) -> conv1x1(avgpool2x2(relu(bn(fbuf))))."""
+    """apply(fbuf, stats, weight, bias, conv_weight, eps, out|None) -> conv1x1(avgpool2x2(relu(bn(fbuf)))),
+    written into out's tensor (the next block's buffer prefix) when given."""
 
     @staticmethod
-    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps):
+    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, out=None):
         _, _, scale, shift = bn_affine(stats, weight, bias, eps)
         if _compiling():
-            out = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
-        else:
+            res = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
+            out = res if out is None else untracked_alias(out.tensor.copy_(res))
+        elif out is None:
             out = bn_relu_pool_conv1x1_triton(fbuf, scale, shift, conv_weight)
+        else:
+            out = untracked_alias(bn_relu_pool_conv1x1_triton(fbuf, scale, shift, conv_weight, out=out.tensor))
         ctx.stats, ctx.eps = stats, eps
         ctx.save_for_backward(fbuf, weight, bias, conv_weight)
         return out
@@ -146,4 +150,4 @@ class TritonTransitionFunction(torch.autograd.Function):
             gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
         else:
             gx, gg, gb, gw = bn_relu_pool_conv1x1_backward_triton(*args)
-        return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None
+        return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None, None
