@@ -19,7 +19,7 @@ python -m pip install -q "setuptools>=64" wheel ninja pytest numpy scikit-learn 
 if [ -x "$NVCC" ]; then
     export DENSENET_FAST_FORCE_CUDA_BUILD=1
 fi
-CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
+CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" MAX_JOBS="${MAX_JOBS:-2}" \
     python -m pip install --no-build-isolation --no-deps -e .
 if [ -x "$NVCC" ]; then
     python -c 'import densenet_fast._C'

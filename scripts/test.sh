@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command (README, "Tests"): set up .venv, build densenet_fast, run the test suite.
-# TORCH_CUDA_ARCH_LIST (default 9.0) and MAX_JOBS (default 2) pass through to the build.
+# TORCH_CUDA_ARCH_LIST (default "8.0;9.0": Ampere and Hopper) and MAX_JOBS (default 2) pass through to the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/install.sh
