@@ -221,6 +221,18 @@ def test_dense_layer_matches_reference(as_list, dtype, mode):
             assert_close(grads[0][2][bname].double(), grads[i][2][bname].double(), dtype, f"layer {bname} vs {name}")
 
 
+def _assert_same_grads_and_states(ours, naive, names, dtype, mode):
+    """Module by module: the same parameter gradients and buffers (running statistics)."""
+    for o, n, what in zip(ours, naive, names):
+        g_o, g_n = param_grads(o), param_grads(n)
+        assert_same_keys(g_o, g_n, what)
+        for name in g_n:
+            assert_close(g_o[name], g_n[name], dtype, f"{mode}: {what} grad {name}")
+        s_o, s_n = states(o), states(n)
+        for name in s_n:
+            assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{mode}: {what} {name}")
+
+
 @pytest.mark.parametrize("channels_last", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_stats", [pytest.param(False, id="own-stats"), pytest.param(True, id="block-stats")])
@@ -258,14 +270,7 @@ def test_transition_matches_reference(with_stats, dtype, channels_last):
         projection_loss(out_o, 16).backward()
         projection_loss(out_n, 16).backward()
         assert_close(xo.grad, xn.grad, dtype, f"{mode}: input grad through block + transition")
-        for ours_m, naive_m, what in ((trans, ntrans, "transition"), (block, nblock, "block")):
-            g_o, g_n = param_grads(ours_m), param_grads(naive_m)
-            assert_same_keys(g_o, g_n, what)
-            for name in g_n:
-                assert_close(g_o[name], g_n[name], dtype, f"{mode}: {what} grad {name}")
-            s_o, s_n = states(ours_m), states(naive_m)
-            for name in s_n:
-                assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{mode}: {what} {name}")
+        _assert_same_grads_and_states([trans, block], [ntrans, nblock], ["transition", "block"], dtype, mode)
 
 
 @pytest.mark.parametrize("channels_last", FORMATS)
@@ -305,14 +310,7 @@ def test_transition_writes_into_next_block_buffer(dtype, channels_last):
         projection_loss(out_o, 35).backward()
         projection_loss(out_n, 35).backward()
         assert_close(xo.grad, xn.grad, dtype, f"{mode}: input grad through block-transition-block")
-        for o, n, what in zip(ours, naive, ("block1", "transition", "block2")):
-            g_o, g_n = param_grads(o), param_grads(n)
-            assert_same_keys(g_o, g_n, what)
-            for name in g_n:
-                assert_close(g_o[name], g_n[name], dtype, f"{mode}: {what} grad {name}")
-            s_o, s_n = states(o), states(n)
-            for name in s_n:
-                assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{mode}: {what} {name}")
+        _assert_same_grads_and_states(ours, naive, ["block1", "transition", "block2"], dtype, mode)
 
 
 def test_densenet_transitions_write_into_block_buffers():
