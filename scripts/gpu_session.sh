@@ -22,7 +22,7 @@ stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 stamp "environment"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
-  nvcc --version | tail -2; } 2>&1 | tee "$OUT/env.txt"
+  nvcc --version | tail -2; g++ --version | head -1; } 2>&1 | tee "$OUT/env.txt"
 
 stamp "build"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
@@ -33,6 +33,14 @@ fi
 $PY -c "from densenet_fast import _ext; from densenet_fast.backends import available_backends as a; \
 print('extension', _ext.HAS_C, _ext.IMPORT_ERROR, 'cuda kernels', _ext.has_cuda_kernels(), 'backends', a('cuda'))" \
   2>&1 | tee -a "$OUT/env.txt"
+
+stamp "exception probe"
+# The first H200 run died at the first C++ exception thrown through the extension
+# (test_channel_stats.py::test_bad_inputs_raise_naming_x[cpu-kernel-3d], a segfault); this names
+# the first kind of exception that does not survive here (a few seconds; scripts/exception_probe.py).
+timeout 60 $PY scripts/exception_probe.py >"$OUT/group.log" 2>&1
+echo "exception probe: exit $?; $(grep -E "^(probe |exception probes)" "$OUT/group.log" | tail -2 | tr '\n' ' ')"
+cat "$OUT/group.log" >>"$OUT/env.txt"; rm -f "$OUT/group.log"
 
 stamp "GPU tests"
 # One pytest process per group (TEST_GROUPS: bash ignores assignments to GROUPS, its list of the
