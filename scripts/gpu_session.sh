@@ -4,8 +4,9 @@
 # device tool's output folder) or benchmarks/results/gpu-<date>/.
 #
 #   bash scripts/gpu_session.sh quick   build + GPU tests + DenseNet-BC-100 fp32 (no compile)
-#   bash scripts/gpu_session.sh full    build + GPU tests + per-op GB/s + both models, fp32 and
-#                                       bf16 channels_last, torch.compile baseline
+#   bash scripts/gpu_session.sh full    build + GPU tests + compute-sanitizer over the csrc kernels
+#                                       + per-op GB/s + both models, fp32 and bf16 channels_last,
+#                                       torch.compile baseline
 #
 # Uses the machine's python3 (the project's pins do not apply there); set DENSENET_FAST_GIT_SHA
 # when the copy of the tree has no .git, so that the CSV rows name their commit.
@@ -68,6 +69,42 @@ IFS='|'; for group in $TEST_GROUPS; do
 done; unset IFS
 
 if [ "$MODE" = full ]; then
+  stamp "compute-sanitizer"
+  # memcheck (out-of-bounds and misaligned accesses) and racecheck (shared-memory hazards of the
+  # reductions) over a few dozen tests that run every kernel of csrc/ on CUDA tensors: each
+  # layout path of the three bn_relu passes (NHWC/NCHW vector with tail groups, scalar and
+  # strided fallbacks; one and several blocks per channel, so both reduce stages) and both
+  # channel_stats kernels. Only csrc's kernels are instrumented (--kernel-name), the caching
+  # allocator is off so that every tensor is its own allocation, CUDA API errors of torch's own
+  # probing are not reported, and exit 86 means the tool found errors (pytest's exit 1 means a
+  # test failed). At most ~90 s in all; output appended to tests.log.
+  SAN=""
+  for cand in "$CUDA_HOME/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer)"; do
+    [ -n "$cand" ] && [ -x "$cand" ] && { SAN=$cand; break; }
+  done
+  # -k selections over the ids of tests/test_fused_bn.py and tests/test_channel_stats.py (70 and 20 tests)
+  FUSED='bn_ and (vector-tail or vector-9x32) and (float16-float32 or float32-float32) and not bfloat16'
+  STATS='matches_reference and kernel and (c12-at13 or c24-64x64)'
+  MEMCHECK_K="cuda and (($FUSED and not float16-float16 and not write-train and not eval) or ($STATS and not bfloat16) \
+or in_place or empty_inputs)"
+  RACECHECK_K="cuda and (($FUSED and backward_reduce and (same or channels_last-other)) or ($STATS and (float32 or float64)))"
+  if [ -z "$SAN" ]; then
+    echo "compute-sanitizer: not found in $CUDA_HOME/bin, /usr/local/cuda/bin or PATH; skipped" | tee -a "$OUT/tests.log"
+  fi
+  for run in "memcheck ${SAN_MEMCHECK_S:-55} $MEMCHECK_K" "racecheck ${SAN_RACECHECK_S:-35} $RACECHECK_K"; do
+    [ -n "$SAN" ] || break
+    read -r tool limit k <<<"$run"
+    echo "=== compute-sanitizer --tool $tool (limit ${limit}s): -k \"$k\"" >"$OUT/group.log"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$limit" "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 20 \
+      --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_stats_ \
+      $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fused_bn.py tests/test_channel_stats.py -k "$k" \
+      >>"$OUT/group.log" 2>&1
+    rc=$?
+    echo "sanitizer $tool: exit $rc$([ $rc = 124 ] && echo ' (timed out)'); \
+$(grep -ohE "(ERROR|RACECHECK) SUMMARY: .*" "$OUT/group.log" | tail -1); $(grep -E "[0-9]+ (passed|failed|skipped)" "$OUT/group.log" | tail -1)"
+    cat "$OUT/group.log" >>"$OUT/tests.log"; rm -f "$OUT/group.log"
+  done
+
   stamp "per-op bandwidth"
   timeout 120 $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
 fi
