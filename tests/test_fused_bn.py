@@ -85,7 +85,8 @@ SLICES = [
     # with a tail group (22 channels = 2 x 8 + 6 for fp16/bf16, 5 x 4 + 2 for fp32)
     pytest.param((2, 22, 3, 5, 32, 8, 40, 16, 48, 24), id="c22-nhwc-vector-tail"),
     # the same alignment with H*W = 1024 and M = 9216 per channel: the vector paths of both layouts
-    # with several blocks per channel (NCHW fp16 too: 9216 / 8 values per access > 1024 threads)
+    # with several blocks per channel (NCHW fp16 too: 9216 / 8 = 1152 accesses per channel, more
+    # than one block of 256 threads x 4 accesses)
     pytest.param((9, 24, 32, 32, 40, 8, 32, 8, 40, 16), id="c24-vector-9x32x32"),
 ]
 OUT_LAYOUTS = ["same", "other"]  # out/grad_z/grad_x in x's layout, or in the other one (mixed strides)
