@@ -22,9 +22,10 @@
 // The launcher checks the alignment at run time and picks the first layout that applies.
 //
 // Reduce pass: fp32 accumulation in a fixed tree, no atomics, so the sums are deterministic.
-// Every thread sums its share (at most a few dozen values of a channel), the block combines its
-// threads in a fixed-order tree (shared memory / warp shuffles), and each block writes one partial
-// pair per (split, channel). With several splits per channel a finalize kernel, one warp per
+// Every thread sums its share of a channel serially (a few dozen values in the tests and for a
+// layer's new channels; up to a few hundred for a wide NCHW prefix, e.g. 256 channels at 56x56 and
+// batch 64, where 3 splits already fill the GPU), the block combines its threads in a fixed-order
+// tree (shared memory / warp shuffles), and each block writes one partial pair per (split, channel). With several splits per channel a finalize kernel, one warp per
 // channel, adds the splits (lane-strided sums, then a shuffle tree).
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>

@@ -22,6 +22,10 @@
 #define CHECK_DIM(x, d) TORCH_CHECK_VALUE((x).dim() == (d), #x " must have " #d " dims, got ", (x).dim())
 #define CHECK_FLOATING(x) \
   TORCH_CHECK_TYPE(at::isFloatingType((x).scalar_type()), #x " must be a floating-point tensor, got ", (x).scalar_type())
+// at::isFloatingType also admits the float8 types, which no kernel reads: name the ones they do.
+#define CHECK_STATS_DTYPE(x)                                                                              \
+  TORCH_CHECK_TYPE(is_stats_input_dtype((x).scalar_type()),                                               \
+                   #x " must be float32, float64, float16 or bfloat16, got ", (x).scalar_type())
 #define CHECK_VALUES_PER_CHANNEL(x)                                               \
   TORCH_CHECK_VALUE((x).size(0) * (x).size(2) * (x).size(3) > 0,                  \
                     #x " must have at least one element per channel, got shape ", \
@@ -55,9 +59,15 @@
 namespace densenet_fast {
 namespace {
 
+// The dtypes of the channel_stats kernels (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16)).
+bool is_stats_input_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
 void check_channel_stats_input(const at::Tensor& x) {
   CHECK_DIM(x, 4);
   CHECK_FLOATING(x);
+  CHECK_STATS_DTYPE(x);
   CHECK_VALUES_PER_CHANNEL(x);
 }
 

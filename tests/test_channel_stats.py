@@ -133,6 +133,9 @@ BAD_INPUTS = [
     pytest.param(lambda d: torch.randn(3, 4, 5, device=d), ValueError, "x must have 4 dims, got 3", id="3d"),
     pytest.param(lambda d: torch.ones(2, 3, 4, 4, dtype=torch.int32, device=d), TypeError,
                  "x must be a floating-point tensor, got", id="int"),
+    # float8 is a floating-point dtype that no kernel reads: named before anything is allocated
+    pytest.param(lambda d: torch.ones(2, 3, 4, 4, device=d).to(torch.float8_e4m3fn), TypeError,
+                 "x must be float32, float64, float16 or bfloat16, got", id="float8"),
     pytest.param(lambda d: torch.randn(0, 3, 4, 4, device=d), ValueError,
                  "x must have at least one element per channel", id="empty-batch"),
 ]

@@ -59,8 +59,12 @@ REDUCE_ROUNDINGS = 16
 # grad_z is zeroed where |y| < MASK_MARGIN * T (the module docstring): 1e-5 is ~170 fp32 roundings.
 MASK_MARGIN = 1e-5
 
-# (N, C, H, W, x buffer channels, x first channel, out buffer channels, out first channel):
+# (N, C, H, W, x buffer channels, x first channel, out buffer channels, out first channel
+#  [, grad_z buffer channels, grad_z first channel]):
 # x = F[:, first:first + C] of F (N, F channels, H, W); out/grad_x/grad_z likewise in their own buffers.
+# grad_z is by default the last C channels of an (out channels + 5)-channel buffer, another offset
+# than out's; that buffer is never 16-byte aligned per pixel in channels_last, so the geometries
+# that test the NHWC vector path of the backward passes place grad_z explicitly.
 SLICES = [
     # a layer's input at channel 24 + 12*l with an odd count, odd 5 x 7 image: no vector path applies
     pytest.param((3, 13, 5, 7, 64, 24, 40, 3), id="c13-at24-5x7"),
@@ -76,6 +80,14 @@ SLICES = [
     pytest.param((5, 12, 1, 1, 40, 13, 12, 0), id="c12-1x1"),
     # M = 8192 per channel, whole buffers: several GPU blocks per channel, merged by the finalize kernel
     pytest.param((8, 24, 32, 32, 24, 0, 24, 0), id="c24-32x32-whole"),
+    # x at channel 8 of 32, out at 16 of 40, grad_z at 24 of 48: in channels_last every operand's
+    # base and pixel stride are 16-byte aligned, so all three passes take the GPU's NHWC vector path,
+    # with a tail group (22 channels = 2 x 8 + 6 for fp16/bf16, 5 x 4 + 2 for fp32)
+    pytest.param((2, 22, 3, 5, 32, 8, 40, 16, 48, 24), id="c22-nhwc-vector-tail"),
+    # the same alignment with H*W = 1024 and M = 9216 per channel: the vector paths of both layouts
+    # with several blocks per channel (NCHW fp16 too: 9216 / 8 = 1152 accesses per channel, more
+    # than one block of 256 threads x 4 accesses)
+    pytest.param((9, 24, 32, 32, 40, 8, 32, 8, 40, 16), id="c24-vector-9x32x32"),
 ]
 OUT_LAYOUTS = ["same", "other"]  # out/grad_z/grad_x in x's layout, or in the other one (mixed strides)
 
@@ -99,7 +111,8 @@ class Case:
     """The inputs of one test: x and grad_z slices, per-channel vectors, an out/grad_x slice."""
 
     def __init__(self, geometry, x_dtype, layout, out_layout, device, z_dtype=None, out_dtype=None, seed=0):
-        n, c, h, w, fc, first, oc, ofirst = geometry
+        n, c, h, w, fc, first, oc, ofirst, *z_slice = geometry
+        zc, zfirst = z_slice or (oc + 5, oc + 5 - c)
         x_layout = LAYOUTS[layout]
         other = LAYOUTS["channels_last" if layout == "nchw" else "nchw"]
         o_layout = x_layout if out_layout == "same" else other
@@ -115,8 +128,8 @@ class Case:
             1, -1, 1, 1)
         self.t_max = float(t.max())  # the magnitude the fp32 arithmetic of y rounds
         if z_dtype is not None:
-            zbuf = make_buffer(n, oc + 5, h, w, z_dtype, o_layout, device, seed + 2, mean_scale=0.0)
-            self.grad_z = zbuf[:, oc + 5 - c:]  # the last c channels: another offset than out's
+            zbuf = make_buffer(n, zc, h, w, z_dtype, o_layout, device, seed + 2, mean_scale=0.0)
+            self.grad_z = zbuf[:, zfirst:zfirst + c]
             self.grad_z.masked_fill_(y.abs() < MASK_MARGIN * self.t_max, 0)
         if out_dtype is not None:
             self.out_buf = poisoned_buffer(n, oc, h, w, out_dtype, o_layout, device)

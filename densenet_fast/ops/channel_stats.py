@@ -21,6 +21,8 @@ from .. import _ext
 __all__ = ["channel_stats", "channel_stats_torch", "stats_dtype"]
 
 OP_NAME = "densenet_fast::channel_stats"
+# Input dtypes of the kernels (and of this module's checks, which repeat csrc/ops.cpp's).
+STATS_INPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Device types with a compiled kernel, fixed at import so that torch.compile can trace the test.
 _KERNEL_DEVICES = _ext.kernel_devices("channel_stats")
 
@@ -36,6 +38,8 @@ def _check_input(x: Tensor) -> None:
         raise ValueError(f"x must have 4 dims, got {x.dim()}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dtype not in STATS_INPUT_DTYPES:  # the float8 types are floating point too
+        raise TypeError(f"x must be float32, float64, float16 or bfloat16, got {x.dtype}")
     if x.shape[0] * x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"x must have at least one element per channel, got shape {list(x.shape)}")
 
@@ -60,7 +64,8 @@ def channel_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     Returns (mean, var), each (C,), float32 (float64 for float64 x), with
        mean[c] = sum(x[:, c]) / M,   var[c] = sum((x[:, c] - mean[c]) ** 2) / M,   M = N * H * W
     (the biased variance that training-mode batch norm normalises with). Raises ValueError for a
-    tensor that is not 4-D or has no value per channel, TypeError for a non-floating dtype.
+    tensor that is not 4-D or has no value per channel, TypeError for a dtype other than float32,
+    float64, float16 and bfloat16.
     Differentiable (gradients flow to x through both outputs).
     """
     if x.device.type in _KERNEL_DEVICES:
