@@ -4,15 +4,28 @@
 # device tool's output folder) or benchmarks/results/gpu-<date>/.
 #
 #   bash scripts/gpu_session.sh quick   build + GPU tests + DenseNet-BC-100 fp32 (no compile)
-#   bash scripts/gpu_session.sh full    build + GPU tests + compute-sanitizer over the csrc kernels
-#                                       + per-op GB/s + both models, fp32 and bf16 channels_last,
+#   bash scripts/gpu_session.sh full    tests, then bench (below) in one call: more than one device
+#                                       call's 600 s; use it only where a call may run that long
+#   bash scripts/gpu_session.sh tests   build + exception probe + every GPU test group +
+#                                       compute-sanitizer over the csrc kernels
+#   bash scripts/gpu_session.sh bench   build (incremental on a warm machine) + per-op GB/s + both
+#                                       models, fp32 and bf16 channels_last, CUDA graphs,
 #                                       torch.compile baseline
+# With the device tool: `tests` in one call, then `bench` in a second call on the same warm machine
+# (benchmarks/NOTES-gpu.md, "Running the session").
 #
 # Uses the machine's python3 (the project's pins do not apply there); set DENSENET_FAST_GIT_SHA
 # when the copy of the tree has no .git, so that the CSV rows name their commit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-quick}
+case $MODE in
+  quick) TESTS=some BENCH=some;;
+  full) TESTS=all BENCH=all;;
+  tests) TESTS=all BENCH=none;;
+  bench) TESTS=none BENCH=all;;
+  *) echo "usage: bash scripts/gpu_session.sh quick|full|tests|bench" >&2; exit 2;;
+esac
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y-%m-%d)}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -35,6 +48,7 @@ $PY -c "from densenet_fast import _ext; from densenet_fast.backends import avail
 print('extension', _ext.HAS_C, _ext.IMPORT_ERROR, 'cuda kernels', _ext.has_cuda_kernels(), 'backends', a('cuda'))" \
   2>&1 | tee -a "$OUT/env.txt"
 
+if [ "$TESTS" != none ]; then
 stamp "exception probe"
 # The first H200 run died at the first C++ exception thrown through the extension
 # (test_channel_stats.py::test_bad_inputs_raise_naming_x[cpu-kernel-3d], a segfault); this names
@@ -49,7 +63,7 @@ stamp "GPU tests"
 # (a signal: exit 134/135/136/139), the group runs once more without the tests that make the
 # extension throw, so that the rest of its results are still seen.
 TEST_GROUPS="tests/test_gpu.py|tests/test_channel_stats.py tests/test_extension.py|tests/test_triton_kernels.py"
-[ "$MODE" = full ] && TEST_GROUPS="$TEST_GROUPS|tests/test_fused_bn.py tests/test_cuda_backend.py|tests/test_triton_conv3x3.py \
+[ "$TESTS" = all ] && TEST_GROUPS="$TEST_GROUPS|tests/test_fused_bn.py tests/test_cuda_backend.py|tests/test_triton_conv3x3.py \
 tests/test_triton_conv1x1_backward.py tests/test_triton_transition.py tests/test_triton_backend.py"
 i=0
 IFS='|'; for group in $TEST_GROUPS; do
@@ -68,7 +82,7 @@ IFS='|'; for group in $TEST_GROUPS; do
   IFS='|'
 done; unset IFS
 
-if [ "$MODE" = full ]; then
+if [ "$TESTS" = all ]; then
   stamp "compute-sanitizer"
   # memcheck (out-of-bounds and misaligned accesses) and racecheck (shared-memory hazards of the
   # reductions) over a few dozen tests that run every kernel of csrc/ on CUDA tensors: each
@@ -104,16 +118,20 @@ or in_place or empty_inputs)"
 $(grep -ohE "(ERROR|RACECHECK) SUMMARY: .*" "$OUT/group.log" | tail -1); $(grep -E "[0-9]+ (passed|failed|skipped)" "$OUT/group.log" | tail -1)"
     cat "$OUT/group.log" >>"$OUT/tests.log"; rm -f "$OUT/group.log"
   done
+fi
+fi  # TESTS
 
+if [ "$BENCH" = all ]; then
   stamp "per-op bandwidth"
   timeout 120 $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
 fi
 
+if [ "$BENCH" != none ]; then
 stamp "model benchmarks"
 # naive, checkpoint and every backend that runs here (no torch.compile: DenseNet-121 compiles slowly)
 NOCOMPILE=$($PY -c "from densenet_fast.bench import harness as h; \
 print(','.join(p for p in h.default_providers('cuda') if p != 'compile'))")
-if [ "$MODE" = full ]; then
+if [ "$BENCH" = all ]; then
   timeout 240 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
     --out "$OUT/bench.csv" 2>&1 | tail -15
   GRAPHED=$($PY -c "from densenet_fast.bench import harness as h; \
@@ -128,4 +146,5 @@ else
   timeout 100 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
     --providers $NOCOMPILE --repeats 10 --out "$OUT/bench.csv" 2>&1 | tail -12
 fi
+fi  # BENCH
 stamp "done"
