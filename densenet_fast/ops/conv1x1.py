@@ -29,7 +29,9 @@ def _rows(x: Tensor) -> Optional[Tensor]:
     rs = s_w if w > 1 else (s_h if h > 1 else (s_n if n > 1 else c))
     if rs < c or (h > 1 and s_h != rs * w) or (n > 1 and s_n != rs * h * w):
         return None
-    return x.as_strided((n * h * w, c), (rs, 1))
+    # A view op, not as_strided: torch.compile's inductor may give an intermediate another layout
+    # than the one traced, which as_strided (fixed strides) would then misread.
+    return x.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
 def _planes(x: Tensor) -> Optional[Tensor]:
@@ -38,7 +40,7 @@ def _planes(x: Tensor) -> Optional[Tensor]:
     s_n, s_c, s_h, s_w = x.stride()
     if (w > 1 and s_w != 1) or (h > 1 and s_h != w):
         return None
-    return x.as_strided((n, c, h * w), (s_n, s_c, 1))
+    return x.view(n, c, h * w)  # a view op, not as_strided: see _rows
 
 
 def conv1x1(z: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
