@@ -10,7 +10,7 @@
 #                                       compute-sanitizer over the csrc kernels
 #   bash scripts/gpu_session.sh bench   build (incremental on a warm machine) + per-op GB/s + both
 #                                       models, fp32 and bf16 channels_last, CUDA graphs,
-#                                       torch.compile baseline
+#                                       torch.compile of naive and of ours
 # With the device tool: `tests` in one call, then `bench` in a second call on the same warm machine
 # (benchmarks/NOTES-gpu.md, "Running the session").
 #
@@ -138,6 +138,9 @@ if [ "$BENCH" = all ]; then
 print(','.join(['naive'] + [p + '+graph' for p in h.default_providers('cuda') if p != 'compile']))")
   timeout 120 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
     --providers $GRAPHED --out "$OUT/bench.csv" 2>&1 | tail -12
+  # our model under torch.compile (inductor fuses the small per-layer ops), against compile of naive above
+  timeout 180 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \
+    --providers naive,torch+compile,triton+compile --out "$OUT/bench.csv" 2>&1 | tail -12
   timeout 150 $PY -m densenet_fast bench --device cuda --plain --model densenet121 --batch 64 \
     --providers $NOCOMPILE --out "$OUT/bench.csv" 2>&1 | tail -12
   timeout 120 $PY -m densenet_fast bench --device cuda --plain --model densenet_bc_100_12 --batch 64 \

@@ -147,6 +147,23 @@ def test_cli_bench_runs_and_appends_to_the_csv(tmp_path):
     assert len({r["run"] for r in rows}) == 2
 
 
+@pytest.mark.parametrize("provider, base, suffix, compiled", [
+    ("naive", "naive", "", False), ("compile", "compile", "", True), ("torch+compile", "torch", "+compile", True),
+    ("triton-saved+compile", "triton-saved", "+compile", True), ("cuda+graph", "cuda", "+graph", False)])
+def test_provider_suffixes(provider, base, suffix, compiled):
+    assert harness.split_suffix(provider) == (base, suffix)
+    assert harness.is_compiled(provider) == compiled
+    assert harness.split_graph(provider) == ((base, True) if suffix == "+graph" else (provider, False))
+    assert harness.split_provider(provider)[0] == base.replace("-saved", "")
+
+
+def test_compile_suffix_only_for_our_backends():
+    harness.check_provider("torch+compile", "cpu")
+    for provider in ("naive+compile", "checkpoint+compile"):
+        with pytest.raises(harness.BenchError, match="'compile'"):
+            harness.check_provider(provider, "cpu")
+
+
 def _one_line_error(capsys, argv):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

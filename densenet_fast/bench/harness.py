@@ -8,6 +8,9 @@ Providers (the model that runs the step):
   compile     torch.compile of the naive model (compiled before anything is measured; GPU default)
   torch, cuda densenet_fast's model (get_model(name, backend=...)), bottleneck recomputed
   <backend>-saved   the same with save_bottleneck=True (e.g. torch-saved)
+  <provider>+graph  the training step captured in one CUDA graph and replayed (GPU, mode full)
+  <backend>+compile torch.compile of densenet_fast's model (e.g. torch+compile; compiled before
+                    anything is measured, like compile)
 Every provider of a run gets the same weights (loaded from one state_dict), so they compute the
 same function.
 """
@@ -45,6 +48,8 @@ SAVED_SUFFIX = "-saved"
 # "<provider>+graph": the same model, its training step captured in a CUDA graph and replayed
 # (densenet_fast.graphs.GraphedStep); GPU and mode "full" only.  Memory is the eager step's.
 GRAPH_SUFFIX = "+graph"
+# "<backend>+compile": torch.compile of densenet_fast's model, against "compile" (of naive).
+COMPILE_SUFFIX = "+compile"
 DTYPES: Dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -86,16 +91,28 @@ CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
 # ------------------------------------------------------------------------------------------
 
 
+def split_suffix(provider: str) -> Tuple[str, str]:
+    """'triton+graph' -> ('triton', '+graph'); 'torch+compile' -> ('torch', '+compile'); 'naive' -> ('naive', '')."""
+    for suffix in (GRAPH_SUFFIX, COMPILE_SUFFIX):
+        if provider.endswith(suffix):
+            return provider[: -len(suffix)], suffix
+    return provider, ""
+
+
 def split_graph(provider: str) -> Tuple[str, bool]:
     """'triton+graph' -> ('triton', True); 'naive' -> ('naive', False)."""
-    if provider.endswith(GRAPH_SUFFIX):
-        return provider[: -len(GRAPH_SUFFIX)], True
-    return provider, False
+    base, suffix = split_suffix(provider)
+    return (base, True) if suffix == GRAPH_SUFFIX else (provider, False)
+
+
+def is_compiled(provider: str) -> bool:
+    """True for the providers whose model runs under torch.compile (compile, <backend>+compile)."""
+    return provider == "compile" or split_suffix(provider)[1] == COMPILE_SUFFIX
 
 
 def split_provider(provider: str) -> Tuple[str, bool]:
-    """'torch-saved' -> ('torch', True); 'naive' -> ('naive', False) ('+graph' is ignored here)."""
-    provider, _ = split_graph(provider)
+    """'torch-saved' -> ('torch', True); 'naive' -> ('naive', False) ('+graph', '+compile' are ignored here)."""
+    provider, _ = split_suffix(provider)
     if provider.endswith(SAVED_SUFFIX):
         return provider[: -len(SAVED_SUFFIX)], True
     return provider, False
@@ -112,6 +129,9 @@ def check_provider(provider: str, device: str) -> None:
     if split_graph(provider)[1] and torch.device(device).type != "cuda":
         raise BenchError(f"provider {provider!r}: CUDA graphs need --device cuda")
     base, saved = split_provider(provider)
+    if split_suffix(provider)[1] == COMPILE_SUFFIX and base in REFERENCE_PROVIDERS:
+        raise BenchError(f"provider {provider!r}: '+compile' is for densenet_fast's backends (torch.compile of the "
+                         "naive model is the provider 'compile')")
     if base in REFERENCE_PROVIDERS and not saved:
         return
     if base in REFERENCE_PROVIDERS:
@@ -123,8 +143,8 @@ def check_provider(provider: str, device: str) -> None:
             raise ValueError(f"backend {base!r} does not run natively on {torch.device(device).type} "
                              f"(available: {', '.join(available_backends(device))})")
     except (ValueError, RuntimeError) as exc:
-        known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "triton", "torch-saved", "cuda-saved",
-                                                       "triton-saved"])
+        known = ", ".join(list(REFERENCE_PROVIDERS) + ["torch", "cuda", "triton", "<backend>-saved",
+                                                       "<backend>+compile", "<provider>+graph"])
         raise BenchError(f"provider {provider!r}: {exc} (providers: {known})") from None
 
 
@@ -269,7 +289,7 @@ def prepare(case: Case, device: str) -> Step:
     autocast = None if case.dtype == "float32" else DTYPES[case.dtype]
     if split_graph(case.provider)[1]:
         return _graphed_step(model, x, y, case.mode, autocast, device)
-    if case.provider == "compile":
+    if is_compiled(case.provider):
         model = torch.compile(model)
         step = Step(model, x, y, case.mode, autocast)
         # Compile outside every measurement: one full step traces forward and backward (its
