@@ -120,10 +120,7 @@ def main(argv=None) -> int:
             print("      " + r.error.replace("\n", "\n      ")[:3000], flush=True)
 
     results = aot.compile_units(all_units, jobs=args.jobs, progress=progress)
-    by_key = {}
-    for r in results:
-        u = r.unit
-        by_key[(id(u.kernel), u.device.arch, u.mode, u.signature, u.constexprs, u.attrs, u.options)] = r
+    by_key = {aot.unit_key(r.unit): r for r in results}
 
     # Findings per launch: its default config must fit, and some config of its list must.
     warnings, notes = [], []
@@ -144,8 +141,7 @@ def main(argv=None) -> int:
             if not launch.autotuned or len(launch.configs) < 2:
                 continue
             for mode in modes:
-                rs = [by_key.get(_key(aot._unit(launch, c, o, mode, i == 0)))
-                      for i, (c, o) in enumerate(launch.configs)]
+                rs = [by_key.get(aot.unit_key(u)) for u in aot.launch_units(launch, mode)]
                 rs = [r for r in rs if r is not None]
                 if len(rs) == len(launch.configs) and not any(r.fits for r in rs):
                     problems.append(f"NONE  {arch} {mode} {launch.kernel.__name__} ({launch.case}): "
@@ -177,10 +173,6 @@ def main(argv=None) -> int:
                        "warnings": warnings, "notes": notes}, f, indent=1)
     print("\nOK" if not problems else f"\n{len(problems)} problem(s)")
     return 1 if problems else 0
-
-
-def _key(u: aot.Unit):
-    return (id(u.kernel), u.device.arch, u.mode, u.signature, u.constexprs, u.attrs, u.options)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ no driver (ptxas ships with triton), so this module
      specialized  as triton's launcher specialises the recorded values at run time (ints equal
                   to 1 become constexprs, ints divisible by 16 and 16-byte aligned pointers get
                   tt.divisibility=16), which is what really runs: vectorised loads change the
-                  pipelining and so the shared memory a config needs;
+                  pipelining and so the shared memory a config needs (done for the
+                  DenseNet-121 cases, the ones whose values are realistic);
 3. reports compile errors, and shared memory above the device's per-block opt-in limit.
+
+The interpreter's fixed 16-wide configs (INTERPRET_CONFIG, ...) are not compiled: they only run
+under TRITON_INTERPRET=1, never on a GPU.
 
 It must run in a process where TRITON_INTERPRET is unset (the interpreter replaces @triton.jit's
 JITFunction by an object triton.compile cannot take): scripts/triton_aot_check.py is the command
@@ -42,8 +46,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-__all__ = ["Device", "DEVICES", "Case", "CASES", "Launch", "Unit", "Result", "capture", "units",
-           "compile_unit", "compile_units", "kernel_modules", "uncovered_kernels", "triton_can_compile"]
+__all__ = ["Device", "DEVICES", "Case", "CASES", "Launch", "Unit", "Result", "capture", "units", "launch_units",
+           "unit_key", "compile_unit", "compile_units", "kernel_modules", "uncovered_kernels",
+           "triton_can_compile"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +379,16 @@ def _unit(launch: Launch, constexprs: Dict[str, Any], options: Dict[str, Any], m
                 tuple(sorted(options.items())), default, launch.autotuned, launch.case)
 
 
+def unit_key(u: Unit) -> tuple:
+    """What makes two units the same compilation."""
+    return (id(u.kernel), u.device.arch, u.mode, u.signature, u.constexprs, u.attrs, u.options)
+
+
+def launch_units(launch: Launch, mode: str) -> List[Unit]:
+    """The units of one launch's candidate configs, in its autotune list's order."""
+    return [_unit(launch, c, o, mode, i == 0) for i, (c, o) in enumerate(launch.configs)]
+
+
 def units(launches: Sequence[Launch], modes: Sequence[str] = ("generic", "specialized"),
           default_only: bool = False) -> List[Unit]:
     """The distinct compilations of ``launches`` (a unit launched by several cases appears once;
@@ -388,7 +403,7 @@ def units(launches: Sequence[Launch], modes: Sequence[str] = ("generic", "specia
                 if mode == "specialized" and not launch.full:
                     continue
                 u = _unit(launch, constexprs, options, mode, i == 0)
-                key = (id(u.kernel), u.device.arch, u.mode, u.signature, u.constexprs, u.attrs, u.options)
+                key = unit_key(u)
                 if key not in out:
                     out[key] = u
                 elif u.default and not out[key].default:
