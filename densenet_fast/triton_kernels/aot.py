@@ -566,5 +566,6 @@ def triton_can_compile() -> Tuple[bool, str]:
                                         constexprs={"BLOCK": 32})
         triton.compile(src, target=GPUTarget("cuda", 90, 32))
     except Exception as exc:
-        return False, f"triton {triton.__version__} cannot compile for sm90 here: {type(exc).__name__}: {exc}"
+        first = (str(exc).strip().splitlines() or [""])[0]  # ptxas errors run to pages
+        return False, f"triton {triton.__version__} cannot compile for sm90 here: {type(exc).__name__}: {first}"
     return True, ""
