@@ -28,6 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET
+from .indexing import row_nhw
 
 __all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "check_channel_vectors",
            "is_channels_last"]
@@ -130,10 +131,8 @@ def _channel_stats_partial_kernel(x_ptr, ws_mean_ptr, ws_m2_ptr, M, C, HW, W,
         rmask = rows < row_end
         # row m = (n, h, w) of an (N, C, H, W) tensor with arbitrary strides, int64 offsets
         # (a block buffer can exceed 2^31 elements)
-        r = rows.to(tl.int64)
-        n = r // HW
-        hw = r % HW
-        row_off = n * stride_n + (hw // W) * stride_h + (hw % W) * stride_w
+        n, h, w = row_nhw(rows, HW, W)
+        row_off = n * stride_n + h * stride_h + w * stride_w
         mask = rmask[:, None] & cmask[None, :]
         v = tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
         cnt = tl.sum(rmask.to(tl.float32), axis=0)

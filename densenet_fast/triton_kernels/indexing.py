@@ -16,9 +16,13 @@ __all__ = ["row_nhw"]
 
 @triton.jit
 def row_nhw(rows, HW, W):
-    """(n, h, w) of row m = (n * H + h) * W + w, as int64 (a block buffer can exceed 2^31
-    elements).  HW = H * W."""
-    r = rows.to(tl.int64)
-    n = r // HW
-    hw = r % HW
-    return n, hw // W, hw % W
+    """(n, h, w) of row m = (n * H + h) * W + w, as int64: the offsets built from them
+    (n * stride_n, ...) can exceed 2^31 in a large block buffer.  HW = H * W.
+
+    The divisions stay in rows' own type (int32: the kernels' row indices are int32 program
+    offsets, so M < 2^31 already): a 64-bit division is emulated on NVIDIA GPUs, dozens of
+    instructions and extra registers per row, which made the GEMM kernels spill."""
+    n = rows // HW
+    hw = rows - n * HW
+    h = hw // W
+    return n.to(tl.int64), h.to(tl.int64), (hw - h * W).to(tl.int64)

@@ -269,12 +269,13 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
     pid_c = tl.program_id(1)
     rows = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     rmask = rows < ROWS
-    r = rows.to(tl.int64)
-    n = r // E
-    e = r % E
+    # int32 division (a 64-bit one is emulated on the GPU, see indexing.row_nhw), int64 offsets
+    n32 = rows // E
+    e = rows - n32 * E
+    n = n32.to(tl.int64)
     in_col = e < NCOL
-    h = tl.where(in_col, e, H - 1)
-    w = tl.where(in_col, W - 1, e - NCOL)
+    h = tl.where(in_col, e, H - 1).to(tl.int64)
+    w = tl.where(in_col, W - 1, e - NCOL).to(tl.int64)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     c64 = cols.to(tl.int64)

@@ -1,0 +1,51 @@
+"""The Triton kernels compile for a real GPU, checked without one.
+
+The other Triton tests run the kernels in triton's interpreter, which never compiles them: a tl.dot
+on a tile narrower than 16, an illegal cast or a default config that needs more shared memory than
+the device has only shows when triton really compiles. Triton compiles ahead of time for a named
+target without a driver, so this test compiles each kernel's default (autotune-off) config for
+sm90 (H100/H200) in fp16, once, as the launchers launch it on a DenseNet-121 problem (specialised
+as triton specialises it at run time; generically for the kernel only odd image sizes launch),
+and checks that it compiled and fits the 227 KiB of shared memory a block may have (~35 s on two
+cores). scripts/triton_aot_check.py does the same for every config, dtype, both modes and sm80.
+
+It runs that script in a subprocess: conftest sets TRITON_INTERPRET=1 on a machine without a GPU,
+and under it @triton.jit makes InterpretedFunctions, which triton.compile rejects ("Unsupported
+function referenced"), while the kernel modules cannot be imported twice in one process (they
+register torch.library custom ops).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "triton_aot_check.py")
+CANNOT_COMPILE = 2  # the script's exit status when triton cannot AOT-compile here (e.g. no ptxas)
+
+
+def test_default_configs_compile_for_sm90_fp16(tmp_path):
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, SCRIPT, "--arch", "sm90", "--dtypes", "fp16", "--default-only",
+           "--one-per-kernel", "--quiet", "--jobs", "2", "--json", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    log = proc.stdout[-6000:] + proc.stderr[-3000:]
+    if proc.returncode == CANNOT_COMPILE:
+        why = [line for line in proc.stdout.splitlines() if line.startswith("cannot AOT-compile here")]
+        pytest.skip(why[-1] if why else f"triton cannot compile ahead of time on this machine:\n{log}")
+    assert out.exists(), f"the AOT check did not finish (exit {proc.returncode}):\n{log}"
+    results = json.loads(out.read_text())["results"]
+    kernels = {r["kernel"] for r in results}
+    # Every kernel of the package, launched by the launchers on DenseNet-121-sized problems.
+    assert len(kernels) >= 14, f"only {sorted(kernels)} were compiled:\n{log}"
+    failed = [f"{r['kernel']} [{r['config']}]: {r['error'][:500]}" for r in results if not r["ok"]]
+    assert not failed, "kernels that do not compile for sm90:\n" + "\n".join(failed)
+    over = [f"{r['kernel']} [{r['config']}]: {r['shared']} > {r['limit']} bytes" for r in results if not r["fits"]]
+    assert not over, "default configs that need more shared memory than sm90 has:\n" + "\n".join(over)
+    assert proc.returncode == 0, log
