@@ -38,7 +38,14 @@ else:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET"]
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "device_arch"]
+
+
+def device_arch(device) -> str:
+    """The key of the kernels' autotune lists for a CUDA device: "sm90" (Hopper and newer) or "sm80"."""
+    import torch
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major >= 9 else "sm80"
 
 # DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
 # without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune
+from . import INTERPRET, autotune, device_arch
 from .indexing import row_nhw
-from .channel_stats import check_activation, check_channel_vectors, is_channels_last, merge_partial_stats
+from .channel_stats import check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats
 
 __all__ = ["bn_relu_conv1x1_triton"]
 
@@ -122,12 +122,6 @@ def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Te
     return weight
 
 
-def _empty_output(x: Tensor, cout: int) -> Tensor:
-    n, _, h, w = x.shape
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty((n, cout, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
-
-
 def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
                            ) -> Tuple[Tensor, Tensor, Tensor]:
     """Bt = conv1x1(relu(x * scale + shift), weight), and the batch statistics of Bt.
@@ -144,7 +138,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     n, k, h, w = x.shape
     cout = weight.shape[0]
     m = n * h * w
-    out = _empty_output(x, cout)
+    out = empty_like_layout(x, cout, x.dtype)
     precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     sizes = (m, k, cout, h * w, w, triton.next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
@@ -157,8 +151,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
         _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision,
                                       num_warps=4, **INTERPRET_CONFIG)
     else:
-        major, _ = torch.cuda.get_device_capability(x.device)
-        tuned = _TUNED["sm90" if major >= 9 else "sm80"]
+        tuned = _TUNED[device_arch(x.device)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
@@ -189,4 +182,4 @@ def _triton_bn_relu_conv1x1_fake(x: Tensor, scale: Tensor, shift: Tensor, weight
         raise ValueError(f"x must have 4 dims (N, C, H, W), got {x.dim()}")
     cout = weight.shape[0]
     stats = x.new_empty((cout,), dtype=torch.float32)
-    return _empty_output(x, cout), stats, x.new_empty((cout,), dtype=torch.float32)
+    return empty_like_layout(x, cout, x.dtype), stats, x.new_empty((cout,), dtype=torch.float32)

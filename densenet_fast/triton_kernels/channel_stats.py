@@ -20,7 +20,7 @@ variances" (1979). The plain-PyTorch reference is ``densenet_fast.reference.chan
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -87,6 +87,16 @@ def is_channels_last(x: Tensor) -> bool:
         return False
     spatial = [x.stride(d) for d in (2, 3) if x.shape[d] > 1]
     return bool(spatial) and x.stride(1) < min(spatial)
+
+
+def empty_like_layout(x: Tensor, channels: int, dtype: torch.dtype, size: Optional[Tuple[int, int]] = None
+                      ) -> Tensor:
+    """An empty (N, channels, H', W') tensor of `dtype` in x's layout (channels_last when
+    is_channels_last(x)): the launchers and the fakes allocate alike.  size: (H', W'), default x's."""
+    n, _, h, w = x.shape
+    h, w = size if size is not None else (h, w)
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty((n, channels, h, w), dtype=dtype, device=x.device, memory_format=fmt)
 
 
 def merge_partial_stats(ws_mean: Tensor, ws_m2: Tensor, num_parts: int, rows_per_part: int, m: int

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune
+from . import INTERPRET, autotune, device_arch
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors
 
@@ -379,8 +379,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
         props = torch.cuda.get_device_properties(x.device)
-        arch = "sm90" if props.major >= 9 else "sm80"
-        tune = (arch, block_b, x.element_size(), props.shared_memory_per_block_optin)
+        tune = (device_arch(x.device), block_b, x.element_size(), props.shared_memory_per_block_optin)
 
         def grid1(meta):
             return (parts1, triton.cdiv(c, meta["BLOCK_C"]))

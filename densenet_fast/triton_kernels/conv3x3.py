@@ -44,9 +44,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune
+from . import INTERPRET, autotune, device_arch
 from .indexing import row_nhw
-from .channel_stats import check_activation, check_channel_vectors, is_channels_last, merge_partial_stats
+from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
+                            merge_partial_stats)
 
 __all__ = ["bn_relu_conv3x3_triton", "bn_relu_conv3x3_backward_triton"]
 
@@ -305,11 +306,6 @@ _TUNED_WGRAD = _tuned(_conv3x3_wgrad_kernel, CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_S
                        "BLOCK_O"])
 
 
-def _arch(x: Tensor) -> str:
-    major, _ = torch.cuda.get_device_capability(x.device)
-    return "sm90" if major >= 9 else "sm80"
-
-
 def _narrow_tile(k: int) -> int:
     """The tile over the K = growth-rate side: a power of two in [16, 64] (tl.dot needs >= 16)."""
     return min(64, max(16, triton.next_power_of_2(k)))
@@ -363,13 +359,6 @@ def _check_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, i
         raise TypeError(f"grad_out must be float32 or x's dtype {x.dtype}, got {grad_out.dtype}")
 
 
-def _empty_like_layout(x: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
-    """(N, channels, H, W) in x's layout (channels_last when x's channel stride is its smallest)."""
-    n, _, h, w = x.shape
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty((n, channels, h, w), dtype=dtype, device=x.device, memory_format=fmt)
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -394,7 +383,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
             *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
-        tuned = _TUNED_FWD[_arch(x)]
+        tuned = _TUNED_FWD[device_arch(x.device)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
@@ -428,7 +417,7 @@ def bn_relu_conv3x3_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     """
     _check_forward(x, scale, shift, weight, out)
     if out is None:
-        out = _empty_like_layout(x, weight.shape[0], x.dtype)
+        out = empty_like_layout(x, weight.shape[0], x.dtype)
     mean, var = _forward_into(x, scale, shift, weight, out)
     return out, mean, var
 
@@ -471,10 +460,10 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     scale = gamma * invstd
     shift = beta - mean * scale
     store_dx = not batch_stats
-    grad_x = _empty_like_layout(x, b, x.dtype)
+    grad_x = empty_like_layout(x, b, x.dtype)
     # Training mode keeps dY in float32 until the BN sums are known: in grad_x itself when x is
     # float32, else in a B-channel float32 temporary.
-    dst = grad_x if (store_dx or x.dtype == torch.float32) else _empty_like_layout(x, b, torch.float32)
+    dst = grad_x if (store_dx or x.dtype == torch.float32) else empty_like_layout(x, b, torch.float32)
 
     # 1. dgrad + ReLU mask + per-program BN sums
     block_k = _narrow_tile(kout)
@@ -490,7 +479,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
-        tuned = _TUNED_DGRAD[_arch(x)]
+        tuned = _TUNED_DGRAD[device_arch(x.device)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
         ws_dy = torch.empty((triton.cdiv(m, min_block_m), b), dtype=torch.float32, device=x.device)
         ws_dyx = torch.empty_like(ws_dy)
@@ -529,7 +518,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
-        tuned = _TUNED_WGRAD[_arch(x)]
+        tuned = _TUNED_WGRAD[device_arch(x.device)]
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * triton.cdiv(b, 64))
         parts = triton.cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).
@@ -562,7 +551,7 @@ def _triton_bn_relu_conv3x3_fake(x: Tensor, scale: Tensor, shift: Tensor, weight
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dims (N, C, H, W), got {x.dim()}")
     k = weight.shape[0]
-    return (_empty_like_layout(x, k, x.dtype), x.new_empty((k,), dtype=torch.float32),
+    return (empty_like_layout(x, k, x.dtype), x.new_empty((k,), dtype=torch.float32),
             x.new_empty((k,), dtype=torch.float32))
 
 
@@ -597,5 +586,5 @@ def _triton_bn_relu_conv3x3_backward_fake(grad_out: Tensor, x: Tensor, weight: T
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dims (N, C, H, W), got {x.dim()}")
     b = x.shape[1]
-    return (_empty_like_layout(x, b, x.dtype), x.new_empty((b,), dtype=torch.float32),
+    return (empty_like_layout(x, b, x.dtype), x.new_empty((b,), dtype=torch.float32),
             x.new_empty((b,), dtype=torch.float32), weight.new_empty(tuple(weight.shape)))

@@ -49,9 +49,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune
+from . import INTERPRET, autotune, device_arch
 from .indexing import row_nhw
-from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, is_channels_last
+from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout
 
 __all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"]
 
@@ -311,11 +311,6 @@ _DGRAD_TUNED = {
 }
 
 
-def _arch(device: torch.device) -> str:
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
-
-
 # --------------------------------------------------------------------------------------------
 # Input checks (messages name the tensor, style.md)
 # --------------------------------------------------------------------------------------------
@@ -360,16 +355,8 @@ def _check_pooled(t: Tensor, name: str, x: Tensor, cout: int, dtypes: Tuple[torc
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
-def _empty_like_layout(x: Tensor, shape: Tuple[int, int, int, int], dtype: torch.dtype) -> Tensor:
-    """An empty (N, C', H', W') tensor in x's layout (channels_last when x's channel stride is its
-    smallest, channel_stats.is_channels_last): the kernels and the fakes allocate alike."""
-    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
-
-
 def _empty_output(x: Tensor, cout: int) -> Tensor:
-    n, _, h, w = x.shape
-    return _empty_like_layout(x, (n, cout, h // 2, w // 2), x.dtype)
+    return empty_like_layout(x, cout, x.dtype, (x.shape[2] // 2, x.shape[3] // 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,7 +396,7 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
         _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION="ieee", num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
-            _FWD_TUNED[_arch(x.device)][
+            _FWD_TUNED[device_arch(x.device)][
                 lambda meta: (triton.cdiv(p, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
             ](*args, INPUT_PRECISION="ieee")
     return out
@@ -460,7 +447,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     scale = (gamma * invstd).contiguous()
     shift = (beta - mean * scale).contiguous()
     mean, invstd = mean.contiguous(), invstd.contiguous()
-    grad_x = _empty_like_layout(x, (n, c, h, w), x.dtype)
+    grad_x = empty_like_layout(x, c, x.dtype)
 
     # 1. grad_weight: split-K partials over the pooled rows, summed in a fixed order.
     splits, rows_per_split = _wgrad_splits(p, cout, c, dev)
@@ -472,7 +459,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION="ieee", num_warps=4, **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
-            _WGRAD_TUNED[_arch(dev)][
+            _WGRAD_TUNED[device_arch(dev)][
                 lambda meta: (triton.cdiv(cout, meta["BLOCK_O"]), triton.cdiv(c, meta["BLOCK_C"]), splits)
             ](*wgrad_args, INPUT_PRECISION="ieee")
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
@@ -483,7 +470,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         tuned = None
         min_block_p = INTERPRET_DGRAD["BLOCK_P"]
     else:
-        tuned = _DGRAD_TUNED[_arch(dev)]
+        tuned = _DGRAD_TUNED[device_arch(dev)]
         # Sized for the smallest BLOCK_P: autotuning runs every config; the chosen one writes rows
         # [0, cdiv(P, its BLOCK_P)) on its final run, and only those are summed.
         min_block_p = min(cfg.kwargs["BLOCK_P"] for cfg in tuned.configs)
@@ -576,6 +563,6 @@ def _triton_bn_relu_pool_conv1x1_backward_fake(grad_out: Tensor, x: Tensor, weig
     if x.dim() != 4:
         raise ValueError(f"x must have 4 dims (N, C, H, W), got {x.dim()}")
     c = x.shape[1]
-    grad_x = _empty_like_layout(x, tuple(x.shape), x.dtype)
+    grad_x = empty_like_layout(x, x.shape[1], x.dtype)
     return (grad_x, x.new_empty((c,), dtype=torch.float32), x.new_empty((c,), dtype=torch.float32),
             weight.new_empty(weight.shape))
