@@ -31,12 +31,11 @@ from torch import Tensor
 
 from .bn_relu import bn_affine
 from .conv1x1 import conv1x1, conv1x1_backward
-from .dense_block import BlockKernels
+from .dense_block import FusedBlockKernels
 
 __all__ = ["CudaBlockKernels"]
 
 aten = torch.ops.aten
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ops():
@@ -67,17 +66,14 @@ def _bn_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale:
     return sum_dy_xmu * invstd, sum_dy
 
 
-class CudaBlockKernels(BlockKernels):
+class CudaBlockKernels(FusedBlockKernels):
     """BlockKernels on the extension's kernels (the statistics and every BN pass) and ATen GEMMs."""
 
     def __init__(self, group=None) -> None:
         from .channel_stats import channel_stats
-        super().__init__(name="cuda", stats=channel_stats, group=group)
-
-    def _fused(self, x: Tensor) -> bool:
         # The ops have CPU kernels too: tests run this class on the CPU (backend "cuda" itself
         # refuses CPU inputs in backends.resolve_backend).
-        return x.dtype in KERNEL_DTYPES and self.group is None
+        super().__init__(name="cuda", stats=channel_stats, group=group)
 
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):

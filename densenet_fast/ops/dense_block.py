@@ -177,6 +177,18 @@ def untracked_alias(t: Tensor) -> Tensor:
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+# What the fused kernels of the "cuda" and "triton" backends read (fp32 accumulation for all).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class FusedBlockKernels(BlockKernels):
+    """Base of the kernel backends: what their kernels cover, the rest runs BlockKernels' plain
+    PyTorch primitives (float64 data; synchronized BN, whose sums are all-reduced on the host)."""
+
+    def _fused(self, x: Tensor) -> bool:
+        return x.dtype in KERNEL_DTYPES and self.group is None
+
+
 @dataclass
 class BlockSpec:
     """Everything about a block call that is not a differentiable tensor."""

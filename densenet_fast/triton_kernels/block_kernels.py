@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..ops.bn_relu import NormStats, batch_stats, bn_affine
-from ..ops.dense_block import BlockKernels, Destination, untracked_alias
+from ..ops.dense_block import KERNEL_DTYPES, Destination, FusedBlockKernels, untracked_alias
 from .bn_relu_conv1x1 import bn_relu_conv1x1_triton
 from .channel_stats import channel_stats_triton
 from .conv1x1_backward import bn_relu_conv1x1_backward_triton
@@ -39,8 +39,6 @@ from .conv3x3 import bn_relu_conv3x3_backward_triton, bn_relu_conv3x3_triton
 from .transition import bn_relu_pool_conv1x1_backward_triton, bn_relu_pool_conv1x1_triton
 
 __all__ = ["TritonBlockKernels", "KERNEL_DTYPES"]
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ops():
@@ -60,14 +58,11 @@ def stats_triton_or_torch(x: Tensor) -> Tuple[Tensor, Tensor]:
     return channel_stats_triton(x)
 
 
-class TritonBlockKernels(BlockKernels):
+class TritonBlockKernels(FusedBlockKernels):
     """BlockKernels whose four per-layer primitives and transition are Triton kernels."""
 
     def __init__(self, group=None) -> None:
         super().__init__(name="triton", stats=stats_triton_or_torch, group=group)
-
-    def _fused(self, x: Tensor) -> bool:
-        return x.dtype in KERNEL_DTYPES and self.group is None
 
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
