@@ -386,3 +386,41 @@ def test_transition_standalone_on_plain_tensor():
         assert_close(param_grads(ours)[name], g, torch.float64, f"transition grad {name}")
     assert_close(ours.norm.running_var, naive.norm.running_var, torch.float64, "transition running_var")
     assert int(ours.norm.num_batches_tracked) == 1
+
+
+class _BatchNormBackwardLog(TorchDispatchMode):
+    """Records, for every aten.native_batch_norm_backward, (train, save_mean defined, save_invstd defined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.native_batch_norm_backward.default:
+            self.log.append((args[7], args[5] is not None, args[6] is not None))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_norm_backward_gets_saved_statistics(mode):
+    """CUDA's native_batch_norm_backward asserts that save_mean and save_invstd are defined (on its
+    channels_last path, in eval too: an H200 run failed there); the CPU kernel does not check, so
+    the arguments are checked here, and the eval gradients against the naive model."""
+    torch.manual_seed(42)
+    ours = efficient_densenet(growth_rate=4, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=3,
+                              small_inputs=True, backend="torch").double()
+    naive = reference.DenseNet(4, (2, 2), 6, 2, 0, 3, small_inputs=True).double()
+    randomize_bn_(naive, 43)
+    copy_weights(naive, ours)
+    for m in (ours, naive):
+        m.train(mode == "train").to(memory_format=torch.channels_last)
+    x = seeded_input((2, 3, 10, 10), 44, torch.float64, channels_last=True)
+    with _BatchNormBackwardLog() as calls:
+        projection_loss(ours(x), 45).backward()
+    projection_loss(naive(x), 45).backward()
+    assert calls.log, "no native_batch_norm_backward ran"
+    assert all(train == (mode == "train") for train, _, _ in calls.log)
+    assert all(mean and invstd for _, mean, invstd in calls.log), f"save_mean/save_invstd missing: {calls.log}"
+    grads_o, grads_n = param_grads(ours), param_grads(naive)
+    for name in grads_n:
+        assert_close(grads_o[name], grads_n[name], torch.float64, f"{mode}: grad {name}")

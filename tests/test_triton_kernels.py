@@ -222,8 +222,10 @@ def test_bn_relu_conv1x1_custom_op_and_compile():
 
 
 def test_errors_name_the_tensor():
-    x = torch.randn(2, 12, 5, 7)
-    scale, shift, weight = torch.ones(12), torch.zeros(12), torch.randn(24, 12)
+    # on the test device: on a GPU a CPU tensor would be refused for its device before its shape
+    x = torch.randn(2, 12, 5, 7, device=DEVICE)
+    scale, shift = torch.ones(12, device=DEVICE), torch.zeros(12, device=DEVICE)
+    weight = torch.randn(24, 12, device=DEVICE)
     with pytest.raises(ValueError, match="x must have 4 dims .*got 3"):
         channel_stats_triton(x[0])
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int32"):
@@ -233,11 +235,11 @@ def test_errors_name_the_tensor():
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int64"):
         bn_relu_conv1x1_triton(x.long(), scale, shift, weight)
     with pytest.raises(ValueError, match=r"scale must have shape \(12,\)"):
-        bn_relu_conv1x1_triton(x, torch.ones(11), shift, weight)
+        bn_relu_conv1x1_triton(x, torch.ones(11, device=DEVICE), shift, weight)
     with pytest.raises(TypeError, match="shift must be float32, got torch.float16"):
         bn_relu_conv1x1_triton(x, scale, shift.half(), weight)
     with pytest.raises(ValueError, match=r"weight must have shape \(Cout, 12\)"):
-        bn_relu_conv1x1_triton(x, scale, shift, torch.randn(24, 13))
+        bn_relu_conv1x1_triton(x, scale, shift, torch.randn(24, 13, device=DEVICE))
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,13 +192,12 @@ def bn_relu_backward(grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, wei
     if stats.batch and stats.group is not None:
         return _synced_bn_backward(grad_y, x, stats, weight, eps)
     w = weight.to(stats.mean.dtype)
-    if stats.batch:
-        invstd = torch.rsqrt(stats.var + eps)
-        gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, None, None, stats.mean, invstd, True, eps,
-                                                     [True, True, True])
-    else:
-        gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, stats.mean, stats.var, None, None, False, eps,
-                                                     [True, True, True])
+    invstd = torch.rsqrt(stats.var + eps)
+    # save_mean / save_invstd are passed in eval too: CUDA's kernel asserts they are defined on
+    # its channels_last path ("save_mean should always be defined", seen on an H200, torch 2.11)
+    running = (None, None) if stats.batch else (stats.mean, stats.var)
+    gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, *running, stats.mean, invstd, stats.batch, eps,
+                                                 [True, True, True])
     return gx, gw.to(weight.dtype), gb.to(weight.dtype)
 
 
