@@ -96,7 +96,7 @@ def test_cuda_backend_on_cpu_input():
     the build command) or it has them and the input is on the wrong device (ValueError); both
     messages name backend='cuda' and say what to do."""
     block = densenet_fast.DenseBlock(2, 5, 2, 3, backend="cuda")
-    with pytest.raises((ValueError, RuntimeError), match=r"backend='cuda' needs (CUDA tensors|the extension)") as info:
+    with pytest.raises((ValueError, RuntimeError), match=r"backend='cuda' needs (CUDA tensors|the compiled extension)") as info:
         block(torch.randn(2, 5, 4, 4))
     assert "backend='torch'" in str(info.value) or "pip install" in str(info.value)
     net = _small_net(backend="cuda")
