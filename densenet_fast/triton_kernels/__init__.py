@@ -52,7 +52,29 @@ def device_arch(device) -> str:
 AUTOTUNE = os.environ.get("DENSENET_FAST_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Timing of each candidate configuration while autotuning, in milliseconds of warm-up and of
+# repetitions (triton's defaults are 25 and 100).  A model autotunes each kernel for every block
+# and channel bucket, i.e. dozens of keys of 4-7 configurations each: with the defaults that is a
+# minute or more of timing alone before the first step (an H200 lease timed out in it), while the
+# kernels take 10-500 us, so 25 ms still averages 50-2500 runs per configuration.
+AUTOTUNE_WARMUP_MS = float(os.environ.get("DENSENET_FAST_TRITON_AUTOTUNE_WARMUP_MS", "5"))
+AUTOTUNE_REP_MS = float(os.environ.get("DENSENET_FAST_TRITON_AUTOTUNE_REP_MS", "25"))
+
+
+def _time_config(kernel_call, quantiles):
+    """The autotuner's timing of one configuration (triton.testing.do_bench, shorter)."""
+    from triton.testing import do_bench
+    return do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def autotune(configs, key, **kwargs):
-    """triton.autotune over `configs`, or over configs[:1] only when AUTOTUNE is off."""
+    """triton.autotune over `configs`, or over configs[:1] only when AUTOTUNE is off.
+
+    On a GPU each configuration is timed by `_time_config`, and the choice per key is kept in
+    triton's on-disk cache (cache_results), so a second process with the same kernels and shapes
+    (the next training run, the benchmark after the tests) does not time them again."""
     import triton as _triton
+    if not INTERPRET:
+        kwargs.setdefault("do_bench", _time_config)
+        kwargs.setdefault("cache_results", True)
     return _triton.autotune(configs=list(configs) if AUTOTUNE else list(configs)[:1], key=key, **kwargs)
