@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from ..backends import BACKENDS
+
 DESCRIPTION = ("Train a densenet_fast DenseNet (SGD, Nesterov momentum, lr / 10 at 50% and 75% of the epochs) "
                "on one process or under torchrun (DDP).  Writes OUTPUT_DIR/metrics.csv, curves.png and "
                "checkpoints/last.pt every epoch; the last line on stdout is 'final test accuracy: X', X a "
@@ -85,7 +87,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                        + ", ".join(f"{k} {v.model}" for k, v in d.items()) + ")")
     model.add_argument("--naive", action="store_true", help="the naive model (memory_efficient=False: torch.cat "
                                                             "per layer) instead of the memory-efficient one")
-    model.add_argument("--backend", default="auto", choices=("auto", "torch", "cuda"),
+    model.add_argument("--backend", default="auto", choices=BACKENDS,
                        help="kernels of the memory-efficient model (default auto)")
     model.add_argument("--save-bottleneck", action="store_true",
                        help="keep the bottleneck activations for a faster backward (more memory)")
