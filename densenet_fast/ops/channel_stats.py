@@ -69,6 +69,10 @@ def channel_stats(x: Tensor) -> Tuple[Tensor, Tensor]:
     Differentiable (gradients flow to x through both outputs).
     """
     if x.device.type in _KERNEL_DEVICES:
+        # Checked here first, so that bad input through this function never depends on a C++
+        # exception crossing the extension (one such throw killed the process on an H200
+        # machine whose image compiles extensions with its own /opt/gcc; cause not established).
+        _check_input(x)
         return torch.ops.densenet_fast.channel_stats(x)
     return channel_stats_torch(x)
 
