@@ -9,6 +9,7 @@ from . import reference
 from ._ext import HAS_C
 from .backends import BACKENDS, available_backends
 from .convert import convert
+from .graphs import GraphedStep
 from .models import (DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc,
                      get_model)
 from .modules import DenseBlock, DenseLayer, Transition
@@ -19,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseLayer", "DenseBlock", "Transition", "DenseNet",
     "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc", "get_model",
-    "convert", "convert_sync_batchnorm", "available_backends", "BACKENDS", "HAS_C", "reference", "__version__",
+    "convert", "convert_sync_batchnorm", "GraphedStep", "available_backends", "BACKENDS", "HAS_C", "reference", "__version__",
 ]
