@@ -10,7 +10,7 @@ reduction plus one elementwise pass, with no intermediate kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -38,18 +38,37 @@ class NormStats:
     batch: bool
     count: Optional[int] = None   # values per channel over the whole process group (sync BN)
     group: Any = None             # torch.distributed group whose backward sums are reduced, or None
+    # bn_affine's results for these statistics (the block keeps each layer's NormStats for its
+    # backward, so the recompute there reuses the forward's vectors)
+    memo: Dict[Any, Tuple[Tensor, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def slice(self, c0: int, c1: int) -> "NormStats":
         return NormStats(self.mean[c0:c1], self.var[c0:c1], self.batch, self.count, self.group)
 
 
+def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any, ...]]:
+    """What bn_affine's result depends on besides the statistics; None (no memo) while tracing."""
+    if torch.compiler.is_compiling() or is_fake(weight):  # dynamo may not trace is_fake: ask it second
+        return None
+    return eps, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version
+
+
 def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean, invstd, scale, shift), float32 contiguous (C,): the fused kernels' form of a BN,
-    relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias)."""
+    relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias).
+
+    Kept in stats.memo (per eps and parameter storage and version): a layer's backward asks for
+    the same four vectors as its forward, and each computation is four tiny launches."""
+    key = _affine_key(weight, bias, eps)
+    hit = stats.memo.get(key) if key is not None else None
+    if hit is not None:
+        return hit  # type: ignore[return-value]
     mean = stats.mean.float().contiguous()
     invstd = torch.rsqrt(stats.var.float() + eps)
     scale = weight.float() * invstd
-    shift = bias.float() - mean * scale
+    shift = torch.addcmul(bias.float(), mean, scale, value=-1.0)
+    if key is not None:
+        stats.memo[key] = (mean, invstd, scale, shift)
     return mean, invstd, scale, shift
 
 

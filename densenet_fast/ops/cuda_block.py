@@ -117,19 +117,18 @@ class CudaBlockKernels(FusedBlockKernels):
         mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps)
         count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
         scratch = _scratch_like(fbuf, min(step, cl))
-        d_w1 = torch.empty_like(w1)
-        d_g1 = torch.empty(cl, dtype=torch.float32, device=fbuf.device)
-        d_b1 = torch.empty_like(d_g1)
+        parts = []  # (d_w1, d_g1, d_b1) of each chunk: one chunk needs no copy, several one cat each
         for a in range(0, cl, step):
             e = min(cl, a + step)
             xc = fbuf[:, a:e]
             z = scratch[:, : e - a]
             _ops().bn_relu_out(xc, scale[a:e], shift[a:e], z)
             d_z, d_wc = conv1x1_backward(d_bt, z, w1[:, a:e])
-            d_g1[a:e], d_b1[a:e] = _bn_backward(d_z, xc, mean[a:e], invstd[a:e], scale[a:e], shift[a:e],
-                                                stats1.batch, count, grad_acc[:, a:e], True)
-            d_w1[:, a:e].copy_(d_wc)
+            d_gc, d_bc = _bn_backward(d_z, xc, mean[a:e], invstd[a:e], scale[a:e], shift[a:e], stats1.batch, count,
+                                      grad_acc[:, a:e], True)
+            parts.append((d_wc, d_gc, d_bc))
             del d_z
+        d_w1, d_g1, d_b1 = parts[0] if len(parts) == 1 else [torch.cat(p, dim=i) for p, i in zip(zip(*parts), (1, 0, 0))]
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
 
     def bn_relu_chunk(self, x, stats, weight, bias, eps):

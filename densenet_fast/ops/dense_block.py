@@ -204,7 +204,10 @@ class BlockSpec:
 
 @dataclass
 class _LayerRecord:
-    stats1: Optional[NormStats]   # None: the batch-statistics cache slice [:C_l]
+    # Batch statistics: views of the block's cache, kept with bn_affine's memo (eager), or None
+    # under torch.compile (a traced Function may not keep views of its intermediates; the
+    # backward slices the cache again); eval: a snapshot of the running statistics.
+    stats1: Optional[NormStats]
     stats2: NormStats
     seed: Optional[int]           # dropout: the generator seed that reproduces the mask
     bottleneck: Optional[Tensor] = None
@@ -359,8 +362,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
             if new_stats is None or group is not None:
                 new_stats = spec.kernels.channel_stats(dst)
             mean[cl:cl + k], var[cl:cl + k] = new_stats
-        records.append(_LayerRecord(None if stats1.batch else stats1, stats2, seed,
-                                    bt if spec.save_bottleneck else None))
+        keep1 = not (stats1.batch and torch.compiler.is_compiling())
+        records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed, bt if spec.save_bottleneck else None))
     update_running_stats_many_(pending, count)
     return fbuf, mean, var, records
 

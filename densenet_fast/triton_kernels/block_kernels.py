@@ -88,8 +88,8 @@ class TritonBlockKernels(FusedBlockKernels):
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
         if not self._fused(bt):
             return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
-        invstd = torch.rsqrt(stats2.var.float() + eps)
-        args = (d_out, bt, w2, stats2.mean.float(), invstd, g2.float(), b2.float(), stats2.batch)
+        mean, invstd, _, _ = bn_affine(stats2, g2, b2, eps)  # the forward's, kept on stats2
+        args = (d_out, bt, w2, mean, invstd, g2.float(), b2.float(), stats2.batch)
         if _compiling():
             d_bt, d_g2, d_b2, d_w2 = _ops().triton_bn_relu_conv3x3_backward(*args)
         else:
@@ -99,8 +99,8 @@ class TritonBlockKernels(FusedBlockKernels):
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
         if not self._fused(fbuf) or grad_acc.dtype != torch.float32:
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
-        invstd = torch.rsqrt(stats1.var.float() + eps)
-        args = (d_bt, fbuf[:, :cl], w1, stats1.mean.float(), invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
+        mean, invstd, _, _ = bn_affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
+        args = (d_bt, fbuf[:, :cl], w1, mean, invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
         if _compiling():
             d_g1, d_b1, d_w1 = _ops().triton_bn_relu_conv1x1_backward(*args)
         else:
