@@ -9,11 +9,16 @@ that needs the kernels calls :func:`require_extension`, whose error says how to 
   require_extension raise a RuntimeError with the build command unless HAS_C
   has_cuda_kernels  whether the ops have CUDA kernels (the extension was built with nvcc)
   kernel_devices    the device types ("cpu", "cuda") for which an op has a compiled kernel
+
+DENSENET_FAST_NO_EXTENSION=1 (read at import) leaves the extension unloaded, as if it were not
+built: the plain-PyTorch paths run (e.g. the torch 2.11 test lane, scripts/test_compat.sh, whose
+checkout holds an extension built against another torch).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import FrozenSet, Optional
 
 import torch
@@ -24,14 +29,17 @@ BUILD_COMMAND = "CUDA_HOME=/usr/local/cuda DENSENET_FAST_FORCE_CUDA_BUILD=1 pip 
 EXTENSION = f"{__package__}._C"
 
 try:
+    if os.environ.get("DENSENET_FAST_NO_EXTENSION", "0") == "1":
+        raise ModuleNotFoundError(f"{EXTENSION} left unloaded: DENSENET_FAST_NO_EXTENSION=1", name=EXTENSION)
     # Loading the library registers its ops as torch.ops.densenet_fast.*.
     importlib.import_module(EXTENSION)
 except ModuleNotFoundError as exc:
     if exc.name != EXTENSION:
         raise
     HAS_C = False
-    IMPORT_ERROR: Optional[str] = (f"no module {EXTENSION}: it was not built "
-                                   "(DENSENET_FAST_SKIP_CUDA_BUILD=1, a CPU-only torch or no nvcc at install time)")
+    IMPORT_ERROR: Optional[str] = str(exc) if "DENSENET_FAST_NO_EXTENSION" in str(exc) else (
+        f"no module {EXTENSION}: it was not built "
+        "(DENSENET_FAST_SKIP_CUDA_BUILD=1, a CPU-only torch or no nvcc at install time)")
 except (ImportError, OSError) as exc:  # built, but does not load (ABI or library mismatch)
     HAS_C = False
     IMPORT_ERROR = f"{EXTENSION} failed to load: {type(exc).__name__}: {exc}"

@@ -4,6 +4,7 @@ densenet_fast/_ext.py, the kernels it registers, and setup.py's decision to buil
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,23 @@ def test_package_works_when_extension_is_missing():
             torch.testing.assert_close(got, want.float())
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_extension_switch_leaves_it_unloaded():
+    """DENSENET_FAST_NO_EXTENSION=1: the extension stays unloaded (its ops unregistered) and
+    IMPORT_ERROR names the switch; the plain-PyTorch path serves channel_stats."""
+    script = textwrap.dedent("""
+        import torch
+        from densenet_fast import _ext
+        from densenet_fast.ops.channel_stats import channel_stats
+        assert not _ext.HAS_C and "DENSENET_FAST_NO_EXTENSION=1" in _ext.IMPORT_ERROR, _ext.IMPORT_ERROR
+        assert not hasattr(torch.ops.densenet_fast, "channel_stats") or not _ext.kernel_devices("channel_stats")
+        mean, var = channel_stats(torch.randn(2, 3, 4, 4))
+        assert mean.shape == (3,) and var.shape == (3,)
+    """)
+    env = {**os.environ, "DENSENET_FAST_NO_EXTENSION": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
 
 
