@@ -21,4 +21,4 @@ $PY -m pip install -q "numpy<2.3" pytest scikit-learn rich matplotlib pillow sym
 site() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 [ -e "$(site $PY)/nvidia" ] || ln -s "$(site $MAIN/bin/python)/nvidia" "$(site $PY)/nvidia"
 $PY -c 'import torch, triton; print(f"compat lane: torch {torch.__version__}, triton {triton.__version__}")'
-DENSENET_FAST_NO_EXTENSION=1 PYTHONPATH=$PWD $PY -m pytest -q tests "$@"
+DENSENET_FAST_NO_EXTENSION=1 PYTHONPATH=$PWD $PY -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" tests "$@"
