@@ -21,7 +21,7 @@ the running statistics, as any training step does.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,7 +53,8 @@ class GraphedStep:
     x_example: (N, ...) CUDA tensor with the shape (and memory format) every call will use;
     y_example: the matching targets.  autocast_dtype: run the forward under torch.autocast.
     warmup: eager steps on a side stream before capture.  Calling returns the loss tensor of the
-    graph (overwritten by the next call: clone it to keep it).
+    graph; `output` holds the model's output of the last replay (both overwritten by the next
+    call: clone them to keep them).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor], x_example: Tensor,
@@ -80,15 +81,15 @@ class GraphedStep:
             p.grad = None
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss = self._step()
+            self.loss, self.output = self._step()
         self.grads = [p.grad for p in self.params]
 
-    def _step(self) -> Tensor:
+    def _step(self) -> Tuple[Tensor, Tensor]:
         with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float16, enabled=self.autocast_dtype is not None):
             out = self.model(self.x)
         loss = self.loss_fn(out.float(), self.y)
         loss.backward()
-        return loss.detach()
+        return loss.detach(), out.detach()
 
     def __call__(self, x: Optional[Tensor] = None, y: Optional[Tensor] = None) -> Tensor:
         """Replay with new inputs (copied into the captured ones; None keeps the last)."""

@@ -129,6 +129,44 @@ def test_large_mean_input_statistics(backend):
             assert_within_naive_error(block.state_dict()[name], buf, exact.state_dict()[name], torch.float32, name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
+def test_train_cuda_graph_matches_eager(tmp_path, monkeypatch, backend):
+    """`densenet-fast train --cuda-graph` follows the eager run: 72 images in batches of 16 are four
+    replays of the captured step and one eager step (the short last batch); the epoch's loss and
+    every parameter and buffer afterwards agree with the eager run's (float32; the tolerance covers
+    cuDNN's TF32 convolutions, which both runs use)."""
+    if DEVICE != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    _backend_or_skip(backend)
+    from densenet_fast.train import parse_args, train
+    from densenet_fast.train import engine
+
+    replays = []
+    original = engine.GraphedTrainStep.__call__
+
+    def counted(self, x, y):
+        out = original(self, x, y)
+        replays.append(out is not None)
+        return out
+
+    monkeypatch.setattr(engine.GraphedTrainStep, "__call__", counted)
+    common = ["--dataset", "synthetic", "--model", "densenet_bc_16_4", "--epochs", "1", "--batch-size", "16",
+              "--train-samples", "72", "--test-samples", "16", "--image-size", "16", "--backend", backend,
+              "--device", "cuda", "--seed", "3", "--no-progress", "--no-plot"]
+    eager = train(parse_args(common + ["--output-dir", str(tmp_path / "eager")]))
+    graphed = train(parse_args(common + ["--cuda-graph", "--output-dir", str(tmp_path / "graphed")]))
+    assert replays == [True] * 4 + [False], replays
+    torch.testing.assert_close(graphed["history"][0]["train_loss"], eager["history"][0]["train_loss"],
+                               rtol=1e-3, atol=0)
+    se, sg = eager["model"].state_dict(), graphed["model"].state_dict()
+    for name, value in se.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(sg[name], value, rtol=1e-3, atol=1e-4 * max(value.abs().max().item(), 1e-3),
+                                       msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(sg[name], value), name
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_graphed_step_matches_eager(backend):
     """Two replays of a captured training step give the gradients and running statistics of two

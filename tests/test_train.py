@@ -193,6 +193,54 @@ def _spawn(case: str) -> None:
     mp.spawn(_ddp_worker, args=(2, _free_port(), case), nprocs=2, join=True)
 
 
+class _EagerGraphedStep:
+    """densenet_fast.GraphedStep's interface run eagerly on the CPU: warm-up steps that move the
+    running statistics (as the real capture's do), then one eager step per call."""
+
+    def __init__(self, model, loss_fn, x, y, autocast_dtype=None, warmup=3):
+        self.model, self.loss_fn, self.x, self.y = model, loss_fn, x.clone(), y.clone()
+        for _ in range(warmup):
+            self._step()
+        for p in model.parameters():
+            p.grad = None
+
+    def _step(self):
+        for p in self.model.parameters():
+            p.grad = None
+        out = self.model(self.x)
+        loss = self.loss_fn(out.float(), self.y)
+        loss.backward()
+        self.output = out.detach()
+        return loss.detach()
+
+    def __call__(self, x, y):
+        self.x.copy_(x)
+        self.y.copy_(y)
+        return self._step()
+
+
+def test_graphed_train_epoch_matches_eager(monkeypatch):
+    """train_epoch with a GraphedTrainStep (--cuda-graph), the graph replaced by an eager stand-in so
+    that it runs on the CPU: full batches go through the step object, the short last batch runs
+    eagerly, the capture's warm-up leaves no trace in the running statistics, and the result equals
+    plain train_epoch's (float64)."""
+    from densenet_fast import graphs
+    from densenet_fast.train.engine import GraphedTrainStep
+
+    monkeypatch.setattr(graphs, "GraphedStep", _EagerGraphedStep)
+    gen = torch.Generator().manual_seed(8)
+    batches = [(torch.randn(n, 3, 8, 8, generator=gen, dtype=torch.float64),
+                torch.randint(0, BC["num_classes"], (n,), generator=gen)) for n in (6, 6, 6, 4)]
+    plain, stepped = _efficient_model(), _efficient_model()
+    _fit(Prepared(plain, plain, None), batches)
+    graphed = GraphedTrainStep(stepped)
+    opt = make_optimizer(stepped, argparse.Namespace(lr=0.1, momentum=0.9, weight_decay=1e-4))
+    totals = train_epoch(Prepared(stepped, stepped, None), batches, opt, torch.amp.GradScaler("cpu", enabled=False),
+                         torch.device("cpu"), graphed=graphed)
+    assert graphed.replays == 3 and totals.reduce(distributed.DistEnv())["images"] == 22
+    _assert_same_state(stepped, plain, "graphed train_epoch")
+
+
 def test_ddp_matches_naive_model():
     _spawn("naive")
 
@@ -248,7 +296,8 @@ def _bad_cifar(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["missing-path", "empty-dir", "wrong-format", "unknown-model", "unknown-dataset"])
+@pytest.mark.parametrize("case", ["missing-path", "empty-dir", "wrong-format", "unknown-model", "unknown-dataset",
+                                  "cuda-graph-on-cpu", "cuda-graph-clash"])
 def test_bad_request_is_one_line(tmp_path, case):
     """Exit status 2, one line on stderr naming the problem, no traceback, nothing on stdout."""
     args, expect = {
@@ -258,6 +307,9 @@ def test_bad_request_is_one_line(tmp_path, case):
                          "not a CIFAR-10 python batch"),
         "unknown-model": (["--model", "densenet_bc_11_12"], "--model densenet_bc_11_12"),
         "unknown-dataset": (["--dataset", "mnist"], "invalid choice"),
+        "cuda-graph-on-cpu": (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs one process on a GPU"),
+        "cuda-graph-clash": (["--cuda-graph", "--accum-steps", "2", "--batch-size", "8"],
+                             "--cuda-graph cannot be combined with --accum-steps > 1"),
     }[case]
     proc = _run(args + ["--output-dir", str(tmp_path / "out")], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)

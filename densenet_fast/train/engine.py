@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -115,20 +115,63 @@ class Totals:
         return {"loss": loss_sum / max(images, 1), "acc": correct / max(images, 1), "images": int(images)}
 
 
+class GraphedTrainStep:
+    """--cuda-graph: the training step as one CUDA graph (densenet_fast.GraphedStep), captured at the
+    first batch and replayed for every batch of its shape.
+
+    Capturing runs a few eager warm-up steps; the model's buffers (running statistics, batch
+    counters) are put back afterwards, so the captured run follows the eager one step for step.
+    Calling returns (logits, loss) of the replay, or None for a batch of another shape (the caller
+    runs that one eagerly)."""
+
+    def __init__(self, model: nn.Module, amp: str = "none") -> None:
+        self.model, self.amp = model, amp
+        self.step = None
+        self.replays = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        from ..graphs import GraphedStep
+
+        if self.step is None:
+            saved = [b.detach().clone() for b in self.model.buffers()]
+            self.step = GraphedStep(self.model, F.cross_entropy, x, y, autocast_dtype=AMP_DTYPES[self.amp])
+            with torch.no_grad():
+                for b, old in zip(self.model.buffers(), saved):
+                    b.copy_(old)
+        elif x.shape != self.step.x.shape or y.shape != self.step.y.shape:
+            return None
+        loss = self.step(x, y)
+        self.replays += 1
+        return self.step.output, loss
+
+
 def train_epoch(prepared: Prepared, batches: Iterable, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, device: torch.device, amp: str = "none", accum_steps: int = 1,
-                on_step: Optional[Callable[[int], None]] = None) -> Totals:
+                on_step: Optional[Callable[[int], None]] = None,
+                graphed: Optional[GraphedTrainStep] = None) -> Totals:
     """One pass over `batches` (sized), one optimizer step per `accum_steps` micro-batches.
 
     Each micro-batch's mean loss is divided by the number of micro-batches in its group (the last
     group of an epoch may be short), so a group's gradient is the mean of its micro-batches'; DDP
-    all-reduces only on a group's last micro-batch (no_sync before).
+    all-reduces only on a group's last micro-batch (no_sync before).  graphed: replay each batch
+    of the captured shape through it (accum_steps 1, no loss scaling; options.resolve checks).
     """
     prepared.model.train()
     totals = Totals(device)
     n = len(batches)  # type: ignore[arg-type]
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(batches):
+        replayed = graphed(x, y) if graphed is not None else None
+        if replayed is not None:
+            logits, loss = replayed
+            optimizer.step()
+            # the next replay re-points p.grad at the captured gradients; an eager step must not
+            # accumulate into them
+            optimizer.zero_grad(set_to_none=True)
+            totals.add(logits, y, loss)
+            if on_step is not None:
+                on_step(i)
+            continue
         group_start = i - i % accum_steps
         group_size = min(accum_steps, n - group_start)
         last = i == group_start + group_size - 1

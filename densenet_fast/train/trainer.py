@@ -13,7 +13,8 @@ import torch
 from ..backends import resolve_backend
 from . import checkpoint, distributed
 from .data import augmentation_generator, load_data, test_indices, train_indices
-from .engine import build_model, evaluate, make_optimizer, make_scheduler, prepare_model, train_epoch
+from .engine import (GraphedTrainStep, build_model, evaluate, make_optimizer, make_scheduler, prepare_model,
+                     train_epoch)
 from .options import TrainError, build_parser, resolve, trajectory_config
 from .report import Progress, epoch_line, peak_memory_mb, plot_curves, write_csv
 
@@ -56,6 +57,9 @@ class _Run:
                 resolve_backend(args.backend, device)
             except (RuntimeError, ValueError) as exc:
                 raise TrainError(f"--backend {args.backend}: {' '.join(str(exc).split())}") from None
+        if args.cuda_graph and (device.type != "cuda" or env.distributed):
+            raise TrainError(f"--cuda-graph needs one process on a GPU, got {env.world_size} process(es) on "
+                             f"{device.type}")
         self.data = load_data(args)
         resume_state = checkpoint.load(args.resume) if args.resume else None
         self.config = {**trajectory_config(args), "sync_bn": args.sync_bn and env.distributed}
@@ -68,6 +72,7 @@ class _Run:
             _log(env, "note: --sync-bn has no effect in a single process", err=True)
         self.prepared = prepare_model(model, device, env, sync_bn=args.sync_bn, channels_last=args.channels_last,
                                       compile=args.compile)
+        self.graphed = GraphedTrainStep(self.prepared.raw, args.amp) if args.cuda_graph else None
         self.optimizer = make_optimizer(self.prepared.raw, args)
         self.scheduler = make_scheduler(self.optimizer, args)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -106,7 +111,7 @@ class _Run:
         t0 = time.perf_counter()
         try:
             totals = train_epoch(self.prepared, batches, self.optimizer, self.scaler, device, args.amp,
-                                 args.accum_steps, on_step=lambda i: self.progress.advance())
+                                 args.accum_steps, on_step=lambda i: self.progress.advance(), graphed=self.graphed)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         finally:
