@@ -52,7 +52,7 @@ if [ "$STAGE" = check ]; then
     nvcc --version | tail -2
     echo "CC=${CC:-} CXX=${CXX:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
     ${CXX:-c++} --version | head -1; /usr/bin/g++ --version | head -1
-    $PY -c "import torch; print([l.strip() for l in torch.__config__.show().splitlines() if 'GCC' in l or 'CXX_COMPILER' in l or 'CXX_FLAGS' in l][:3])"
+    $PY -c "import re, torch; c = torch.__config__.show(); print('torch built with', re.findall(r'GCC [0-9.]+', c)[:1], re.findall(r'CXX_COMPILER=([^,]+)', c)[:1])"
   } 2>&1 | tee "$OUT/env.txt"
 
   stamp "build (image compiler) || build (system g++) || Triton tests"
