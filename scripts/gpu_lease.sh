@@ -100,16 +100,7 @@ if [ "$STAGE" = check ]; then
       tests/test_fused_bn.py tests/test_cuda_backend.py
     echo "CUDA tests: pytest exit $?" ) >"$OUT/cu.log" 2>&1 &
   cu_pid=$!
-  SAN=""
-  for cand in "$CUDA_HOME/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer)"; do
-    [ -n "$cand" ] && [ -x "$cand" ] && { SAN=$cand; break; }
-  done
-  # the -k selections of gpu_session.sh: every kernel path of csrc/ (see NOTES-gpu.md, compute-sanitizer)
-  FUSED='bn_ and (vector-tail or vector-9x32) and (float16-float32 or float32-float32) and not bfloat16'
-  STATS='matches_reference and kernel and (c12-at13 or c24-64x64)'
-  MEMCHECK_K="cuda and (($FUSED and not float16-float16 and not write-train and not eval) or ($STATS and not bfloat16) \
-or in_place or empty_inputs)"
-  RACECHECK_K="cuda and (($FUSED and backward_reduce and (same or channels_last-other)) or ($STATS and (float32 or float64)))"
+  source scripts/sanitizer_selection.sh  # SAN, MEMCHECK_K, RACECHECK_K
   ( [ -n "$SAN" ] || echo "compute-sanitizer: not found; skipped"
     for run in "memcheck 90 $MEMCHECK_K" "racecheck 60 $RACECHECK_K"; do
       [ -n "$SAN" ] || break

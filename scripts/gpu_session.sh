@@ -92,16 +92,7 @@ if [ "$TESTS" = all ]; then
   # allocator is off so that every tensor is its own allocation, CUDA API errors of torch's own
   # probing are not reported, and exit 86 means the tool found errors (pytest's exit 1 means a
   # test failed). At most ~90 s in all; output appended to tests.log.
-  SAN=""
-  for cand in "$CUDA_HOME/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer "$(command -v compute-sanitizer)"; do
-    [ -n "$cand" ] && [ -x "$cand" ] && { SAN=$cand; break; }
-  done
-  # -k selections over the ids of tests/test_fused_bn.py and tests/test_channel_stats.py (70 and 20 tests)
-  FUSED='bn_ and (vector-tail or vector-9x32) and (float16-float32 or float32-float32) and not bfloat16'
-  STATS='matches_reference and kernel and (c12-at13 or c24-64x64)'
-  MEMCHECK_K="cuda and (($FUSED and not float16-float16 and not write-train and not eval) or ($STATS and not bfloat16) \
-or in_place or empty_inputs)"
-  RACECHECK_K="cuda and (($FUSED and backward_reduce and (same or channels_last-other)) or ($STATS and (float32 or float64)))"
+  source scripts/sanitizer_selection.sh  # SAN, MEMCHECK_K, RACECHECK_K
   if [ -z "$SAN" ]; then
     echo "compute-sanitizer: not found in $CUDA_HOME/bin, /usr/local/cuda/bin or PATH; skipped" | tee -a "$OUT/tests.log"
   fi

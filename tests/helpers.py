@@ -3,8 +3,28 @@ import mode puts tests/ on sys.path, since tests/ is not a package)."""
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records the ops dispatched inside the context: `entries` holds record(func, args) for each
+    (func an OpOverload, args as passed) where it is not None; by default the op's name
+    ("aten::copy_", "densenet_fast::channel_stats")."""
+
+    def __init__(self, record: Optional[Callable[[Any, tuple], Any]] = None):
+        super().__init__()
+        self.record = record or (lambda func, args: func.name())
+        self.entries = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        entry = self.record(func, args)
+        if entry is not None:
+            self.entries.append(entry)
+        return func(*args, **(kwargs or {}))
 
 
 def _nonfinite(t: Tensor) -> str:

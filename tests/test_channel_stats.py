@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from helpers import assert_close_report
+from helpers import DispatchLog, assert_close_report
 
 from densenet_fast import _ext
 from densenet_fast.ops.channel_stats import channel_stats, channel_stats_torch, stats_dtype
@@ -150,17 +149,8 @@ def test_bad_inputs_raise_naming_x(device, impl, make, error, message):
         run(impl, make(device))
 
 
-class _OpCalls(TorchDispatchMode):
-    """Names of the densenet_fast ops dispatched inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "densenet_fast":
-            self.names.append(func.name())
-        return func(*args, **(kwargs or {}))
+def _our_ops() -> DispatchLog:
+    return DispatchLog(lambda func, args: func.name() if func.namespace == "densenet_fast" else None)
 
 
 @pytest.mark.parametrize("make, error, message", BAD_INPUTS)
@@ -170,12 +160,12 @@ def test_public_function_checks_before_the_op(device, make, error, message):
     not survive on one GPU machine), with the op's own message."""
     kernel_op(device)
     x = make(device)
-    with _OpCalls() as calls, pytest.raises(error, match=message):
+    with _our_ops() as calls, pytest.raises(error, match=message):
         channel_stats(x)
-    assert not calls.names, f"the op ran on bad input: {calls.names}"
-    with _OpCalls() as calls:
+    assert not calls.entries, f"the op ran on bad input: {calls.entries}"
+    with _our_ops() as calls:
         channel_stats(make_buffer(2, 5, 3, 3, torch.float32, torch.contiguous_format, device))
-    assert calls.names == ["densenet_fast::channel_stats"], calls.names
+    assert calls.entries == ["densenet_fast::channel_stats"], calls.entries
 
 
 @pytest.mark.parametrize("device", DEVICES)

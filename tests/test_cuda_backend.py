@@ -21,6 +21,7 @@ import torch
 import densenet_fast
 from densenet_fast import _ext, reference
 from builders import param_grads, randomize_bn_, seeded_input
+from helpers import DispatchLog
 from tolerances import assert_model_within_naive_error, assert_within_naive_error
 
 if not _ext.HAS_C or not hasattr(torch.ops.densenet_fast, "bn_relu_out"):
@@ -152,24 +153,13 @@ def test_backward_reuses_forward_affine():
     """Each BN's (mean, invstd, scale, shift) is computed once, in the forward, and kept on the
     layer's statistics: the backward's recompute of the bottleneck and both BN backwards launch no
     rsqrt of their own (each such recompute was five tiny launches per BN on the GPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class _Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(6)
     block = densenet_fast.DenseBlock(3, 6, 2, 4, backend="torch")
     x = seeded_input((2, 6, 5, 5), 7).requires_grad_(True)
-    with _Ops() as fwd:
+    with DispatchLog(lambda func, args: func.overloadpacket.__name__) as fwd:
         f, _, _ = run_dense_block(x, list(block.values()), CudaBlockKernels())
-    with _Ops() as bwd:
+    with DispatchLog(lambda func, args: func.overloadpacket.__name__) as bwd:
         f.sum().backward()
-    assert fwd.names.count("rsqrt") == 2 * 3, fwd.names.count("rsqrt")  # norm1 and norm2 of 3 layers
-    assert bwd.names.count("rsqrt") == 0, bwd.names
+    assert fwd.entries.count("rsqrt") == 2 * 3, fwd.entries.count("rsqrt")  # norm1 and norm2 of 3 layers
+    assert bwd.entries.count("rsqrt") == 0, bwd.entries
     assert x.grad is not None and all(p.grad is not None for p in block.parameters())

@@ -12,12 +12,12 @@ import copy
 import pytest
 import torch
 import torchvision.models.densenet as tvd
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import densenet_fast
 from densenet_fast import reference
 from builders import (assert_same_keys, copy_weights, param_grads, projection_loss, randomize_bn_, seeded_input,
                       states, torchvision_densenet, train_steps, efficient_densenet)
+from helpers import DispatchLog
 from tolerances import assert_close, assert_within_naive_error
 
 DTYPES = [torch.float64, torch.float32]
@@ -323,25 +323,18 @@ def test_densenet_transitions_write_into_block_buffers():
     seen = {}
     model.features.transition1.register_forward_hook(lambda m, args, out: seen.__setitem__("t1", out))
     model.features.transition2.register_forward_pre_hook(lambda m, args: seen.__setitem__("f2", args[0]))
-    with _CopyLog() as copies:
+    with _copy_log() as copies:
         model(seeded_input((2, 3, 12, 12), 37)).sum().backward()
     assert seen["t1"].shape == (2, 7, 6, 6) and seen["f2"].shape == (2, 15, 6, 6)
     assert seen["t1"].data_ptr() == seen["f2"].data_ptr(), "block 2's buffer is not where transition 1 wrote"
-    into_prefix = [shape for ptr, shape in copies.log if ptr == seen["f2"].data_ptr() and shape == (2, 7, 6, 6)]
+    into_prefix = [shape for ptr, shape in copies.entries if ptr == seen["f2"].data_ptr() and shape == (2, 7, 6, 6)]
     assert not into_prefix, "block 2 copied its input into its buffer although transition 1 had written it there"
 
 
-class _CopyLog(TorchDispatchMode):
-    """Records (destination data_ptr, shape) of every aten copy_ run inside the context."""
-
-    def __init__(self):
-        super().__init__()
-        self.log = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.copy_.default:
-            self.log.append((args[0].data_ptr(), tuple(args[0].shape)))
-        return func(*args, **(kwargs or {}))
+def _copy_log() -> DispatchLog:
+    """(destination data_ptr, shape) of every aten copy_ run inside the context."""
+    return DispatchLog(lambda func, args: (args[0].data_ptr(), tuple(args[0].shape))
+                       if func is torch.ops.aten.copy_.default else None)
 
 
 def test_transition_out_and_block_buffer_errors():
@@ -388,17 +381,10 @@ def test_transition_standalone_on_plain_tensor():
     assert int(ours.norm.num_batches_tracked) == 1
 
 
-class _BatchNormBackwardLog(TorchDispatchMode):
-    """Records, for every aten.native_batch_norm_backward, (train, save_mean defined, save_invstd defined)."""
-
-    def __init__(self):
-        super().__init__()
-        self.log = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten.native_batch_norm_backward.default:
-            self.log.append((args[7], args[5] is not None, args[6] is not None))
-        return func(*args, **(kwargs or {}))
+def _batch_norm_backward_log() -> DispatchLog:
+    """(train, save_mean defined, save_invstd defined) of every aten.native_batch_norm_backward."""
+    return DispatchLog(lambda func, args: (args[7], args[5] is not None, args[6] is not None)
+                       if func is torch.ops.aten.native_batch_norm_backward.default else None)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -415,12 +401,12 @@ def test_batch_norm_backward_gets_saved_statistics(mode):
     for m in (ours, naive):
         m.train(mode == "train").to(memory_format=torch.channels_last)
     x = seeded_input((2, 3, 10, 10), 44, torch.float64, channels_last=True)
-    with _BatchNormBackwardLog() as calls:
+    with _batch_norm_backward_log() as calls:
         projection_loss(ours(x), 45).backward()
     projection_loss(naive(x), 45).backward()
-    assert calls.log, "no native_batch_norm_backward ran"
-    assert all(train == (mode == "train") for train, _, _ in calls.log)
-    assert all(mean and invstd for _, mean, invstd in calls.log), f"save_mean/save_invstd missing: {calls.log}"
+    assert calls.entries, "no native_batch_norm_backward ran"
+    assert all(train == (mode == "train") for train, _, _ in calls.entries)
+    assert all(mean and invstd for _, mean, invstd in calls.entries), f"save_mean/save_invstd missing: {calls.entries}"
     grads_o, grads_n = param_grads(ours), param_grads(naive)
     for name in grads_n:
         assert_close(grads_o[name], grads_n[name], torch.float64, f"{mode}: grad {name}")
