@@ -49,6 +49,32 @@ def test_cpu_peak_counts_frees_of_memory_allocated_in_setup():
     assert memory.cpu_peak_bytes(lambda: torch.empty(1 << 20, dtype=torch.uint8)) == 1 << 20
 
 
+class _FirstCallWorkspace(torch.nn.Module):
+    """A linear model whose first forward allocates a 4 MiB buffer it keeps (as cuBLAS and cuDNN
+    keep their workspaces after their first call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 10)
+        self.workspace = None
+
+    def forward(self, x):
+        if self.workspace is None:
+            self.workspace = torch.empty(4 << 20, dtype=torch.uint8)
+        return self.fc(x.flatten(1)[:, :16])
+
+
+def test_settle_keeps_first_call_allocations_out_of_the_peak():
+    # Without the settling step the memory step counts the 4 MiB workspace; with it, only the step.
+    x, y = torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
+    fresh = _FirstCallWorkspace()
+    first = harness.measure_peak(harness.Step(fresh, x, y, "full", None), "cpu")
+    settled = _FirstCallWorkspace()
+    harness.settle(settled, x, y, None, "cpu")
+    after = harness.measure_peak(harness.Step(settled, x, y, "full", None), "cpu")
+    assert first >= 4 << 20 and after < 1 << 20, (first, after)
+
+
 def test_storage_tracker_counts_views_and_in_place_results_once():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
