@@ -46,6 +46,16 @@ class NormStats:
         return NormStats(self.mean[c0:c1], self.var[c0:c1], self.batch, self.count, self.group)
 
 
+def scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> Tuple[Tensor, Tensor]:
+    """(scale, shift), float32 (C,): scale = weight * invstd, shift = bias - mean * scale (one addcmul).
+
+    Every fused forward and every backward that recomputes a ReLU mask from x * scale + shift
+    takes its vectors from here (or from bn_affine, which does), so the mask is the forward's bit
+    for bit."""
+    scale = weight.float() * invstd
+    return scale, torch.addcmul(bias.float(), mean, scale, value=-1.0)
+
+
 def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any, ...]]:
     """What bn_affine's result depends on besides the statistics; None (no memo) while tracing."""
     if torch.compiler.is_compiling() or is_fake(weight):  # dynamo may not trace is_fake: ask it second
@@ -65,8 +75,7 @@ def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tup
         return hit  # type: ignore[return-value]
     mean = stats.mean.float().contiguous()
     invstd = torch.rsqrt(stats.var.float() + eps)
-    scale = weight.float() * invstd
-    shift = torch.addcmul(bias.float(), mean, scale, value=-1.0)
+    scale, shift = scale_shift(mean, invstd, weight, bias)
     if key is not None:
         stats.memo[key] = (mean, invstd, scale, shift)
     return mean, invstd, scale, shift

@@ -88,23 +88,23 @@ class TritonBlockKernels(FusedBlockKernels):
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
         if not self._fused(bt):
             return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
-        mean, invstd, _, _ = bn_affine(stats2, g2, b2, eps)  # the forward's, kept on stats2
+        mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps)  # the forward's, kept on stats2
         args = (d_out, bt, w2, mean, invstd, g2.float(), b2.float(), stats2.batch)
         if _compiling():
             d_bt, d_g2, d_b2, d_w2 = _ops().triton_bn_relu_conv3x3_backward(*args)
         else:
-            d_bt, d_g2, d_b2, d_w2 = bn_relu_conv3x3_backward_triton(*args)
+            d_bt, d_g2, d_b2, d_w2 = bn_relu_conv3x3_backward_triton(*args, scale=scale, shift=shift)
         return d_bt, d_g2.to(g2.dtype), d_b2.to(b2.dtype), d_w2
 
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
         if not self._fused(fbuf) or grad_acc.dtype != torch.float32:
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
-        mean, invstd, _, _ = bn_affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
+        mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
         args = (d_bt, fbuf[:, :cl], w1, mean, invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
         if _compiling():
             d_g1, d_b1, d_w1 = _ops().triton_bn_relu_conv1x1_backward(*args)
         else:
-            d_g1, d_b1, d_w1 = bn_relu_conv1x1_backward_triton(*args)
+            d_g1, d_b1, d_w1 = bn_relu_conv1x1_backward_triton(*args, scale=scale, shift=shift)
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
 
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
@@ -139,8 +139,8 @@ class TritonTransitionFunction(torch.autograd.Function):
             raise RuntimeError("densenet_fast: double backward through the fused transition is not supported")
         fbuf, weight, bias, conv_weight = ctx.saved_tensors
         stats = ctx.stats
-        invstd = torch.rsqrt(stats.var.float() + ctx.eps)
-        args = (grad_out, fbuf, conv_weight, stats.mean.float(), invstd, weight.float(), bias.float(), stats.batch)
+        mean, invstd, _, _ = bn_affine(stats, weight, bias, ctx.eps)  # the forward's, kept on stats
+        args = (grad_out, fbuf, conv_weight, mean, invstd, weight.float(), bias.float(), stats.batch)
         if _compiling():
             gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
         else:

@@ -42,7 +42,7 @@ computed from x inside the graph when batch_stats=True), and ``bn_backward_ref``
 from __future__ import annotations
 
 import functools
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors
 
@@ -336,7 +337,8 @@ def _check_inputs(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, inv
 
 
 def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
-                                    gamma: Tensor, beta: Tensor, batch_stats: bool, grad_x_acc: Tensor
+                                    gamma: Tensor, beta: Tensor, batch_stats: bool, grad_x_acc: Tensor, *,
+                                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backward of Bt = conv1x1(relu(bn(x)), weight); ACCUMULATES the input gradient into grad_x_acc.
 
@@ -349,6 +351,8 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                 the full BN gradient), False for fixed statistics (dx = gamma * invstd * dy).
     grad_x_acc: (N, C, H, W) float32, any strides (the slice G[:, :C_l] of the block's gradient
                 buffer): grad_x_acc += dx in place, never overwritten.
+    scale, shift: the forward's (C,) float32 vectors (ops.bn_relu.scale_shift of the above), when the
+                caller has them; else computed here by the same function.
     Returns (grad_gamma, grad_beta, grad_weight): (C,) float32, (C,) float32, and grad_weight
     shaped like `weight` in weight's dtype (summed in float32). Deterministic (no atomics).
     Raises ValueError / TypeError naming the offending tensor.
@@ -358,8 +362,9 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     b = w2.shape[0]
     m = n * h * w
     # The forward's operands: y = x * scale + shift, so the ReLU mask here is the forward's.
-    scale = (gamma * invstd).contiguous()
-    shift = (beta - mean * scale).contiguous()
+    if scale is None or shift is None:
+        scale, shift = scale_shift(mean, invstd, gamma, beta)
+    scale, shift = scale.contiguous(), shift.contiguous()
     mean_c, invstd_c = mean.contiguous(), invstd.contiguous()
     block_b = max(16, triton.next_power_of_2(b))
     precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands

@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
                             merge_partial_stats)
@@ -432,7 +433,8 @@ def _wgrad_rows_per_prog(x: Tensor, m: int, tiles_per_part: int) -> int:
 
 
 def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
-                                    gamma: Tensor, beta: Tensor, batch_stats: bool
+                                    gamma: Tensor, beta: Tensor, batch_stats: bool, *,
+                                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None
                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of out = conv2d(relu(bn(x)), weight, padding=1), bn(x) = (x - mean) * invstd * gamma + beta.
 
@@ -455,10 +457,11 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     m = n * h * w
     precision = "ieee"
     mean, invstd, gamma = mean.contiguous(), invstd.contiguous(), gamma.contiguous()
-    # The forward's scale/shift (the block computes them the same way), so that the ReLU mask
-    # [Y > 0] recomputed here is the forward's.
-    scale = gamma * invstd
-    shift = beta - mean * scale
+    # The forward's scale/shift (given, or computed by the function the forward used), so that the
+    # ReLU mask [Y > 0] recomputed here is the forward's.
+    if scale is None or shift is None:
+        scale, shift = scale_shift(mean, invstd, gamma, beta)
+    scale, shift = scale.contiguous(), shift.contiguous()
     store_dx = not batch_stats
     grad_x = empty_like_layout(x, b, x.dtype)
     # Training mode keeps dY in float32 until the BN sums are known: in grad_x itself when x is

@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout
 
@@ -426,7 +427,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     x:        (N, C, H, W) float32/float16/bfloat16, any strides (the forward's input).
     weight:   (Cout, C) or (Cout, C, 1, 1), any float dtype.
     mean, invstd, gamma, beta: (C,) float32; the forward used scale = gamma * invstd and
-              shift = beta - mean * scale (computed here by the same formula, in float32).
+              shift = beta - mean * scale (computed here by the same function, ops.bn_relu.scale_shift).
     batch_stats: True when mean/invstd are x's own batch statistics (training-mode BN: dx has the
               mean-subtraction terms), False for fixed (running) statistics.
     Returns (grad_x, grad_gamma, grad_beta, grad_weight): grad_x (N, C, H, W) in x's dtype and
@@ -444,8 +445,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ho, wo = h // 2, w // 2
     p, m = n * ho * wo, n * h * w
     dev = x.device
-    scale = (gamma * invstd).contiguous()
-    shift = (beta - mean * scale).contiguous()
+    scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, gamma, beta))
     mean, invstd = mean.contiguous(), invstd.contiguous()
     grad_x = empty_like_layout(x, c, x.dtype)
 
