@@ -504,3 +504,26 @@ def test_inductor_compiled_step_matches_eager(channels_last):
         assert_close(grads[1][1][name], g, torch.float32, f"compiled grad {name}")
     for name, s in grads[0][2].items():
         assert_close(grads[1][2][name].double(), s.double(), torch.float32, f"compiled {name}")
+
+
+def test_bn_affine_memo():
+    """bn_affine keeps its vectors per (eps, parameter storage and version) on the statistics: a
+    second call returns the same tensors, a changed parameter or eps recomputes, and inference
+    tensors (no version counter) are computed without the memo."""
+    from densenet_fast.ops.bn_relu import NormStats, bn_affine
+
+    mean, var = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 4.0, 0.25])
+    w, b = torch.tensor([1.5, 0.5, -2.0]), torch.tensor([0.1, 0.2, 0.3])
+    stats = NormStats(mean, var, True)
+    first = bn_affine(stats, w, b, 1e-5)
+    assert all(a is c for a, c in zip(bn_affine(stats, w, b, 1e-5), first))
+    invstd = (var + 1e-5).rsqrt()
+    assert_close(first[2], w * invstd, torch.float32, "scale")
+    assert_close(first[3], b - mean * w * invstd, torch.float32, "shift")
+    w.mul_(2.0)  # in place: a new version
+    assert_close(bn_affine(stats, w, b, 1e-5)[2], w * invstd, torch.float32, "scale after an in-place change")
+    assert_close(bn_affine(stats, w, b, 1e-3)[1], (var + 1e-3).rsqrt(), torch.float32, "invstd for another eps")
+    with torch.inference_mode():
+        wi, bi = w.clone(), b.clone()
+        got = bn_affine(NormStats(mean, var, False), wi, bi, 1e-5)
+    assert_close(got[2], w * invstd, torch.float32, "scale of inference tensors")

@@ -60,6 +60,8 @@ def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any,
     """What bn_affine's result depends on besides the statistics; None (no memo) while tracing."""
     if torch.compiler.is_compiling() or is_fake(weight):  # dynamo may not trace is_fake: ask it second
         return None
+    if weight.is_inference() or bias.is_inference():  # they keep no version counter
+        return None
     return eps, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version
 
 
