@@ -28,24 +28,24 @@ BUILD_COMMAND = "CUDA_HOME=/usr/local/cuda DENSENET_FAST_FORCE_CUDA_BUILD=1 pip 
 
 EXTENSION = f"{__package__}._C"
 
-try:
+def _load_extension() -> Optional[str]:
+    """Import the extension (which registers its ops as torch.ops.densenet_fast.*); None, or why not."""
     if os.environ.get("DENSENET_FAST_NO_EXTENSION", "0") == "1":
-        raise ModuleNotFoundError(f"{EXTENSION} left unloaded: DENSENET_FAST_NO_EXTENSION=1", name=EXTENSION)
-    # Loading the library registers its ops as torch.ops.densenet_fast.*.
-    importlib.import_module(EXTENSION)
-except ModuleNotFoundError as exc:
-    if exc.name != EXTENSION:
-        raise
-    HAS_C = False
-    IMPORT_ERROR: Optional[str] = str(exc) if "DENSENET_FAST_NO_EXTENSION" in str(exc) else (
-        f"no module {EXTENSION}: it was not built "
-        "(DENSENET_FAST_SKIP_CUDA_BUILD=1, a CPU-only torch or no nvcc at install time)")
-except (ImportError, OSError) as exc:  # built, but does not load (ABI or library mismatch)
-    HAS_C = False
-    IMPORT_ERROR = f"{EXTENSION} failed to load: {type(exc).__name__}: {exc}"
-else:
-    HAS_C = True
-    IMPORT_ERROR = None
+        return f"{EXTENSION} left unloaded: DENSENET_FAST_NO_EXTENSION=1"
+    try:
+        importlib.import_module(EXTENSION)
+    except ModuleNotFoundError as exc:
+        if exc.name != EXTENSION:
+            raise
+        return (f"no module {EXTENSION}: it was not built "
+                "(DENSENET_FAST_SKIP_CUDA_BUILD=1, a CPU-only torch or no nvcc at install time)")
+    except (ImportError, OSError) as exc:  # built, but does not load (ABI or library mismatch)
+        return f"{EXTENSION} failed to load: {type(exc).__name__}: {exc}"
+    return None
+
+
+IMPORT_ERROR: Optional[str] = _load_extension()
+HAS_C = IMPORT_ERROR is None
 
 # torch.device.type -> dispatch key of the kernels the extension registers
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
