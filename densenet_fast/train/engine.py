@@ -130,9 +130,9 @@ class GraphedTrainStep:
         self.replays = 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        from ..graphs import GraphedStep
-
         if self.step is None:
+            from ..graphs import GraphedStep
+
             saved = [b.detach().clone() for b in self.model.buffers()]
             self.step = GraphedStep(self.model, F.cross_entropy, x, y, autocast_dtype=AMP_DTYPES[self.amp])
             with torch.no_grad():
