@@ -527,3 +527,42 @@ def test_bn_affine_memo():
         wi, bi = w.clone(), b.clone()
         got = bn_affine(NormStats(mean, var, False), wi, bi, 1e-5)
     assert_close(got[2], w * invstd, torch.float32, "scale of inference tensors")
+
+
+def test_auto_chunks_are_never_narrower_than_the_bottleneck(monkeypatch):
+    """With the automatic chunking, every 1x1-conv chunk (forward, recompute and backward) is at
+    least the bottleneck's width (bn_size * k) or the whole prefix: large images must not cut the
+    prefix into chunks of a few channels, each of which re-reads the whole Bt.  CHUNK_ELEMENTS is
+    made small here so that the element budget alone would give 16-channel chunks; the block's
+    result must not depend on the chunking (against one unchunked call)."""
+    from densenet_fast.ops import dense_block as db
+
+    class Recording(db.BlockKernels):
+        def __init__(self):
+            super().__init__(name="torch")
+            self.steps = []
+
+        def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
+            self.steps.append(("forward", cl, w1.shape[0], step))
+            return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
+
+        def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+            self.steps.append(("backward", cl, w1.shape[0], step))
+            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+
+    torch.manual_seed(0)
+    block = randomize_bn_(densenet_fast.DenseBlock(3, 24, 4, 8, backend="torch"), 1)  # bottleneck 32
+    x = torch.randn(2, 24, 6, 6)
+    results = []
+    for budget in (2 * 6 * 6 * 2, db.CHUNK_ELEMENTS):  # 2 channels' worth, then the real budget
+        monkeypatch.setattr(db, "CHUNK_ELEMENTS", budget)
+        kernels = Recording()
+        xi = x.clone().requires_grad_(True)
+        fbuf, _, _ = db.run_dense_block(xi, list(block.values()), kernels)
+        fbuf.backward(torch.randn(fbuf.shape, generator=torch.Generator().manual_seed(2)))
+        results.append((fbuf.detach(), xi.grad))
+        assert len(kernels.steps) == 9  # 3 forwards, 3 recomputed in backward, 3 backwards
+        for phase, cl, width, step in kernels.steps:
+            assert step >= min(cl, width), f"{phase} of the {cl}-channel layer: {step}-channel chunks"
+    assert_close(results[0][0], results[1][0], torch.float32, "block output, small budget")
+    assert_close(results[0][1], results[1][1], torch.float32, "input gradient, small budget")

@@ -275,11 +275,19 @@ def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
 CHUNK_ELEMENTS = 1 << 22
 
 
-def chunk_size(spec_chunk: int, count: int, channels: int) -> int:
-    """Input channels per chunk: spec_chunk when set, else ~CHUNK_ELEMENTS values, at least 16."""
+def chunk_size(spec_chunk: int, count: int, channels: int, floor: int = 0) -> int:
+    """Input channels per chunk: spec_chunk when set, else ~CHUNK_ELEMENTS values, at least 16 and
+    at least `floor` (never more than `channels`).
+
+    A dense layer passes its bottleneck width (bn_size * k) as the floor: a chunk (z and its
+    gradient) is then never narrower than Bt and d_Bt, which are alive beside it anyway, and each
+    chunk's GEMM has K >= its N.  Without the floor, large images make chunks of a few channels
+    (DenseNet-121 at batch 64, 224x224: 20 channels in block 1, 13 chunks for 256), and every
+    chunk re-reads and re-writes the whole Bt (forward, recompute) or reads d_Bt twice (backward).
+    """
     if spec_chunk > 0:
         return spec_chunk
-    return max(16, min(channels, CHUNK_ELEMENTS // max(count, 1)))
+    return min(channels, max(16, floor, CHUNK_ELEMENTS // max(count, 1)))
 
 
 def bn_relu_conv1x1(fbuf: Tensor, cl: int, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
@@ -344,7 +352,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         stats1 = norm_stats_for(layer.norm1, mean if spec.compute_stats else None, var, cl, count, group, pending)
         batch2 = uses_batch_stats(layer.norm2)
         bt, bt_stats = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
-                                               chunk_size(spec.chunk_channels, n * h * w, cl), batch2)
+                                               chunk_size(spec.chunk_channels, n * h * w, cl, w1.shape[0]), batch2)
         if batch2:
             m2, v2 = bt_stats
             pending.append((layer.norm2, m2, v2))
@@ -386,7 +394,7 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
         eps1 = layer.norm1.eps
         stats1 = rec.stats1 if rec.stats1 is not None else \
             NormStats(mean[:cl], var[:cl], True, spec.count, spec.kernels.group)
-        step = chunk_size(spec.chunk_channels, count, cl)
+        step = chunk_size(spec.chunk_channels, count, cl, w1.shape[0])
         bt = rec.bottleneck
         if bt is None:
             bt, _ = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, eps1, w1, step, False)
