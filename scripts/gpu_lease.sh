@@ -97,7 +97,7 @@ if [ "$STAGE" = check ]; then
   stamp "CUDA tests || compute-sanitizer"
   ( echo "=== CUDA tests"
     timeout -k 5 "$(limit 200)" $PYTEST tests/test_gpu.py tests/test_channel_stats.py tests/test_extension.py \
-      tests/test_fused_bn.py tests/test_cuda_backend.py
+      tests/test_fused_bn.py tests/test_cuda_backend.py tests/test_precision.py
     echo "CUDA tests: pytest exit $?" ) >"$OUT/cu.log" 2>&1 &
   cu_pid=$!
   source scripts/sanitizer_selection.sh  # SAN, MEMCHECK_K, RACECHECK_K

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # The tests use tiny tensors: with several intra-op threads the OpenMP start-up and spinning cost
@@ -16,3 +17,17 @@ torch.set_num_threads(1)
 # Inductor's CPU code generation does not use Triton, so the other tests are unaffected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def ieee_fp32():
+    """cuDNN's float32 convolutions, and with them our float32 GEMMs and Triton dots
+    (densenet_fast.ops.precision), in full IEEE precision for the test: the Triton kernel tests
+    hold float32 results to IEEE tolerances.  On the CPU (the interpreter) nothing changes."""
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = saved

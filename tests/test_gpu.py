@@ -7,8 +7,8 @@ channels_last, float32 and bf16/fp16 autocast.  Skipped without a GPU.
 
 Tolerances (tests/tolerances.py): three-way comparisons against the naive model run in float64 on
 the same GPU.  float32: ||ours - exact|| <= 2 ||naive - exact|| + 1e-5 ||exact||, per tensor (cuDNN
-convolutions may use TF32 for float32 by torch's default; the same flags apply to both models, and
-our Triton GEMMs use IEEE fp32, so ours is not less accurate).  bf16/fp16 autocast: the rule of
+convolutions may use TF32 for float32 by torch's default; our GEMMs and Triton dots follow the same
+cuDNN setting (densenet_fast.ops.precision), so both models round alike).  bf16/fp16 autocast: the rule of
 test_block.test_densenet_under_autocast (logits and running statistics per tensor, gradients as one
 normalised vector).
 """

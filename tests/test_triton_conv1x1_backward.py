@@ -44,6 +44,9 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
                 allow_module_level=True)
 
+# Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
 from densenet_fast.triton_kernels.conv1x1_backward import bn_relu_conv1x1_backward_triton  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 

@@ -45,6 +45,9 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
                 allow_module_level=True)
 
+# Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
 from densenet_fast.triton_kernels.conv3x3 import (  # noqa: E402
     bn_relu_conv3x3_backward_triton,
     bn_relu_conv3x3_triton,

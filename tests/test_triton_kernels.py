@@ -46,6 +46,9 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
                 allow_module_level=True)
 
+# Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
 from densenet_fast.triton_kernels.bn_relu_conv1x1 import bn_relu_conv1x1_triton  # noqa: E402
 from densenet_fast.triton_kernels.channel_stats import channel_stats_triton  # noqa: E402
 from helpers import assert_close_report  # noqa: E402

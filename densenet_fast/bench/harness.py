@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..backends import available_backends, resolve_backend
 from ..models import get_model
+from ..ops.precision import conv_tf32_allowed, with_conv_precision
 from . import memory
 
 MODES: Tuple[str, ...] = ("forward", "backward", "full")
@@ -81,8 +82,10 @@ METRIC_FIELDS: Tuple[str, ...] = (
     "mem_vs_naive", "time_vs_naive", "images_per_s_vs_naive",
     "step_gflop", "tflops", "ceiling_tflops", "pct_of_ceiling", "repeats", "warmup",
 )
+# fp32_convs: "tf32" or "ieee", what cuDNN's float32 convolutions, and so our GEMMs and Triton dots
+# (ops.precision), may use in the run (on a GPU; the CPU computes IEEE float32 either way).
 META_FIELDS: Tuple[str, ...] = ("device", "device_name", "torch", "triton", "cuda", "git_sha", "date", "threads",
-                                "run")
+                                "run", "fp32_convs")
 CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
 
 
@@ -417,17 +420,15 @@ def matmul_ceiling_tflops(device: str, dtype: str) -> float:
     (4096 on a GPU, 2048 on the CPU), the reference that pct_of_ceiling divides by.  A float32
     GPU matmul may use TF32 exactly when cuDNN's convolutions may (torch's default: they may),
     so that the ceiling and the convolutions play by the same rules."""
-    cuda = torch.device(device).type == "cuda"
-    n = 4096 if cuda else 2048
+    n = 4096 if torch.device(device).type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
     b = torch.randn(n, n, device=device, dtype=DTYPES[dtype])
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 if cuda else saved
-    try:
-        timed(lambda: a @ b, device)
-        secs = statistics.median(timed(lambda: a @ b, device) for _ in range(5))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+
+    def matmul() -> None:  # TF32 exactly when cuDNN's convolutions may use it (ops.precision)
+        with_conv_precision(a, torch.mm, a, b)
+
+    timed(matmul, device)
+    secs = statistics.median(timed(matmul, device) for _ in range(5))
     return 2 * n ** 3 / secs / 1e12
 
 
@@ -560,7 +561,8 @@ def environment(device: str) -> dict:
     return {"device": torch.device(device).type, "device_name": device_name(device), "torch": torch.__version__,
             "triton": package_version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
             "date": now.isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
-            "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}"}
+            "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}",
+            "fp32_convs": "tf32" if conv_tf32_allowed() else "ieee"}
 
 
 def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/results")) -> Path:

@@ -7,6 +7,9 @@ several times faster than the general convolution path for these shapes.
 
 Layouts: NCHW data is a batch of (C, H*W) matrices; channels_last data is one (M, C) matrix whose
 row stride is the buffer's full channel count.  Anything else falls back to ATen's convolution.
+
+Precision: float32 GEMMs on a GPU use TF32 exactly when cuDNN's convolutions may (what the
+nn.Conv2d they replace would do; ops.precision).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .precision import with_conv_precision
 
 aten = torch.ops.aten
 
@@ -50,6 +55,10 @@ def conv1x1(z: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate:
     weight: (O, C, 1, 1) (may itself be an input-channel slice).  out: (N, O, H, W), allocated in
     z's layout when None; with accumulate=True the product is added to `out` (GEMM beta = 1).
     """
+    return with_conv_precision(z, _conv1x1, z, weight, out, accumulate)
+
+
+def _conv1x1(z: Tensor, weight: Tensor, out: Optional[Tensor], accumulate: bool) -> Tensor:
     n, c, h, w = z.shape
     o = weight.shape[0]
     w2 = weight.reshape(o, c)
@@ -85,6 +94,10 @@ def conv1x1_backward(grad_out: Tensor, z: Tensor, weight: Tensor) -> Tuple[Tenso
     grad_out: (N, O, H, W); z: (N, C, H, W) (a slice is fine); weight: (O, C, 1, 1).
     grad_z = weight^T applied per pixel; grad_weight[o, c] = sum_m grad_out[m, o] * z[m, c].
     """
+    return with_conv_precision(z, _conv1x1_backward, grad_out, z, weight)
+
+
+def _conv1x1_backward(grad_out: Tensor, z: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     n, c, h, w = z.shape
     o = weight.shape[0]
     w2 = weight.reshape(o, c)

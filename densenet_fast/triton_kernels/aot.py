@@ -294,6 +294,19 @@ CASES: List[Case] = [
 ]
 
 
+@contextlib.contextmanager
+def _conv_precision(precision: str) -> Iterator[None]:
+    """cuDNN's float32 convolution precision set to `precision` ("" leaves it alone)."""
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    if precision:
+        conv.fp32_precision = precision
+    try:
+        yield
+    finally:
+        conv.fp32_precision = saved
+
+
 def capture(device: Device, cases: Sequence[Case] = CASES,
             dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Launch]:
     """Run the launchers of ``cases`` for ``device`` on fake tensors; returns every launch."""
@@ -313,8 +326,13 @@ def capture(device: Device, cases: Sequence[Case] = CASES,
                 if dtypes is not None and dt not in dtypes:
                     continue
                 for cl in case.layouts:
-                    recorder.case = f"{case.name} [{_TORCH_TO_TRITON[dt]}, {'channels_last' if cl else 'NCHW'}]"
-                    case.run(dt, cl)
+                    # float32 dots use TF32 or IEEE as cuDNN's convolutions would (ops.precision):
+                    # both kinds of launch are recorded.
+                    for precision in (("tf32", "ieee") if dt == torch.float32 else ("",)):
+                        layout = "channels_last" if cl else "NCHW"
+                        recorder.case = f"{case.name} [{_TORCH_TO_TRITON[dt]}{precision and ' ' + precision}, {layout}]"
+                        with _conv_precision(precision):
+                            case.run(dt, cl)
     full = {c.name for c in cases if c.full}
     for launch in recorder.launches:
         if launch.case.split(" [")[0] not in full:

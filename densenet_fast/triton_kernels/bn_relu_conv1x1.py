@@ -6,8 +6,9 @@ A GEMM over the M = N*H*W rows: out[m, o] = sum_k relu(x[m, k] * scale[k] + shif
   NCHW or channels_last); BN and ReLU are applied as the tile is loaded, so Z1 is never stored
   (dense_block.md, forward step 3). Padded K columns load scale = shift = 0 and W = 0, so they add 0.
 - B = W (Cout, K), read transposed through its strides; both operands are cast to x's dtype for
-  tl.dot, which accumulates in float32. float32 data use input_precision="ieee" (no TF32), so the
-  result matches an fp32 conv to rounding; both triton 3.6 and 3.8 accept that keyword.
+  tl.dot, which accumulates in float32. float32 data use TF32 exactly when cuDNN's convolutions may
+  (ops.precision.dot_precision; "ieee" otherwise, matching an fp32 conv to rounding); both triton
+  3.6 and 3.8 accept the input_precision keyword.
 - Epilogue: the tile is rounded to the output dtype and stored in x's layout; then, from the
   rounded values (the statistics describe exactly the tensor that is stored), each program writes
   its per-channel tile mean and M2 to row pid_m of a (P, Cout) workspace, merged by
@@ -28,6 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.precision import dot_precision
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats
 
@@ -139,7 +141,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     cout = weight.shape[0]
     m = n * h * w
     out = empty_like_layout(x, cout, x.dtype)
-    precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
+    precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     sizes = (m, k, cout, h * w, w, triton.next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
     if INTERPRET:

@@ -32,8 +32,9 @@ SM divided among the channel blocks (and at most M/512 rows), so the (P, B, C) o
 constant times B*C, not by M.
 
 Precision: both GEMM operands are cast to x's dtype (dBt too when it comes in float32, as the
-forward feeds the GEMM with x's dtype) and tl.dot accumulates in float32; float32 data use
-input_precision="ieee" (no TF32). The mask, xhat, the per-channel sums and dx are float32.
+forward feeds the GEMM with x's dtype) and tl.dot accumulates in float32; float32 data use TF32
+exactly when cuDNN's convolutions may (ops.precision.dot_precision), else "ieee". The mask, xhat,
+the per-channel sums and dx are float32.
 
 Reference: autograd of ``densenet_fast.reference.bn_relu_conv1x1_ref`` (with the batch statistics
 computed from x inside the graph when batch_stats=True), and ``bn_backward_ref`` for step 6.
@@ -50,6 +51,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.precision import dot_precision
 from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors
@@ -367,7 +369,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     scale, shift = scale.contiguous(), shift.contiguous()
     mean_c, invstd_c = mean.contiguous(), invstd.contiguous()
     block_b = max(16, triton.next_power_of_2(b))
-    precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
+    precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     strides = (*grad_out.stride(), *x.stride(), *w2.stride())
     common = (grad_out, x, w2, scale, shift, mean_c, invstd_c)
 

@@ -8,8 +8,8 @@ pipelines across taps). The A tile of tap (kh, kw) is Bt read at the shifted pix
 through its strides (in elements, int64 offsets: NCHW, channels_last or a channel slice, in
 place); BN and ReLU are applied in float32 as it is loaded, and taps outside the image are set to
 0 AFTER BN-ReLU (zero padding pads Z, not Bt: relu(shift) would be wrong). The tile is rounded to
-Bt's dtype for tl.dot, which accumulates in float32 (float32 data: input_precision="ieee", no
-TF32). The weight (K, B, 3, 3) is read through its strides and cast to Bt's dtype. The epilogue
+Bt's dtype for tl.dot, which accumulates in float32 (float32 data: TF32 exactly when cuDNN's
+convolutions may, ops.precision.dot_precision, else "ieee"). The weight (K, B, 3, 3) is read through its strides and cast to Bt's dtype. The epilogue
 rounds to the output dtype, stores into ``out`` through its strides (in the block, the channel
 slice F[:, C_l:C_l+K] of the block buffer: writing it IS the concatenation), and writes per-program
 (mean, M2) of the stored values to a workspace merged by channel_stats.merge_partial_stats (Chan's
@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.precision import dot_precision
 from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
@@ -371,7 +372,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     kout = weight.shape[0]
     m = n * h * w
     block_n = _narrow_tile(kout)
-    precision = "ieee"  # fp32 data: no TF32; ignored for fp16/bf16 operands
+    precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     sizes = (m, b, kout, h, w, *x.stride(), *weight.stride(), *out.stride())
     n_blocks = triton.cdiv(kout, block_n)
@@ -455,7 +456,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     n, b, h, w = x.shape
     kout = weight.shape[0]
     m = n * h * w
-    precision = "ieee"
+    precision = dot_precision(x.dtype)
     mean, invstd, gamma = mean.contiguous(), invstd.contiguous(), gamma.contiguous()
     # The forward's scale/shift (given, or computed by the function the forward used), so that the
     # ReLU mask [Y > 0] recomputed here is the forward's.

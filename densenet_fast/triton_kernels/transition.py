@@ -9,8 +9,8 @@ Forward, one kernel (``_bn_relu_pool_conv1x1_kernel``), a GEMM out[p, o] = sum_c
   the A-operand load reads the 4 pixels of pooled row p (strides in elements, NCHW or
   channels_last, int64 offsets), applies z = relu(x * scale + shift) to each in float32, averages
   them and rounds the mean to x's dtype. The pooled map zp is never stored. W is read transposed
-  through its strides and cast to x's dtype; tl.dot accumulates in float32 (input_precision="ieee"
-  for float32 data: no TF32). The tile is stored through out's strides, so out may be a channel
+  through its strides and cast to x's dtype; tl.dot accumulates in float32 (float32 data: TF32
+  exactly when cuDNN's convolutions may, else "ieee": ops.precision.dot_precision). The tile is stored through out's strides, so out may be a channel
   slice of the next block's buffer, written in place.
 
 Backward, with scale = gamma * invstd, shift = beta - mean * scale, y = x * scale + shift,
@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
+from ..ops.precision import dot_precision
 from ..ops.bn_relu import scale_shift
 from .indexing import row_nhw
 from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout
@@ -390,16 +391,17 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
         _check_pooled(out, "out", x, cout, (x.dtype,))
     ho, wo = h // 2, w // 2
     p = n * ho * wo
+    precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), w2, out,
             p, c, cout, ho * wo, wo, *x.stride(), *w2.stride(), *out.stride())
     if INTERPRET:
         grid = (triton.cdiv(p, INTERPRET_FWD["BLOCK_M"]), triton.cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
-        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION="ieee", num_warps=4, **INTERPRET_FWD)
+        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
             _FWD_TUNED[device_arch(x.device)][
                 lambda meta: (triton.cdiv(p, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
-            ](*args, INPUT_PRECISION="ieee")
+            ](*args, INPUT_PRECISION=precision)
     return out
 
 
@@ -442,6 +444,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     if not isinstance(batch_stats, bool):
         raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
     n, c, h, w = x.shape
+    precision = dot_precision(x.dtype)
     ho, wo = h // 2, w // 2
     p, m = n * ho * wo, n * h * w
     dev = x.device
@@ -456,12 +459,12 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
                   *grad_out.stride(), *x.stride())
     if INTERPRET:
         grid = (triton.cdiv(cout, INTERPRET_WGRAD["BLOCK_O"]), triton.cdiv(c, INTERPRET_WGRAD["BLOCK_C"]), splits)
-        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION="ieee", num_warps=4, **INTERPRET_WGRAD)
+        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
             _WGRAD_TUNED[device_arch(dev)][
                 lambda meta: (triton.cdiv(cout, meta["BLOCK_O"]), triton.cdiv(c, meta["BLOCK_C"]), splits)
-            ](*wgrad_args, INPUT_PRECISION="ieee")
+            ](*wgrad_args, INPUT_PRECISION=precision)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
     del ws_w
 
@@ -483,7 +486,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         """Launches one pass; returns its BLOCK_P (rows per partial-sum row)."""
         args = (grad_out, x, w2, scale, shift, mean, invstd, k1, k2, grad_x, ws_dy, ws_dyx,
                 p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *w2.stride(), *grad_x.stride())
-        flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION="ieee")
+        flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision)
         if tuned is None:
             grid = (triton.cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), triton.cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
             _pool_conv1x1_dgrad_kernel[grid](*args, **flags, num_warps=4, **INTERPRET_DGRAD)

@@ -1,0 +1,76 @@
+"""float32 precision of the GEMMs that stand in for convolutions: the convolutions' own.
+
+A dense layer's 1x1 conv is an nn.Conv2d in every backend (same state_dict), and a float32
+nn.Conv2d on a GPU may use TF32 tensor cores exactly when cuDNN's convolutions may
+(torch.backends.cudnn.conv.fp32_precision, or the older torch.backends.cudnn.allow_tf32: "tf32" by
+torch's default).  Our backends compute that conv as a GEMM (cuBLAS through ATen, or a Triton
+tl.dot), and cuBLAS follows another flag (torch.backends.cuda.matmul.fp32_precision, "ieee" by
+default).  Left alone, a float32 model would run its 1x1 convs in TF32 on the naive path and in
+full IEEE float32 (several times slower on Ampere and Hopper) on ours.  So:
+
+- with_conv_precision(x, fn, *args): fn's float32 CUDA GEMMs (ATen's) use TF32 exactly when
+  cuDNN's convolutions may.  It sets the process-wide matmul flag for the call and restores it (as
+  torch.backends.cudnn.flags does): not for threads that run other float32 matmuls at the same
+  time.  Traced by torch.compile it does nothing: compiled GEMMs follow the matmul flag.
+- dot_precision(dtype): the input_precision of the Triton kernels' tl.dot, by the same rule.
+
+Set torch.backends.cudnn.conv.fp32_precision = "ieee" (or allow_tf32 = False) for full float32
+in both the naive model and ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["conv_tf32_allowed", "dot_precision", "with_conv_precision"]
+
+T = TypeVar("T")
+
+
+def conv_tf32_allowed() -> bool:
+    """Whether cuDNN's float32 convolutions may use TF32 now.
+
+    torch >= 2.9 keeps a precision per (backend, op), "none" meaning "as the level above":
+    cudnn.conv, then cudnn, then the generic torch.backends.fp32_precision.  (The legacy getter
+    torch.backends.cudnn.allow_tf32 raises once the legacy and new setters have been mixed.)
+    """
+    cudnn = torch.backends.cudnn
+    conv = getattr(cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(cudnn.allow_tf32)
+    for level in (conv, cudnn, torch.backends):
+        precision = level.fp32_precision
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for data of `dtype`: "tf32" for float32 when cuDNN's float32
+    convolutions may use TF32, else "ieee" (ignored by tl.dot for fp16/bf16 operands)."""
+    return "tf32" if dtype == torch.float32 and conv_tf32_allowed() else "ieee"
+
+
+def with_conv_precision(x: Tensor, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) with float32 CUDA matmuls using TF32 exactly when cuDNN's convolutions may.
+
+    x: a GEMM operand; nothing changes unless it is a float32 CUDA tensor, nor while
+    torch.compile traces (a plain call, no context manager: the traced branch is the first).  The
+    matmul flag is set to cuDNN's effective choice ("tf32" or "ieee") unless it already says that,
+    and restored afterwards.
+    """
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cuda":
+        return fn(*args)
+    matmul = torch.backends.cuda.matmul
+    want = "tf32" if conv_tf32_allowed() else "ieee"
+    saved = matmul.fp32_precision
+    if saved == want:
+        return fn(*args)
+    matmul.fp32_precision = want
+    try:
+        return fn(*args)
+    finally:
+        matmul.fp32_precision = saved
