@@ -221,3 +221,19 @@ def test_python_dash_m_exit_status_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "unknown model 'nope'" in proc.stderr
+
+
+def test_rows_record_the_fp32_conv_precision_ieee_on_the_cpu():
+    """fp32_convs says what a GPU run's float32 convolutions (and our GEMMs, ops.precision) may
+    use; the CPU computes IEEE float32 whatever cuDNN's setting says."""
+    from densenet_fast.bench import harness
+
+    assert "fp32_convs" in harness.CSV_FIELDS
+    conv = torch.backends.cudnn.conv
+    saved = conv.fp32_precision
+    try:
+        for setting in ("tf32", "ieee"):
+            conv.fp32_precision = setting
+            assert harness.environment("cpu")["fp32_convs"] == "ieee"
+    finally:
+        conv.fp32_precision = saved

@@ -83,7 +83,7 @@ METRIC_FIELDS: Tuple[str, ...] = (
     "step_gflop", "tflops", "ceiling_tflops", "pct_of_ceiling", "repeats", "warmup",
 )
 # fp32_convs: "tf32" or "ieee", what cuDNN's float32 convolutions, and so our GEMMs and Triton dots
-# (ops.precision), may use in the run (on a GPU; the CPU computes IEEE float32 either way).
+# (ops.precision), may use in a GPU run; "ieee" on the CPU, which computes IEEE float32 either way.
 META_FIELDS: Tuple[str, ...] = ("device", "device_name", "torch", "triton", "cuda", "git_sha", "date", "threads",
                                 "run", "fp32_convs")
 CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
@@ -562,7 +562,7 @@ def environment(device: str) -> dict:
             "triton": package_version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
             "date": now.isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
             "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}",
-            "fp32_convs": "tf32" if conv_tf32_allowed() else "ieee"}
+            "fp32_convs": "tf32" if torch.device(device).type == "cuda" and conv_tf32_allowed() else "ieee"}
 
 
 def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/results")) -> Path:
