@@ -9,8 +9,9 @@ through its strides (in elements, int64 offsets: NCHW, channels_last or a channe
 place); BN and ReLU are applied in float32 as it is loaded, and taps outside the image are set to
 0 AFTER BN-ReLU (zero padding pads Z, not Bt: relu(shift) would be wrong). The tile is rounded to
 Bt's dtype for tl.dot, which accumulates in float32 (float32 data: TF32 exactly when cuDNN's
-convolutions may, ops.precision.dot_precision, else "ieee"). The weight (K, B, 3, 3) is read through its strides and cast to Bt's dtype. The epilogue
-rounds to the output dtype, stores into ``out`` through its strides (in the block, the channel
+convolutions may, ops.precision.dot_precision, else "ieee"). The weight (K, B, 3, 3) is read
+through its strides and cast to Bt's dtype. The epilogue rounds to the output dtype, stores
+into ``out`` through its strides (in the block, the channel
 slice F[:, C_l:C_l+K] of the block buffer: writing it IS the concatenation), and writes per-program
 (mean, M2) of the stored values to a workspace merged by channel_stats.merge_partial_stats (Chan's
 formula, no atomics: deterministic). These are the statistics cache's entries for the new channels.

@@ -10,8 +10,9 @@ Forward, one kernel (``_bn_relu_pool_conv1x1_kernel``), a GEMM out[p, o] = sum_c
   channels_last, int64 offsets), applies z = relu(x * scale + shift) to each in float32, averages
   them and rounds the mean to x's dtype. The pooled map zp is never stored. W is read transposed
   through its strides and cast to x's dtype; tl.dot accumulates in float32 (float32 data: TF32
-  exactly when cuDNN's convolutions may, else "ieee": ops.precision.dot_precision). The tile is stored through out's strides, so out may be a channel
-  slice of the next block's buffer, written in place.
+  exactly when cuDNN's convolutions may, else "ieee": ops.precision.dot_precision). The tile is
+  stored through out's strides, so out may be a channel slice of the next block's buffer,
+  written in place.
 
 Backward, with scale = gamma * invstd, shift = beta - mean * scale, y = x * scale + shift,
 dpool = grad_out @ W (per pooled pixel, K = Cout), dz = dpool / 4 at each of the 4 source pixels
