@@ -282,8 +282,9 @@ def chunk_size(spec_chunk: int, count: int, channels: int, floor: int = 0) -> in
     A dense layer passes its bottleneck width (bn_size * k) as the floor: a chunk (z and its
     gradient) is then never narrower than Bt and d_Bt, which are alive beside it anyway, and each
     chunk's GEMM has K >= its N.  Without the floor, large images make chunks of a few channels
-    (DenseNet-121 at batch 64, 224x224: 20 channels in block 1, 13 chunks for 256), and every
-    chunk re-reads and re-writes the whole Bt (forward, recompute) or reads d_Bt twice (backward).
+    (DenseNet-121 at batch 64, 224x224: 20 channels in block 1, 12 chunks for its last 224-channel
+    prefix), and every chunk re-reads and re-writes the whole Bt (forward, recompute) or reads
+    d_Bt twice (backward).
     """
     if spec_chunk > 0:
         return spec_chunk
