@@ -6,11 +6,13 @@ weights), on CUDA tensors, for each backend available on the GPU (torch, cuda, t
 channels_last, float32 and bf16/fp16 autocast.  Skipped without a GPU.
 
 Tolerances (tests/tolerances.py): three-way comparisons against the naive model run in float64 on
-the same GPU.  float32: ||ours - exact|| <= 2 ||naive - exact|| + 1e-5 ||exact||, per tensor (cuDNN
-convolutions may use TF32 for float32 by torch's default; our GEMMs and Triton dots follow the same
-cuDNN setting (densenet_fast.ops.precision), so both models round alike).  bf16/fp16 autocast: the rule of
-test_block.test_densenet_under_autocast (logits and running statistics per tensor, gradients as one
-normalised vector).
+the same GPU.  float32: ||ours - exact|| <= 2 ||naive - exact|| + 1e-5 ||exact||, per tensor, in
+IEEE float32 (conftest.ieee_fp32: cuDNN's convolutions, and with them our GEMMs and Triton dots,
+densenet_fast.ops.precision, without TF32).  Under torch's default both models would round their
+convolutions to TF32, and a rule that compares two independent TF32 errors per tensor would fail
+by chance; tests/test_precision.py checks on the GPU that TF32 is used exactly when allowed.
+bf16/fp16 autocast: the rule of test_block.test_densenet_under_autocast (logits and running
+statistics per tensor, gradients as one normalised vector).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tolerances import assert_model_within_naive_error, assert_within_naive_erro
 # DENSENET_FAST_GPU_TESTS_ON=cpu runs this file's logic on the CPU (debugging the tests themselves
 # without a GPU; autocast then runs on the CPU too).
 DEVICE = "cuda" if torch.cuda.is_available() else os.environ.get("DENSENET_FAST_GPU_TESTS_ON", "")
-pytestmark = pytest.mark.skipif(DEVICE == "", reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(DEVICE == "", reason="needs a CUDA GPU"), pytest.mark.usefixtures("ieee_fp32")]
 
 ALL_BACKENDS = ("torch", "cuda", "triton")
 FORMATS = [pytest.param(False, id="nchw"), pytest.param(True, id="channels_last")]

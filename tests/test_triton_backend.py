@@ -35,6 +35,10 @@ if not triton_kernels.HAS_TRITON:
 if not triton_kernels.INTERPRET and not torch.cuda.is_available():
     pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
 
+# Float32 in IEEE on a GPU (conftest.ieee_fp32): the three-way rule and the torch-backend comparison
+# below hold IEEE rounding, not TF32's (tests/test_precision.py covers TF32 selection).
+pytestmark = pytest.mark.usefixtures("ieee_fp32")
+
 DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
 # growth 5 and 7 input channels: no channel count or offset is a multiple of 8 or 16; 9x7 images
 # pool to 4x3 (odd sizes drop a row and a column); bn_size 3: a 15-wide bottleneck.
