@@ -24,10 +24,12 @@ def ieee_fp32():
     """cuDNN's float32 convolutions, and with them our float32 GEMMs and Triton dots
     (densenet_fast.ops.precision), in full IEEE precision for the test: the Triton kernel tests
     hold float32 results to IEEE tolerances.  On the CPU (the interpreter) nothing changes."""
-    conv = torch.backends.cudnn.conv
-    saved = conv.fp32_precision
-    conv.fp32_precision = "ieee"
+    # The legacy setter: torch.backends.cudnn.allow_tf32's getter (which inductor still reads) raises
+    # after conv's precision has been set to "ieee" through the new API.
+    cudnn = torch.backends.cudnn
+    saved = cudnn.allow_tf32
+    cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        conv.fp32_precision = saved
+        cudnn.allow_tf32 = saved
