@@ -26,13 +26,16 @@ B = torch.backends
 
 @pytest.fixture
 def restore_precision():
-    """Every fp32_precision setting this file touches, restored afterwards (new API only: the
-    legacy getters raise once the two APIs have been mixed)."""
-    levels = (B, B.cudnn, B.cudnn.conv, B.cudnn.rnn, B.cuda.matmul)
+    """Every precision setting this file touches, restored afterwards: cuDNN's through the new
+    API, the matmul precision through torch.set_float32_matmul_precision (which keeps the legacy
+    and new matmul flags consistent)."""
+    levels = (B, B.cudnn, B.cudnn.conv, B.cudnn.rnn)
     saved = [lvl.fp32_precision for lvl in levels]
+    matmul = torch.get_float32_matmul_precision()
     yield
     for lvl, value in zip(levels, saved):
         lvl.fp32_precision = value
+    torch.set_float32_matmul_precision(matmul)  # also mends a mixed state a test left
 
 
 @pytest.mark.parametrize("generic, cudnn, conv, expected", [
@@ -63,27 +66,47 @@ def _cuda_like(dtype):
     return SimpleNamespace(dtype=dtype, device=torch.device("cuda"))
 
 
-@pytest.mark.parametrize("conv, matmul, inside", [("tf32", "none", "tf32"), ("tf32", "ieee", "tf32"),
-                                                 ("ieee", "tf32", "ieee"), ("ieee", "ieee", "ieee")])
+def _cublas_tf32() -> bool:
+    """What cuBLAS's float32 GEMMs would do now: the C++ query behind the legacy getter, the one
+    ATen's CUDA GEMMs make (it raises when torch's legacy and new matmul flags disagree)."""
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("conv, matmul, inside", [("tf32", "highest", True), ("tf32", "high", True),
+                                                 ("tf32", "medium", True), ("ieee", "high", False),
+                                                 ("ieee", "medium", False), ("ieee", "highest", False)])
 def test_matmul_flag_follows_conv_for_float32_cuda_operands(restore_precision, conv, matmul, inside):
-    B.cudnn.conv.fp32_precision, B.cuda.matmul.fp32_precision = conv, matmul
-    seen = with_conv_precision(_cuda_like(torch.float32), lambda: B.cuda.matmul.fp32_precision)
-    assert seen == inside
-    assert B.cuda.matmul.fp32_precision == matmul, "the matmul flag was not restored"
+    B.cudnn.conv.fp32_precision = conv
+    torch.set_float32_matmul_precision(matmul)
+    assert with_conv_precision(_cuda_like(torch.float32), _cublas_tf32) is inside
+    assert torch.get_float32_matmul_precision() == matmul, "the matmul precision was not restored"
+    assert _cublas_tf32() is (matmul != "highest")
 
     def boom():
         raise KeyError("inside")
 
     with pytest.raises(KeyError):
         with_conv_precision(_cuda_like(torch.float32), boom)
-    assert B.cuda.matmul.fp32_precision == matmul, "the matmul flag was not restored after an exception"
+    assert torch.get_float32_matmul_precision() == matmul, "the matmul precision was not restored after an exception"
 
 
 @pytest.mark.parametrize("operand", [torch.zeros(1), _cuda_like(torch.float16), _cuda_like(torch.bfloat16)],
                          ids=["cpu-float32", "cuda-float16", "cuda-bfloat16"])
 def test_matmul_flag_untouched_for_other_operands(restore_precision, operand):
-    B.cudnn.conv.fp32_precision, B.cuda.matmul.fp32_precision = "tf32", "ieee"
-    assert with_conv_precision(operand, lambda: B.cuda.matmul.fp32_precision) == "ieee"
+    B.cudnn.conv.fp32_precision = "tf32"
+    torch.set_float32_matmul_precision("highest")
+    assert with_conv_precision(operand, _cublas_tf32) is False
+
+
+def test_mixed_matmul_flags_are_left_alone(restore_precision):
+    """A user who set the new matmul flag directly has torch's legacy and new flags disagreeing
+    (torch's own TF32 query raises then): nothing is changed, fn still runs."""
+    torch.set_float32_matmul_precision("highest")
+    B.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError):
+        torch.get_float32_matmul_precision()
+    assert with_conv_precision(_cuda_like(torch.float32), lambda: B.cuda.matmul.fp32_precision) == "tf32"
+    assert B.cuda.matmul.fp32_precision == "tf32"
 
 
 def test_gemm_entry_points_ask_the_policy(monkeypatch):
@@ -169,7 +192,7 @@ def _gemm_errors(run):
     exact = F.conv2d(z.double(), w.double())
     errors = []
     for setting in ("ieee", "tf32"):
-        B.cudnn.conv.fp32_precision = setting
+        B.cudnn.allow_tf32 = setting == "tf32"  # the legacy setter keeps torch's cuDNN flags consistent
         got = run(z, w).double()
         errors.append(float((got - exact).abs().max() / exact.abs().max()))
     return errors
@@ -177,11 +200,11 @@ def _gemm_errors(run):
 
 @needs_gpu
 def test_gpu_aten_gemm_precision_follows_cudnn(restore_precision):
-    B.cuda.matmul.fp32_precision = "ieee"
+    torch.set_float32_matmul_precision("highest")
     ieee, tf32 = _gemm_errors(conv1x1_mod.conv1x1)
     assert ieee <= 1e-5, f"IEEE setting: relative error {ieee:.2e}"
     assert 1e-5 < tf32 <= 2e-3, f"TF32 setting: relative error {tf32:.2e} (TF32 not used, or worse than TF32)"
-    assert B.cuda.matmul.fp32_precision == "ieee"
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 @needs_gpu

@@ -9,9 +9,9 @@ default).  Left alone, a float32 model would run its 1x1 convs in TF32 on the na
 full IEEE float32 (several times slower on Ampere and Hopper) on ours.  So:
 
 - with_conv_precision(x, fn, *args): fn's float32 CUDA GEMMs (ATen's) use TF32 exactly when
-  cuDNN's convolutions may.  It sets the process-wide matmul flag for the call and restores it (as
-  torch.backends.cudnn.flags does): not for threads that run other float32 matmuls at the same
-  time.  Traced by torch.compile it does nothing: compiled GEMMs follow the matmul flag.
+  cuDNN's convolutions may.  It sets the process-wide matmul precision for the call and restores
+  it (as torch.backends.cudnn.flags does): not for threads that run other float32 matmuls at the
+  same time.  Traced by torch.compile it does nothing: compiled GEMMs follow the matmul flag.
 - dot_precision(dtype): the input_precision of the Triton kernels' tl.dot, by the same rule.
 
 Set torch.backends.cudnn.conv.fp32_precision = "ieee" (or allow_tf32 = False) for full float32
@@ -58,19 +58,24 @@ def with_conv_precision(x: Tensor, fn: Callable[..., T], *args: Any) -> T:
     """fn(*args) with float32 CUDA matmuls using TF32 exactly when cuDNN's convolutions may.
 
     x: a GEMM operand; nothing changes unless it is a float32 CUDA tensor, nor while
-    torch.compile traces (a plain call, no context manager: the traced branch is the first).  The
-    matmul flag is set to cuDNN's effective choice ("tf32" or "ieee") unless it already says that,
-    and restored afterwards.
+    torch.compile traces (a plain call, no context manager: the traced branch is the first).
+    The matmul precision is set with torch.set_float32_matmul_precision ("high": TF32, "highest":
+    IEEE), which keeps torch's legacy and new flags consistent (cuBLAS's TF32 query raises once
+    they disagree, as a bare torch.backends.cuda.matmul.fp32_precision = "tf32" makes them), and
+    restored afterwards.  "medium" already allows TF32 and is left as it is when TF32 is wanted.
+    When the legacy and new flags already disagree (the user mixed the two APIs), nothing is set.
     """
     if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cuda":
         return fn(*args)
-    matmul = torch.backends.cuda.matmul
-    want = "tf32" if conv_tf32_allowed() else "ieee"
-    saved = matmul.fp32_precision
-    if saved == want:
+    try:
+        saved = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the legacy and new matmul flags disagree: leave them to their owner
         return fn(*args)
-    matmul.fp32_precision = want
+    want = "high" if conv_tf32_allowed() else "highest"
+    if (saved != "highest") == (want == "high"):
+        return fn(*args)
+    torch.set_float32_matmul_precision(want)
     try:
         return fn(*args)
     finally:
-        matmul.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved)
