@@ -56,6 +56,15 @@ def scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor) -> T
     return scale, torch.addcmul(bias.float(), mean, scale, value=-1.0)
 
 
+def forward_scale_shift(mean: Tensor, invstd: Tensor, weight: Tensor, bias: Tensor, scale: Optional[Tensor] = None,
+                        shift: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """A backward kernel's (scale, shift), contiguous: the forward's when the caller passes them
+    (bn_affine's memo), else scale_shift of the statistics, the function the forward used."""
+    if scale is None or shift is None:
+        scale, shift = scale_shift(mean, invstd, weight, bias)
+    return scale.contiguous(), shift.contiguous()
+
+
 def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any, ...]]:
     """What bn_affine's result depends on besides the statistics; None (no memo) while tracing."""
     if torch.compiler.is_compiling() or is_fake(weight):  # dynamo may not trace is_fake: ask it second

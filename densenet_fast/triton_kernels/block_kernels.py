@@ -139,10 +139,10 @@ class TritonTransitionFunction(torch.autograd.Function):
             raise RuntimeError("densenet_fast: double backward through the fused transition is not supported")
         fbuf, weight, bias, conv_weight = ctx.saved_tensors
         stats = ctx.stats
-        mean, invstd, _, _ = bn_affine(stats, weight, bias, ctx.eps)  # the forward's, kept on stats
+        mean, invstd, scale, shift = bn_affine(stats, weight, bias, ctx.eps)  # the forward's, kept on stats
         args = (grad_out, fbuf, conv_weight, mean, invstd, weight.float(), bias.float(), stats.batch)
         if _compiling():
             gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
         else:
-            gx, gg, gb, gw = bn_relu_pool_conv1x1_backward_triton(*args)
+            gx, gg, gb, gw = bn_relu_pool_conv1x1_backward_triton(*args, scale=scale, shift=shift)
         return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None, None

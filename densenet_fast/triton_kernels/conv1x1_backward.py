@@ -52,7 +52,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
 from ..ops.precision import dot_precision
-from ..ops.bn_relu import scale_shift
+from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors
 
@@ -364,9 +364,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     b = w2.shape[0]
     m = n * h * w
     # The forward's operands: y = x * scale + shift, so the ReLU mask here is the forward's.
-    if scale is None or shift is None:
-        scale, shift = scale_shift(mean, invstd, gamma, beta)
-    scale, shift = scale.contiguous(), shift.contiguous()
+    scale, shift = forward_scale_shift(mean, invstd, gamma, beta, scale, shift)
     mean_c, invstd_c = mean.contiguous(), invstd.contiguous()
     block_b = max(16, triton.next_power_of_2(b))
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16

@@ -47,7 +47,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
 from ..ops.precision import dot_precision
-from ..ops.bn_relu import scale_shift
+from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
                             merge_partial_stats)
@@ -461,9 +461,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     mean, invstd, gamma = mean.contiguous(), invstd.contiguous(), gamma.contiguous()
     # The forward's scale/shift (given, or computed by the function the forward used), so that the
     # ReLU mask [Y > 0] recomputed here is the forward's.
-    if scale is None or shift is None:
-        scale, shift = scale_shift(mean, invstd, gamma, beta)
-    scale, shift = scale.contiguous(), shift.contiguous()
+    scale, shift = forward_scale_shift(mean, invstd, gamma, beta, scale, shift)
     store_dx = not batch_stats
     grad_x = empty_like_layout(x, b, x.dtype)
     # Training mode keeps dY in float32 until the BN sums are known: in grad_x itself when x is

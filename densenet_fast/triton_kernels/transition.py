@@ -52,7 +52,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune, device_arch
 from ..ops.precision import dot_precision
-from ..ops.bn_relu import scale_shift
+from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
 from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout
 
@@ -422,7 +422,8 @@ def _wgrad_splits(p: int, cout: int, c: int, device: torch.device) -> Tuple[int,
 
 
 def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
-                                         invstd: Tensor, gamma: Tensor, beta: Tensor, batch_stats: bool
+                                         invstd: Tensor, gamma: Tensor, beta: Tensor, batch_stats: bool, *,
+                                         scale: Optional[Tensor] = None, shift: Optional[Tensor] = None
                                          ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of out = conv1x1(avg_pool2d(relu(bn(x)), 2, 2), weight).
 
@@ -430,7 +431,9 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     x:        (N, C, H, W) float32/float16/bfloat16, any strides (the forward's input).
     weight:   (Cout, C) or (Cout, C, 1, 1), any float dtype.
     mean, invstd, gamma, beta: (C,) float32; the forward used scale = gamma * invstd and
-              shift = beta - mean * scale (computed here by the same function, ops.bn_relu.scale_shift).
+              shift = beta - mean * scale.
+    scale, shift: the forward's (C,) float32 vectors when the caller has them; else computed here
+              by the function the forward used (ops.bn_relu.scale_shift).
     batch_stats: True when mean/invstd are x's own batch statistics (training-mode BN: dx has the
               mean-subtraction terms), False for fixed (running) statistics.
     Returns (grad_x, grad_gamma, grad_beta, grad_weight): grad_x (N, C, H, W) in x's dtype and
@@ -449,7 +452,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ho, wo = h // 2, w // 2
     p, m = n * ho * wo, n * h * w
     dev = x.device
-    scale, shift = (t.contiguous() for t in scale_shift(mean, invstd, gamma, beta))
+    scale, shift = forward_scale_shift(mean, invstd, gamma, beta, scale, shift)
     mean, invstd = mean.contiguous(), invstd.contiguous()
     grad_x = empty_like_layout(x, c, x.dtype)
 
