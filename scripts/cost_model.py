@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import collections
 import math
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import densenet_fast.ops.fused_bn  # noqa: F401  (the fake kernels of the extension's ops)
 from densenet_fast.bench.harness import build_model
@@ -40,15 +41,9 @@ GEMMS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}
 CONVS = {"convolution", "convolution_backward"}
 
 
-def _tensors(x: Any) -> Iterator[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        yield x
-    elif isinstance(x, (list, tuple)):
-        for y in x:
-            yield from _tensors(y)
-    elif isinstance(x, dict):
-        for y in x.values():
-            yield from _tensors(y)
+def _tensors(x: Any) -> List[torch.Tensor]:
+    """The tensors among x's leaves (nested tuples, lists, dicts)."""
+    return [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
 
 
 def _bytes(t: torch.Tensor) -> int:
@@ -59,7 +54,7 @@ def _bytes(t: torch.Tensor) -> int:
 
 def _flops(name: str, args: tuple, out: Any) -> int:
     if name in GEMMS:
-        a, b = list(_tensors(args))[-2:]
+        a, b = _tensors(args)[-2:]
         return 2 * a.numel() * b.shape[-1]
     if name == "convolution":
         w = args[1]
@@ -72,7 +67,7 @@ def _flops(name: str, args: tuple, out: Any) -> int:
             g, w = args[0], args[2]
             return 2 * 2 * g.shape[0] * g.shape[2] * g.shape[3] * w.numel()
         # (x, scale, shift, weight) -> (out, ...), or (x, scale, shift, weight, out) for "_out" ops
-        y, w = (args[4] if name.endswith("_out") else next(_tensors(out))), args[3]
+        y, w = (args[4] if name.endswith("_out") else _tensors(out)[0]), args[3]
         return 2 * y.shape[0] * y.shape[2] * y.shape[3] * w.numel()
     return 0
 
