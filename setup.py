@@ -31,7 +31,7 @@ from setuptools import setup
 
 EXTENSION = "densenet_fast._C"
 SOURCES = ["csrc/ops.cpp", "csrc/channel_stats_cpu.cpp", "csrc/channel_stats.cu", "csrc/bn_relu_cpu.cpp",
-           "csrc/bn_relu.cu"]
+           "csrc/bn_relu.cu", "csrc/dense_block.cpp"]
 SKIP_ENV = "DENSENET_FAST_SKIP_CUDA_BUILD"
 FORCE_ENV = "DENSENET_FAST_FORCE_CUDA_BUILD"
 # Ampere and Hopper SASS; the +PTX lets newer GPUs JIT-compile the Hopper code.

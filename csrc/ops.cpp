@@ -6,7 +6,10 @@
 // and autograd formulas (densenet_fast/ops/<op>.py).
 #include <Python.h>
 
+#include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
@@ -16,6 +19,7 @@
 
 #include "bn_relu.h"
 #include "channel_stats.h"
+#include "dense_block.h"
 
 // One macro per property; each names the tensor in its message ("x must have 4 dims, got 3").
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError / TypeError.
@@ -222,6 +226,209 @@ void bn_backward_apply_cuda(const at::Tensor& grad_z, const at::Tensor& x, const
 }
 #endif
 
+// ---- the whole dense block (dense_block.h) ----------------------------------------------------
+// The layer loop trusts its inputs, so every tensor it reads is checked here: params[6l + i] is
+// parameter i of layer l, C_l = c0 + l*k, B = conv1.weight's output channels.
+
+#define CHECK_SHAPE(t, name, ...)                                                                          \
+  TORCH_CHECK_VALUE((t).sizes() == at::IntArrayRef({__VA_ARGS__}), name, " must have shape ",              \
+                    at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
+#define CHECK_FLOAT_VECTOR(t, name, c)                                                                     \
+  do {                                                                                                     \
+    CHECK_SHAPE(t, name, c);                                                                               \
+    TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat, name, " must be float32, got ", (t).scalar_type());  \
+    TORCH_CHECK_VALUE((t).is_contiguous(), name, " must be contiguous, got strides ", (t).strides());      \
+  } while (0)
+
+std::string layer_tensor(const char* what, int64_t l) { return std::string(what) + " of layer " + std::to_string(l); }
+
+// Returns the number of layers; fbuf, params (and their shapes), steps.
+int64_t check_block(const at::Tensor& fbuf, int64_t c0, at::TensorList params, at::IntArrayRef steps) {
+  CHECK_DIM(fbuf, 4);
+  CHECK_VALUE_DTYPE(fbuf);
+  CHECK_VALUES_PER_CHANNEL(fbuf);
+  TORCH_CHECK_VALUE(fbuf.is_contiguous() || fbuf.is_contiguous(at::MemoryFormat::ChannelsLast),
+                    "fbuf must be contiguous (NCHW) or channels_last, got strides ", fbuf.strides());
+  CHECK_WRITABLE(fbuf);
+  TORCH_CHECK_VALUE(!params.empty() && params.size() % densenet_fast::kParamsPerLayer == 0,
+                    "params must hold 6 tensors per layer (norm1.weight, norm1.bias, conv1.weight, norm2.weight, "
+                    "norm2.bias, conv2.weight), got ", params.size());
+  const int64_t layers = static_cast<int64_t>(params.size()) / densenet_fast::kParamsPerLayer;
+  TORCH_CHECK_VALUE(steps.size() == static_cast<size_t>(layers), "steps must have one entry per layer (", layers,
+                    "), got ", steps.size());
+  const at::Tensor& w2_0 = params[5];
+  TORCH_CHECK_VALUE(w2_0.dim() == 4 && w2_0.size(0) > 0, "conv2.weight of layer 0 must be (k, B, 3, 3), got shape ",
+                    w2_0.sizes());
+  const int64_t k = w2_0.size(0);
+  TORCH_CHECK_VALUE(c0 > 0 && fbuf.size(1) == c0 + layers * k, "fbuf must have c0 + L*k = ", c0, " + ", layers, "*",
+                    k, " channels, got ", fbuf.size(1));
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t cl = c0 + l * k;
+    const at::TensorList p = params.slice(densenet_fast::kParamsPerLayer * l, densenet_fast::kParamsPerLayer);
+    TORCH_CHECK_VALUE(p[2].dim() == 4 && p[2].size(0) > 0, layer_tensor("conv1.weight", l),
+                      " must be (B, C_l, 1, 1), got shape ", p[2].sizes());
+    const int64_t b = p[2].size(0);
+    CHECK_SHAPE(p[0], layer_tensor("norm1.weight", l), cl);
+    CHECK_SHAPE(p[1], layer_tensor("norm1.bias", l), cl);
+    CHECK_SHAPE(p[2], layer_tensor("conv1.weight", l), b, cl, 1, 1);
+    CHECK_SHAPE(p[3], layer_tensor("norm2.weight", l), b);
+    CHECK_SHAPE(p[4], layer_tensor("norm2.bias", l), b);
+    CHECK_SHAPE(p[5], layer_tensor("conv2.weight", l), k, b, 3, 3);
+    for (int i = 0; i < densenet_fast::kParamsPerLayer; ++i) {
+      TORCH_CHECK(p[i].device() == fbuf.device(), "params[", densenet_fast::kParamsPerLayer * l + i,
+                  "] must be on the device of fbuf (", fbuf.device(), "), got ", p[i].device());
+      TORCH_CHECK_TYPE(is_stats_input_dtype(p[i].scalar_type()), "params[", densenet_fast::kParamsPerLayer * l + i,
+                       "] must be float32, float64, float16 or bfloat16, got ", p[i].scalar_type());
+    }
+    TORCH_CHECK_TYPE(p[2].scalar_type() == fbuf.scalar_type() && p[5].scalar_type() == fbuf.scalar_type(),
+                     "the conv weights of layer ", l, " must have fbuf's dtype ", fbuf.scalar_type(), ", got ",
+                     p[2].scalar_type(), " and ", p[5].scalar_type());
+    TORCH_CHECK_VALUE(steps[l] > 0, "steps[", l, "] must be positive, got ", steps[l]);
+  }
+  return layers;
+}
+
+// stats: 2L entries; entry 2l (mean) and 2l+1 (var) both None or both (channels(l),) tensors.
+template <typename Channels>
+void check_fixed_stats(const c10::List<std::optional<at::Tensor>>& stats, const char* name, int64_t layers,
+                       const at::Tensor& fbuf, Channels channels) {
+  TORCH_CHECK_VALUE(stats.size() == static_cast<size_t>(2 * layers), name, " must have 2 entries per layer (",
+                    2 * layers, "), got ", stats.size());
+  for (int64_t l = 0; l < layers; ++l) {
+    const std::optional<at::Tensor> m = stats[2 * l], v = stats[2 * l + 1];
+    TORCH_CHECK_VALUE(m.has_value() == v.has_value(), name, "[", 2 * l, "] and ", name, "[", 2 * l + 1,
+                      "] must both be None or both tensors");
+    if (!m.has_value()) continue;
+    for (const at::Tensor& t : {*m, *v}) {
+      TORCH_CHECK(t.device() == fbuf.device(), name, " of layer ", l, " must be on the device of fbuf (", fbuf.device(),
+                  "), got ", t.device());
+      TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == channels(l), name, " of layer ", l, " must have shape (",
+                        channels(l), ",), got ", t.sizes());
+      CHECK_FLOATING(t);
+    }
+  }
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_with(
+    const densenet_fast::BlockLaunchers& launch, const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var,
+    int64_t c0, at::TensorList params, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2,
+    const c10::List<std::optional<at::Tensor>>& stats1, const c10::List<std::optional<at::Tensor>>& stats2,
+    at::IntArrayRef steps, bool compute_stats, bool save_bottleneck) {
+  const int64_t layers = check_block(fbuf, c0, params, steps);
+  const int64_t k = params[5].size(0);
+  TORCH_CHECK_VALUE(eps1.size() == static_cast<size_t>(layers) && eps2.size() == static_cast<size_t>(layers),
+                    "eps1 and eps2 must have one entry per layer (", layers, "), got ", eps1.size(), " and ",
+                    eps2.size());
+  check_fixed_stats(stats1, "stats1", layers, fbuf, [&](int64_t l) { return c0 + l * k; });
+  check_fixed_stats(stats2, "stats2", layers, fbuf,
+                    [&](int64_t l) { return params[densenet_fast::kParamsPerLayer * l + 2].size(0); });
+  bool needs_cache = compute_stats;
+  for (int64_t l = 0; l < layers; ++l) needs_cache = needs_cache || !stats1[2 * l].has_value();
+  if (needs_cache) {
+    CHECK_SAME_DEVICE(mean, fbuf);
+    CHECK_SAME_DEVICE(var, fbuf);
+    CHECK_FLOAT_VECTOR(mean, "mean", fbuf.size(1));
+    CHECK_FLOAT_VECTOR(var, "var", fbuf.size(1));
+    TORCH_CHECK_VALUE(compute_stats, "compute_stats must be true when a layer's stats1 are None (batch statistics)");
+  }
+  return densenet_fast::dense_block_forward(launch, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
+                                            compute_stats, save_bottleneck);
+}
+
+std::vector<at::Tensor> dense_block_backward_with(const densenet_fast::BlockLaunchers& launch, const at::Tensor& fbuf,
+                                                  const at::Tensor& gbuf, int64_t c0, at::TensorList params,
+                                                  at::TensorList saved, at::TensorList mean1, at::TensorList mean2,
+                                                  at::IntArrayRef batch1, at::IntArrayRef batch2,
+                                                  at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
+  const int64_t layers = check_block(fbuf, c0, params, steps);
+  const int64_t k = params[5].size(0);
+  CHECK_SAME_DEVICE(gbuf, fbuf);
+  CHECK_SAME_SHAPE(gbuf, fbuf);
+  TORCH_CHECK_TYPE(gbuf.scalar_type() == at::kFloat || gbuf.scalar_type() == fbuf.scalar_type(),
+                   "gbuf must be float32 or the dtype of fbuf (", fbuf.scalar_type(), "), got ", gbuf.scalar_type());
+  CHECK_WRITABLE(gbuf);
+  const auto per_layer = [&](size_t got, int64_t per, const char* name) {
+    TORCH_CHECK_VALUE(got == static_cast<size_t>(per * layers), name, " must have ", per, " entries per layer (",
+                      per * layers, "), got ", got);
+  };
+  per_layer(saved.size(), densenet_fast::kSavedPerLayer, "saved");
+  per_layer(mean1.size(), 1, "mean1");
+  per_layer(mean2.size(), 1, "mean2");
+  per_layer(batch1.size(), 1, "batch1");
+  per_layer(batch2.size(), 1, "batch2");
+  TORCH_CHECK_VALUE(bottlenecks.empty() || bottlenecks.size() == static_cast<size_t>(layers),
+                    "bottlenecks must be empty or hold one tensor per layer (", layers, "), got ", bottlenecks.size());
+  TORCH_CHECK_VALUE(count == fbuf.size(0) * fbuf.size(2) * fbuf.size(3), "count must be N*H*W = ",
+                    fbuf.size(0) * fbuf.size(2) * fbuf.size(3), ", got ", count);
+  for (int64_t l = 0; l < layers; ++l) {
+    const int64_t cl = c0 + l * k, b = params[densenet_fast::kParamsPerLayer * l + 2].size(0);
+    for (int64_t i = 0; i < densenet_fast::kSavedPerLayer; ++i) {
+      const at::Tensor& t = saved[densenet_fast::kSavedPerLayer * l + i];
+      CHECK_SAME_DEVICE(t, fbuf);
+      CHECK_FLOAT_VECTOR(t, "saved[" + std::to_string(densenet_fast::kSavedPerLayer * l + i) + "]", i < 3 ? cl : b);
+    }
+    CHECK_SAME_DEVICE(mean1[l], fbuf);
+    CHECK_SAME_DEVICE(mean2[l], fbuf);
+    CHECK_FLOAT_VECTOR(mean1[l], layer_tensor("mean1", l), cl);
+    CHECK_FLOAT_VECTOR(mean2[l], layer_tensor("mean2", l), b);
+    if (!bottlenecks.empty()) {
+      const at::Tensor& bt = bottlenecks[l];
+      CHECK_SAME_DEVICE(bt, fbuf);
+      CHECK_SHAPE(bt, layer_tensor("the bottleneck", l), fbuf.size(0), b, fbuf.size(2), fbuf.size(3));
+      TORCH_CHECK_TYPE(bt.scalar_type() == fbuf.scalar_type(), "the bottleneck of layer ", l,
+                       " must have fbuf's dtype ", fbuf.scalar_type(), ", got ", bt.scalar_type());
+    }
+  }
+  return densenet_fast::dense_block_backward(launch, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
+                                             bottlenecks, steps, count);
+}
+
+const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
+                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch};
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cpu(
+    const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
+    at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, const c10::List<std::optional<at::Tensor>>& stats1,
+    const c10::List<std::optional<at::Tensor>>& stats2, at::IntArrayRef steps, bool compute_stats,
+    bool save_bottleneck) {
+  CHECK_DEVICE(fbuf, is_cpu, "CPU");
+  return dense_block_forward_with(kCpuLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
+                                  compute_stats, save_bottleneck);
+}
+
+std::vector<at::Tensor> dense_block_backward_cpu(const at::Tensor& fbuf, const at::Tensor& gbuf, int64_t c0,
+                                                 at::TensorList params, at::TensorList saved, at::TensorList mean1,
+                                                 at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
+                                                 at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
+  CHECK_DEVICE(fbuf, is_cpu, "CPU");
+  return dense_block_backward_with(kCpuLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
+                                   bottlenecks, steps, count);
+}
+
+#ifdef WITH_CUDA
+const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn_relu_out_cuda_launch,
+                                                   bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch};
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cuda(
+    const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
+    at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, const c10::List<std::optional<at::Tensor>>& stats1,
+    const c10::List<std::optional<at::Tensor>>& stats2, at::IntArrayRef steps, bool compute_stats,
+    bool save_bottleneck) {
+  CHECK_DEVICE(fbuf, is_cuda, "CUDA");
+  return dense_block_forward_with(kCudaLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
+                                  compute_stats, save_bottleneck);
+}
+
+std::vector<at::Tensor> dense_block_backward_cuda(const at::Tensor& fbuf, const at::Tensor& gbuf, int64_t c0,
+                                                  at::TensorList params, at::TensorList saved, at::TensorList mean1,
+                                                  at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
+                                                  at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
+  CHECK_DEVICE(fbuf, is_cuda, "CUDA");
+  return dense_block_backward_with(kCudaLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
+                                   bottlenecks, steps, count);
+}
+#endif
+
 }  // namespace
 }  // namespace densenet_fast
 
@@ -239,6 +446,16 @@ TORCH_LIBRARY(densenet_fast, m) {
   m.def(
       "bn_backward_apply(Tensor grad_z, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor a, Tensor b,"
       " Tensor(a!) grad_x, bool accumulate) -> ()");
+
+  // The whole dense block (csrc/dense_block.h); fakes in densenet_fast/ops/cuda_block.py.
+  m.set_python_module("densenet_fast.ops.cuda_block");
+  m.def(
+      "dense_block_forward(Tensor(a!) fbuf, Tensor(b!) mean, Tensor(c!) var, int c0, Tensor[] params, float[] eps1,"
+      " float[] eps2, Tensor?[] stats1, Tensor?[] stats2, int[] steps, bool compute_stats, bool save_bottleneck)"
+      " -> (Tensor[] saved, Tensor[] bt_stats, Tensor[] bottlenecks)");
+  m.def(
+      "dense_block_backward(Tensor fbuf, Tensor(a!) gbuf, int c0, Tensor[] params, Tensor[] saved, Tensor[] mean1,"
+      " Tensor[] mean2, int[] batch1, int[] batch2, Tensor[] bottlenecks, int[] steps, int count) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
@@ -246,6 +463,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cpu);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cpu);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cpu);
+  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cpu);
+  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cpu);
 }
 
 #ifdef WITH_CUDA
@@ -254,6 +473,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cuda);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cuda);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cuda);
+  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cuda);
+  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cuda);
 }
 #endif
 

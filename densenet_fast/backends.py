@@ -5,7 +5,8 @@
   cuda   the compiled extension densenet_fast._C (csrc/): its kernels do the statistics and every
          batch-norm pass (scale-shift-ReLU into a reused scratch chunk, the ReLU-masked BN backward
          reductions, the BN backward accumulating into the gradient buffer), cuBLAS/cuDNN through
-         ATen the GEMMs and the 3x3 conv; needs the extension built with CUDA and CUDA tensors.
+         ATen the GEMMs and the 3x3 conv, the block's layer loop in C++; needs the extension built
+         with CUDA and CUDA tensors.
   triton fused Triton kernels (densenet_fast/triton_kernels/): BN-ReLU as the GEMM prologue, the
          statistics in the epilogues, the 3x3 conv as an implicit GEMM, two-pass backwards that
          never store a prefix-sized intermediate; needs triton and CUDA tensors (or CPU tensors

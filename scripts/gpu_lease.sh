@@ -127,13 +127,18 @@ if [ "$STAGE" = check ]; then
   stamp "DenseNet-BC-100 fp32 NCHW"
   DENSENET_FAST_TRITON_AUTOTUNE=0 bench bench-default-configs.csv 90 --model densenet_bc_100_12 --batch 64 \
     --providers naive,triton,triton+graph
+  # The cuda backend's block loop runs in C++ since the 2026-11-26 fifth session (never run on a
+  # GPU yet); DENSENET_FAST_WHOLE_BLOCK=0 is the per-layer Python path the second lease timed.
+  stamp "DenseNet-BC-100 fp32 NCHW, cuda: C++ layer loop, then the per-layer path"
+  bench bench.csv 60 --model densenet_bc_100_12 --batch 64 --providers naive,cuda,cuda+graph
+  DENSENET_FAST_WHOLE_BLOCK=0 bench bench-cuda-layers.csv 40 --model densenet_bc_100_12 --batch 64 \
+    --providers naive,cuda
   stamp "DenseNet-121 fp32 NCHW"
   DENSENET_FAST_TRITON_AUTOTUNE=0 bench bench-default-configs.csv 60 --model densenet121 --batch 64 \
     --providers naive,triton
   bench bench.csv 90 --model densenet121 --batch 64 --providers naive,checkpoint,torch,cuda
   stamp "DenseNet-BC-100 fp32 NCHW, the other providers"
   bench bench.csv 100 --model densenet_bc_100_12 --batch 64 --providers naive,checkpoint,torch,naive+graph,torch+graph
-  bench bench.csv 60 --model densenet_bc_100_12 --batch 64 --providers cuda,cuda+graph
 fi
 
 if [ "$STAGE" = more ]; then

@@ -14,6 +14,7 @@ rule with the bf16 floor, gradients as one normalised vector (rounding flips sin
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -31,9 +32,10 @@ from densenet_fast.ops.cuda_block import CudaBlockKernels  # noqa: E402
 from densenet_fast.ops.dense_block import run_dense_block  # noqa: E402
 
 
-def _run_ours(block, x, chunk, r):
+def _run_ours(block, x, chunk, r, whole=True, save_bottleneck=False):
     xi = x.clone().requires_grad_(True)
-    f, _, _ = run_dense_block(xi, list(block.values()), CudaBlockKernels(), chunk_channels=chunk)
+    f, _, _ = run_dense_block(xi, list(block.values()), CudaBlockKernels(whole=whole), chunk_channels=chunk,
+                              save_bottleneck=save_bottleneck)
     (f.double() * r).sum().backward()
     return f.detach(), xi.grad, param_grads(block)
 
@@ -46,11 +48,13 @@ def _run_naive(block, x, r):
 
 
 # chunk 4 splits the 7 + 5l channel prefixes unevenly: the scratch chunk is reused with a short
-# last chunk, and G[:, a:e] is accumulated chunk by chunk.
+# last chunk, and G[:, a:e] is accumulated chunk by chunk.  "whole": the layer loop in C++
+# (dense_block_forward/backward); "per-layer": CudaBlockKernels' Python methods.
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "per-layer"])
 @pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunk4"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_cuda_block_kernels_match_naive(mode, channels_last, chunk):
+def test_cuda_block_kernels_match_naive(mode, channels_last, chunk, whole):
     torch.manual_seed(0)
     ours = densenet_fast.DenseBlock(3, 7, 3, 5, backend="torch")
     randomize_bn_(ours, 1)
@@ -61,7 +65,7 @@ def test_cuda_block_kernels_match_naive(mode, channels_last, chunk):
         m.train(mode == "train")
     x = seeded_input((2, 7, 9, 7), 2, torch.float32, channels_last, scale=1.5, offset=0.4)
     r = torch.randn(2, 22, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    fast = _run_ours(ours, x, chunk, r)
+    fast = _run_ours(ours, x, chunk, r, whole)
     slow = _run_naive(naive, x, r)
     ref = _run_naive(exact, x.double(), r)
     assert_within_naive_error(fast[0], slow[0], ref[0], torch.float32, "block output")
@@ -157,9 +161,230 @@ def test_backward_reuses_forward_affine():
     block = densenet_fast.DenseBlock(3, 6, 2, 4, backend="torch")
     x = seeded_input((2, 6, 5, 5), 7).requires_grad_(True)
     with DispatchLog(lambda func, args: func.overloadpacket.__name__) as fwd:
-        f, _, _ = run_dense_block(x, list(block.values()), CudaBlockKernels())
+        f, _, _ = run_dense_block(x, list(block.values()), CudaBlockKernels(whole=False))
     with DispatchLog(lambda func, args: func.overloadpacket.__name__) as bwd:
         f.sum().backward()
     assert fwd.entries.count("rsqrt") == 2 * 3, fwd.entries.count("rsqrt")  # norm1 and norm2 of 3 layers
     assert bwd.entries.count("rsqrt") == 0, bwd.entries
     assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+
+
+# ---- the C++ layer loop (csrc/dense_block.cpp) -------------------------------------------------
+# It calls the per-layer path's kernels and ATen ops with the same operands, so the two must agree
+# to rounding of the same operations (they are not required to be bit-identical: nothing forces
+# the GEMMs to pick the same algorithm twice).  TOL_SAME: relative to each tensor's largest value.
+TOL_SAME = 1e-6
+
+
+def _block_results(block, x, r, whole, **kwargs):
+    b = copy.deepcopy(block)
+    out, gx, grads = _run_ours(b, x, kwargs.pop("chunk", 0), r, whole, **kwargs)
+    return [out, gx] + [grads[n] for n in sorted(grads)] + [v.double() for v in b.state_dict().values()]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        u, v = u.double(), v.double()
+        scale = max(v.abs().max().item(), 1e-30)
+        assert (u - v).abs().max().item() <= TOL_SAME * scale, f"tensor {i}: {(u - v).abs().max().item()} vs {scale}"
+
+
+# Mixed norm modes: norm1 of layer 0 in eval (its running statistics, a fixed BN in backward)
+# while norm2 trains, and the reverse in layer 1; save_bottleneck keeps Bt instead of recomputing.
+@pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "save-bottleneck"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_whole_block_matches_per_layer(channels_last, save_bottleneck):
+    torch.manual_seed(12)
+    block = densenet_fast.DenseBlock(3, 6, 2, 5, backend="torch")
+    randomize_bn_(block, 13)
+    layers = list(block.values())
+    layers[0].norm1.eval()
+    layers[1].norm2.eval()
+    x = seeded_input((2, 6, 7, 5), 14, torch.float32, channels_last, scale=1.5, offset=0.4)
+    r = torch.randn(2, 21, 7, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    whole = _block_results(block, x, r, True, chunk=4, save_bottleneck=save_bottleneck)
+    per_layer = _block_results(block, x, r, False, chunk=4, save_bottleneck=save_bottleneck)
+    _assert_same(whole, per_layer)
+
+
+def test_whole_block_matches_per_layer_under_autocast():
+    """bfloat16 autocast: the block runs on bf16 data and conv weights, fp32 BN parameters and
+    statistics, and a float32 gradient buffer."""
+    torch.manual_seed(20)
+    block = densenet_fast.DenseBlock(2, 8, 2, 6, backend="torch")
+    randomize_bn_(block, 21)
+    x = seeded_input((4, 8, 6, 6), 22, torch.float32, True, offset=0.5)
+    r = torch.randn(4, 20, 6, 6, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = _block_results(block, x, r, True)
+        per_layer = _block_results(block, x, r, False)
+    assert whole[0].dtype == torch.bfloat16
+    _assert_same(whole, per_layer)
+
+
+def _op_log(fn):
+    with DispatchLog(lambda func, args: func.name()) as log:
+        fn()
+    return log.entries
+
+
+def test_whole_block_is_one_op_per_direction():
+    """The forward issues one dense_block_forward and the backward one dense_block_backward; no
+    BN pass, GEMM or per-channel vector op of a layer is issued from Python."""
+    torch.manual_seed(16)
+    block = densenet_fast.DenseBlock(4, 6, 2, 4, backend="torch")
+    x = seeded_input((2, 6, 5, 5), 17).requires_grad_(True)
+    out = []
+    fwd = _op_log(lambda: out.append(run_dense_block(x, list(block.values()), CudaBlockKernels())[0]))
+    bwd = _op_log(lambda: out[0].sum().backward())
+    assert fwd.count("densenet_fast::dense_block_forward") == 1, fwd
+    assert bwd.count("densenet_fast::dense_block_backward") == 1, bwd
+    per_layer_ops = {"densenet_fast::bn_relu_out", "densenet_fast::channel_stats", "aten::mm", "aten::bmm",
+                     "aten::convolution", "aten::rsqrt", "densenet_fast::bn_backward_apply"}
+    assert not per_layer_ops & set(fwd + bwd), sorted(per_layer_ops & set(fwd + bwd))
+    assert x.grad is not None and all(p.grad is not None for p in block.parameters())
+
+
+def test_whole_block_leaves_dropout_to_the_per_layer_path():
+    """Dropout's mask is drawn per layer from a Python-side seed: with drop_rate > 0 in training
+    the per-layer path runs (and in eval, where dropout is off, the C++ loop)."""
+    block = densenet_fast.DenseBlock(2, 6, 2, 4, drop_rate=0.2, backend="torch")
+    x = seeded_input((2, 6, 5, 5), 18)
+    train = _op_log(lambda: run_dense_block(x, list(block.values()), CudaBlockKernels()))
+    assert "densenet_fast::dense_block_forward" not in train and "densenet_fast::bn_relu_out" in train
+    block.eval()
+    evaluation = _op_log(lambda: run_dense_block(x, list(block.values()), CudaBlockKernels()))
+    assert evaluation.count("densenet_fast::dense_block_forward") == 1, evaluation
+
+
+def _op_args(layers=2, c0=6, k=4, bn=8, n=2, hw=5, channels_last=False):
+    """Valid arguments of dense_block_forward for a block in training mode."""
+    torch.manual_seed(19)
+    c = c0 + layers * k
+    fbuf = torch.randn(n, c, hw, hw)
+    if channels_last:
+        fbuf = fbuf.contiguous(memory_format=torch.channels_last)
+    params = []
+    for l in range(layers):
+        cl = c0 + l * k
+        params += [torch.rand(cl) + 0.5, torch.randn(cl), torch.randn(bn, cl, 1, 1), torch.rand(bn) + 0.5,
+                   torch.randn(bn), torch.randn(k, bn, 3, 3)]
+    return dict(fbuf=fbuf, mean=torch.empty(c), var=torch.empty(c), c0=c0, params=params, eps1=[1e-5] * layers,
+                eps2=[1e-5] * layers, stats1=[None] * (2 * layers), stats2=[None] * (2 * layers),
+                steps=[3] * layers, compute_stats=True, save_bottleneck=False)
+
+
+def _forward(args):
+    a = args
+    return torch.ops.densenet_fast.dense_block_forward(a["fbuf"], a["mean"], a["var"], a["c0"], a["params"],
+                                                       a["eps1"], a["eps2"], a["stats1"], a["stats2"], a["steps"],
+                                                       a["compute_stats"], a["save_bottleneck"])
+
+
+def test_whole_block_op_fills_the_statistics_cache():
+    """mean/var come back as every channel's batch statistics (x0's and each layer's output)."""
+    args = _op_args()
+    saved, bt_stats, bottlenecks = _forward(args)
+    var, mean = torch.var_mean(args["fbuf"].double(), dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(args["mean"].double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(args["var"].double(), var, rtol=1e-5, atol=1e-6)
+    assert len(saved) == 12 and len(bt_stats) == 4 and bottlenecks == []
+
+
+# (mutation, exception type, words the message must contain)
+BAD_FORWARD_INPUTS = [
+    (lambda a: a.update(params=a["params"][:-1]), ValueError, "6 tensors per layer"),
+    (lambda a: a.update(fbuf=a["fbuf"][:, :-1].contiguous()), ValueError, "fbuf must have c0 + L*k"),
+    (lambda a: a.update(fbuf=a["fbuf"].double()), TypeError, "fbuf must be float32, float16 or bfloat16"),
+    (lambda a: a.update(fbuf=a["fbuf"].transpose(2, 3)), ValueError, "fbuf must be contiguous (NCHW) or channels_last"),
+    (lambda a: a["params"].__setitem__(8, torch.randn(8, 9, 1, 1)), ValueError, "conv1.weight of layer 1 must have shape"),
+    (lambda a: a["params"].__setitem__(0, torch.rand(5)), ValueError, "norm1.weight of layer 0 must have shape"),
+    (lambda a: a["params"].__setitem__(2, torch.randn(8, 6, 1, 1).half()), TypeError, "conv weights of layer 0"),
+    (lambda a: a.update(steps=[3]), ValueError, "steps must have one entry per layer"),
+    (lambda a: a.update(steps=[3, 0]), ValueError, "steps[1] must be positive"),
+    (lambda a: a.update(eps1=[1e-5]), ValueError, "eps1 and eps2 must have one entry per layer"),
+    (lambda a: a.update(stats1=[None] * 3), ValueError, "stats1 must have 2 entries per layer"),
+    (lambda a: a.update(stats1=[torch.zeros(6), None, None, None]), ValueError, "both be None or both tensors"),
+    (lambda a: a.update(stats2=[torch.zeros(7), torch.ones(7), None, None]), ValueError,
+     "stats2 of layer 0 must have shape (8,)"),
+    (lambda a: a.update(mean=torch.empty(14, dtype=torch.float64)), TypeError, "mean must be float32"),
+    (lambda a: a.update(var=torch.empty(13)), ValueError, "var must have shape"),
+    (lambda a: a.update(compute_stats=False), ValueError, "compute_stats must be true"),
+    (lambda a: a.update(fbuf=a["fbuf"][:0]), ValueError, "fbuf must have at least one element per channel"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,words", BAD_FORWARD_INPUTS, ids=[w for _, _, w in BAD_FORWARD_INPUTS])
+def test_whole_block_forward_rejects_bad_input(mutate, exc, words):
+    args = _op_args()
+    mutate(args)
+    with pytest.raises(exc, match=re.escape(words)):
+        _forward(args)
+
+
+def _backward_args():
+    args = _op_args()
+    saved, bt_stats, bottlenecks = _forward(args)
+    n, c, h, w = args["fbuf"].shape
+    mean1 = [args["mean"][:6], args["mean"][:10]]
+    mean2 = [bt_stats[0], bt_stats[2]]
+    return dict(fbuf=args["fbuf"], gbuf=torch.randn(n, c, h, w), c0=6, params=args["params"], saved=saved,
+                mean1=mean1, mean2=mean2, batch1=[1, 1], batch2=[1, 1], bottlenecks=[], steps=[3, 3], count=n * h * w)
+
+
+def _backward(a):
+    return torch.ops.densenet_fast.dense_block_backward(*a.values())
+
+
+BAD_BACKWARD_INPUTS = [
+    (lambda a: a.update(gbuf=a["gbuf"][:, 1:]), ValueError, "gbuf must have the shape of fbuf"),
+    (lambda a: a.update(gbuf=a["gbuf"].double()), TypeError, "gbuf must be float32 or the dtype of fbuf"),
+    (lambda a: a.update(saved=a["saved"][:-1]), ValueError, "saved must have 6 entries per layer"),
+    (lambda a: a["saved"].__setitem__(7, torch.ones(6)), ValueError, "saved[7] must have shape"),
+    (lambda a: a.update(mean1=[a["mean1"][0], a["mean1"][0]]), ValueError, "mean1 of layer 1 must have shape"),
+    (lambda a: a.update(batch2=[1]), ValueError, "batch2 must have 1 entries per layer"),
+    (lambda a: a.update(bottlenecks=[torch.zeros(2, 8, 5, 5)]), ValueError, "bottlenecks must be empty or hold"),
+    (lambda a: a.update(count=7), ValueError, "count must be N"),
+]
+
+
+@pytest.mark.parametrize("mutate,exc,words", BAD_BACKWARD_INPUTS, ids=[w for _, _, w in BAD_BACKWARD_INPUTS])
+def test_whole_block_backward_rejects_bad_input(mutate, exc, words):
+    args = _backward_args()
+    mutate(args)
+    with pytest.raises(exc, match=re.escape(words)):
+        _backward(args)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_whole_block_ops_pass_opcheck(channels_last):
+    """Schemas (which arguments are mutated), fake kernels and the CPU kernels agree.
+
+    Not "test_aot_dispatch_dynamic": the ops are never traced (under torch.compile the block runs
+    the per-layer ops, CudaBlockKernels._whole), and torch's functionalization does not take a
+    custom op that both mutates inputs and returns tensor lists."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = _op_args(channels_last=channels_last)
+    args["save_bottleneck"] = True
+    torch.library.opcheck(torch.ops.densenet_fast.dense_block_forward.default, tuple(args.values()), test_utils=utils)
+    back = _backward_args()
+    torch.library.opcheck(torch.ops.densenet_fast.dense_block_backward.default, tuple(back.values()),
+                          test_utils=utils)
+
+
+@pytest.mark.parametrize("value,whole", [(None, True), ("1", True), ("0", False)])
+def test_whole_block_environment_switch(monkeypatch, value, whole):
+    """backend="cuda" builds CudaBlockKernels() without arguments: DENSENET_FAST_WHOLE_BLOCK=0
+    selects the per-layer path (for side-by-side benchmarks), unset or anything else the C++ loop;
+    an explicit argument wins over the variable."""
+    from densenet_fast.ops.cuda_block import WHOLE_BLOCK_ENV
+    if value is None:
+        monkeypatch.delenv(WHOLE_BLOCK_ENV, raising=False)
+    else:
+        monkeypatch.setenv(WHOLE_BLOCK_ENV, value)
+    block = densenet_fast.DenseBlock(2, 6, 2, 4, backend="torch")
+    x = seeded_input((2, 6, 5, 5), 24)
+    log = _op_log(lambda: run_dense_block(x, list(block.values()), CudaBlockKernels()))
+    assert ("densenet_fast::dense_block_forward" in log) == whole, log
+    assert CudaBlockKernels(whole=not whole).whole == (not whole)

@@ -304,7 +304,7 @@ def test_bn_relu_out_in_place(device):
 
 
 @needs_extension
-@pytest.mark.parametrize("op", OPS + ["channel_stats"])
+@pytest.mark.parametrize("op", OPS + ["channel_stats", "dense_block_forward", "dense_block_backward"])
 def test_cpu_and_cuda_kernels_registered(op):
     # setup.py builds the extension only with nvcc, so a loaded _C must carry every CUDA kernel
     # too; this runs without a GPU and catches a kernel left out of TORCH_LIBRARY_IMPL(.., CUDA, ..).

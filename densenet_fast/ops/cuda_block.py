@@ -19,27 +19,51 @@ the allocations of per-chunk transients.
 
 Float64 data (the kernels read fp32/fp16/bf16) and synchronized batch norm run the plain-PyTorch
 primitives of the base class.
+
+The layer loop itself: issued from Python, the ~100 small ops per layer cost more host time than
+the GPU spends on most of them (an eager DenseNet-BC-100 step is host-bound).  So by default a
+block runs as ONE op per direction, torch.ops.densenet_fast.dense_block_forward / _backward
+(csrc/dense_block.cpp), which performs exactly the steps of the methods below, on the same kernels,
+in C++.  The methods still run where that op does not apply (CudaBlockKernels._whole: dropout,
+synchronized BN, float64, torch.compile tracing, the meta device) and with whole=False.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .bn_relu import bn_affine
+from .. import _ext
+from .bn_relu import bn_affine, norm_stats_for, uses_batch_stats
 from .conv1x1 import conv1x1, conv1x1_backward
-from .dense_block import FusedBlockKernels
+from .dense_block import FusedBlockKernels, chunk_size
+from .precision import with_conv_precision
 
 __all__ = ["CudaBlockKernels"]
 
 aten = torch.ops.aten
 
+WHOLE_BLOCK_ENV = "DENSENET_FAST_WHOLE_BLOCK"
+
 
 def _ops():
     return torch.ops.densenet_fast
+
+
+_WHOLE_BLOCK_DEVICES: Optional[frozenset] = None
+
+
+def _whole_block_devices() -> frozenset:
+    """The device types with a compiled dense_block_forward (looked up once)."""
+    global _WHOLE_BLOCK_DEVICES
+    if _WHOLE_BLOCK_DEVICES is None:
+        _WHOLE_BLOCK_DEVICES = _ext.kernel_devices("dense_block_forward") & _ext.kernel_devices("dense_block_backward")
+    return _WHOLE_BLOCK_DEVICES
 
 
 def _scratch_like(x: Tensor, channels: int) -> Tensor:
@@ -66,14 +90,98 @@ def _bn_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale:
     return sum_dy_xmu * invstd, sum_dy
 
 
-class CudaBlockKernels(FusedBlockKernels):
-    """BlockKernels on the extension's kernels (the statistics and every BN pass) and ATen GEMMs."""
+@dataclass
+class WholeBlockRecords:
+    """What dense_block_forward keeps for dense_block_backward (csrc/dense_block.h)."""
 
-    def __init__(self, group=None) -> None:
+    saved: List[Tensor]        # per layer: invstd1, scale1, shift1, invstd2, scale2, shift2
+    mean1: List[Tensor]        # per layer: the means norm1 / norm2 normalised with
+    mean2: List[Tensor]
+    batch1: List[int]          # 1: batch statistics (training-mode BN backward), 0: fixed ones
+    batch2: List[int]
+    bottlenecks: List[Tensor]  # each layer's Bt (save_bottleneck), else empty
+    steps: List[int]
+
+
+class CudaBlockKernels(FusedBlockKernels):
+    """BlockKernels on the extension's kernels (the statistics and every BN pass) and ATen GEMMs.
+
+    whole=True runs a block's layer loop in C++ (torch.ops.densenet_fast.dense_block_forward /
+    dense_block_backward) wherever it applies: one op call per block and direction instead of
+    ~100 Python-issued ops per layer.  Elsewhere, and with whole=False, the per-layer methods
+    below run, on the same kernels.  whole=None (what backend="cuda" uses) reads the environment
+    variable DENSENET_FAST_WHOLE_BLOCK: "0" selects the per-layer path (to compare the two),
+    anything else or unset the C++ loop."""
+
+    def __init__(self, group=None, whole: Optional[bool] = None) -> None:
         from .channel_stats import channel_stats
         # The ops have CPU kernels too: tests run this class on the CPU (backend "cuda" itself
         # refuses CPU inputs in backends.resolve_backend).
         super().__init__(name="cuda", stats=channel_stats, group=group)
+        self.whole = os.environ.get(WHOLE_BLOCK_ENV, "1") != "0" if whole is None else whole
+
+    def _whole(self, spec, fbuf: Tensor) -> bool:
+        """Whether the C++ layer loop covers this call.  It does not cover dropout (its mask's
+        seed is drawn per layer in Python), synchronized BN and float64 (not _fused), tracing
+        (torch.compile sees the per-layer ops instead) and the meta device (the memory planner
+        must see each transient)."""
+        return (self.whole and self._fused(fbuf) and fbuf.device.type in _whole_block_devices()
+                and not torch.compiler.is_compiling()
+                and not any(layer.drop_rate > 0 and layer.training for layer in spec.layers))
+
+    def whole_block_forward(self, spec, fbuf, params, c0):
+        if not self._whole(spec, fbuf):
+            return None
+        layers = spec.layers
+        n, c_total, h, w = fbuf.shape
+        k = layers[0].conv2.out_channels
+        count = n * h * w  # no process group here (_fused)
+        empty = fbuf.new_empty(0, dtype=torch.float32)
+        mean = fbuf.new_empty(c_total, dtype=torch.float32) if spec.compute_stats else empty
+        var = fbuf.new_empty(c_total, dtype=torch.float32) if spec.compute_stats else empty
+        stats1: List[Optional[Tensor]] = []
+        stats2: List[Optional[Tensor]] = []
+        batch1, batch2, steps = [], [], []
+        for l, layer in enumerate(layers):
+            cl = c0 + l * k
+            bottleneck = layer.conv1.out_channels
+            for bn, channels, stats, flags in ((layer.norm1, cl, stats1, batch1),
+                                               (layer.norm2, bottleneck, stats2, batch2)):
+                if uses_batch_stats(bn):
+                    stats += [None, None]
+                    flags.append(1)
+                else:
+                    fixed = norm_stats_for(bn, None, None, channels, count)
+                    stats += [fixed.mean.float().contiguous(), fixed.var.float()]
+                    flags.append(0)
+            steps.append(chunk_size(spec.chunk_channels, count, cl, bottleneck))
+        saved, bt_stats, bottlenecks = with_conv_precision(
+            fbuf, _ops().dense_block_forward, fbuf, mean, var, c0, list(params),
+            [layer.norm1.eps for layer in layers], [layer.norm2.eps for layer in layers], stats1, stats2, steps,
+            spec.compute_stats, spec.save_bottleneck)
+        pending: List[Tuple[Any, Tensor, Tensor]] = []
+        mean1, mean2 = [], []
+        computed = iter(bt_stats)
+        for l, layer in enumerate(layers):
+            cl = c0 + l * k
+            if batch1[l]:
+                mean1.append(mean[:cl])
+                pending.append((layer.norm1, mean[:cl], var[:cl]))
+            else:
+                mean1.append(stats1[2 * l])
+            if batch2[l]:
+                m2, v2 = next(computed), next(computed)
+                mean2.append(m2)
+                pending.append((layer.norm2, m2, v2))
+            else:
+                mean2.append(stats2[2 * l])
+        return mean, var, WholeBlockRecords(saved, mean1, mean2, batch1, batch2, bottlenecks, steps), pending
+
+    def whole_block_backward(self, spec, fbuf, gbuf, params, records, c0):
+        r: WholeBlockRecords = records
+        count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
+        return with_conv_precision(fbuf, _ops().dense_block_backward, fbuf, gbuf, c0, list(params), r.saved, r.mean1,
+                                   r.mean2, r.batch1, r.batch2, r.bottlenecks, r.steps, count)
 
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
@@ -146,3 +254,33 @@ class CudaBlockKernels(FusedBlockKernels):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         d_w, d_b = _bn_backward(grad_z, x, mean, invstd, scale, shift, stats.batch, count, grad_x, False)
         return d_w.to(weight.dtype), d_b.to(bias.dtype)
+
+
+# ---- fake (meta) kernels of the whole-block ops, for torch.library.opcheck and tracing ----
+
+if _ext.HAS_C:
+
+    @torch.library.register_fake("densenet_fast::dense_block_forward")
+    def _dense_block_forward_fake(fbuf: Tensor, mean: Tensor, var: Tensor, c0: int, params: Sequence[Tensor],
+                                  eps1: Sequence[float], eps2: Sequence[float], stats1: Sequence[Optional[Tensor]],
+                                  stats2: Sequence[Optional[Tensor]], steps: Sequence[int], compute_stats: bool,
+                                  save_bottleneck: bool) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        k = params[5].shape[0]
+        saved: List[Tensor] = []
+        bt_stats: List[Tensor] = []
+        bottlenecks: List[Tensor] = []
+        for l in range(len(params) // 6):
+            cl, b = c0 + l * k, params[6 * l + 2].shape[0]
+            saved += [fbuf.new_empty(c, dtype=torch.float32) for c in (cl, cl, cl, b, b, b)]
+            if stats2[2 * l] is None:
+                bt_stats += [fbuf.new_empty(b, dtype=torch.float32) for _ in range(2)]
+            if save_bottleneck:
+                bottlenecks.append(_scratch_like(fbuf, b))
+        return saved, bt_stats, bottlenecks
+
+    @torch.library.register_fake("densenet_fast::dense_block_backward")
+    def _dense_block_backward_fake(fbuf: Tensor, gbuf: Tensor, c0: int, params: Sequence[Tensor],
+                                   saved: Sequence[Tensor], mean1: Sequence[Tensor], mean2: Sequence[Tensor],
+                                   batch1: Sequence[int], batch2: Sequence[int], bottlenecks: Sequence[Tensor],
+                                   steps: Sequence[int], count: int) -> List[Tensor]:
+        return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]

@@ -140,6 +140,23 @@ class BlockKernels:
         grad_x.copy_(gx)
         return gw, gb
 
+    # ---- the whole block at once, for backends that run the layer loop natively ----
+
+    def whole_block_forward(self, spec: "BlockSpec", fbuf: Tensor, params: Sequence[Tensor], c0: int
+                            ) -> Optional[Tuple[Tensor, Tensor, Any, List[Tuple[nn.Module, Tensor, Tensor]]]]:
+        """Run every layer of the block in one call: fbuf[:, :c0] holds the input and layer l
+        writes fbuf[:, C_l:C_l+k].  Returns (mean, var, records, running-statistics updates) as
+        block_forward would have them, or None to run the per-layer primitives instead (the
+        default, and whatever a backend's loop does not cover).  records: any object that
+        whole_block_backward understands."""
+        return None
+
+    def whole_block_backward(self, spec: "BlockSpec", fbuf: Tensor, gbuf: Tensor, params: Sequence[Tensor],
+                             records: Any, c0: int) -> List[Tensor]:
+        """Gradients of whole_block_forward: adds each layer's input gradient into gbuf (which
+        holds dLoss/dF) and returns the gradient of every parameter, in params' order."""
+        raise NotImplementedError(f"backend {self.name!r} has no whole-block forward")
+
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
                   conv_weight: Optional[Tensor], pool: str, out: Optional["Destination"] = None
                   ) -> Optional[Tensor]:
@@ -316,12 +333,13 @@ def _layer_params(params: Sequence[Tensor], l: int) -> Sequence[Tensor]:
 
 
 def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
-                  ) -> Tuple[Tensor, Tensor, Tensor, List[_LayerRecord]]:
+                  ) -> Tuple[Tensor, Tensor, Tensor, Any]:
     """Run the block.  x: (N, C0, H, W).  Returns (F, mean, var, records).
 
     F: (N, C0 + L*k, H, W) in x's dtype and memory format.  mean, var: (C0 + L*k,) batch
     statistics of every channel of F (empty when spec.compute_stats is False).  records: what
-    backward needs per layer (O(C) floats, a seed, optionally the bottleneck).
+    backward needs per layer (O(C) floats, a seed, optionally the bottleneck), a list of
+    _LayerRecord, or the backend's own object when its whole_block_forward ran the block.
     """
     layers = spec.layers
     n, c0, h, w = x.shape
@@ -338,6 +356,11 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         check_block_buffer(fbuf, x, c_total)
         if not is_channel_prefix(x, fbuf):  # else the transition before the block wrote x in place
             fbuf[:, :c0].copy_(x)
+    whole = spec.kernels.whole_block_forward(spec, fbuf, params, c0)
+    if whole is not None:
+        mean, var, block_records, pending = whole
+        update_running_stats_many_(pending, count)
+        return fbuf, mean, var, block_records
     sdt = stats_dtype(x.dtype)
     if spec.compute_stats:
         mean = torch.empty(c_total, dtype=sdt, device=x.device)
@@ -378,7 +401,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
 
 
 def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, grad_f: Tensor,
-                   params: Sequence[Tensor], records: Sequence[_LayerRecord], c0: int
+                   params: Sequence[Tensor], records: Any, c0: int
                    ) -> Tuple[Tensor, List[Tensor]]:
     """Gradients of the block.  Returns (grad_x0 (N, C0, H, W), [grad per parameter])."""
     layers = spec.layers
@@ -386,6 +409,8 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
     acc_dtype = torch.float32 if fbuf.dtype in (torch.float16, torch.bfloat16) else fbuf.dtype
     gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
     gbuf.copy_(grad_f)
+    if not isinstance(records, list):  # whole_block_forward's
+        return gbuf[:, :c0], spec.kernels.whole_block_backward(spec, fbuf, gbuf, params, records, c0)
     grads: List[Optional[Tensor]] = [None] * len(params)
     count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
     for l in range(len(layers) - 1, -1, -1):
