@@ -512,9 +512,53 @@ void launch(const FusedBnParams& p, const at::Tensor& x, at::ScalarType z_dtype,
   });
 }
 
+constexpr int kChannelThreads = 128;
+
+__global__ void channel_affine_kernel(const float* __restrict__ mean, const float* __restrict__ var,
+                                      const float* __restrict__ weight, const float* __restrict__ bias, float eps,
+                                      int64_t channels, float* invstd, float* scale, float* shift) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < channels) channel_affine(mean[c], var[c], weight[c], bias[c], eps, invstd + c, scale + c, shift + c);
+}
+
+__global__ void channel_bn_backward_kernel(const float* __restrict__ sum_dy, const float* __restrict__ sum_dy_xmu,
+                                           const float* __restrict__ invstd, float count, bool batch,
+                                           int64_t channels, float* a, float* b, float* d_gamma) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c < channels) channel_bn_backward(sum_dy[c], sum_dy_xmu[c], invstd[c], count, batch, a + c, b + c, d_gamma + c);
+}
+
 Operand operand(const at::Tensor& t) { return {t.const_data_ptr(), strides_of(t), static_cast<int64_t>(t.element_size())}; }
 
 }  // namespace
+
+void channel_affine_cuda_launch(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                                const at::Tensor& bias, double eps, const at::Tensor& invstd, const at::Tensor& scale,
+                                const at::Tensor& shift) {
+  const int64_t channels = mean.numel();
+  if (channels == 0) return;
+  const c10::cuda::CUDAGuard device_guard(mean.device());
+  const unsigned blocks = static_cast<unsigned>(ceil_div(channels, kChannelThreads));
+  channel_affine_kernel<<<blocks, kChannelThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      mean.const_data_ptr<float>(), var.const_data_ptr<float>(), weight.const_data_ptr<float>(),
+      bias.const_data_ptr<float>(), static_cast<float>(eps), channels, invstd.mutable_data_ptr<float>(),
+      scale.mutable_data_ptr<float>(), shift.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void channel_bn_backward_cuda_launch(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                     int64_t count, bool batch, const at::Tensor& a, const at::Tensor& b,
+                                     const at::Tensor& d_gamma) {
+  const int64_t channels = sum_dy.numel();
+  if (channels == 0) return;
+  const c10::cuda::CUDAGuard device_guard(sum_dy.device());
+  const unsigned blocks = static_cast<unsigned>(ceil_div(channels, kChannelThreads));
+  channel_bn_backward_kernel<<<blocks, kChannelThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      sum_dy.const_data_ptr<float>(), sum_dy_xmu.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+      static_cast<float>(count), batch, channels, a.mutable_data_ptr<float>(), b.mutable_data_ptr<float>(),
+      d_gamma.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void bn_relu_out_cuda_launch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const at::Tensor& out) {

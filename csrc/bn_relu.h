@@ -20,6 +20,7 @@
 // channels_last, at any channel offset), and each may have its own dtype and layout.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
@@ -93,6 +94,29 @@ C10_HOST_DEVICE inline float bn_backward_dx(float dy, float x, float scale, floa
   return scale * (dy - a - (x - mean) * b);
 }
 
+// ---- per-channel vectors: the arithmetic between the passes, one launch each ------------------
+// All (C,) float32 contiguous, the same formulas on both devices (std::fma / fmaf: one rounding).
+//   channel_affine        invstd = 1 / sqrt(var + eps), scale = weight * invstd,
+//                         shift = bias - mean * scale                        (the forward's vectors)
+//   channel_bn_backward   batch statistics: a = sum_dy / M, b = invstd^2 * sum_dy_xmu / M;
+//                         fixed ones: a = b = 0; d_gamma = sum_dy_xmu * invstd  (the apply pass's
+//                         coefficients and the weight gradient; d_beta is sum_dy itself)
+C10_HOST_DEVICE inline void channel_affine(float mean, float var, float weight, float bias, float eps, float* invstd,
+                                           float* scale, float* shift) {
+  const float is = 1.f / sqrtf(var + eps);
+  const float s = weight * is;
+  *invstd = is;
+  *scale = s;
+  *shift = fmaf(-mean, s, bias);
+}
+
+C10_HOST_DEVICE inline void channel_bn_backward(float sum_dy, float sum_dy_xmu, float invstd, float count, bool batch,
+                                                float* a, float* b, float* d_gamma) {
+  *a = batch ? sum_dy / count : 0.f;
+  *b = batch ? invstd * invstd * sum_dy_xmu / count : 0.f;
+  *d_gamma = sum_dy_xmu * invstd;
+}
+
 // Turns the dtype of an operand into a type for a generic lambda: f(TypeTag<float>{}) etc.
 template <typename T>
 struct TypeTag {
@@ -132,7 +156,20 @@ void bn_relu_backward_reduce_cpu_launch(const at::Tensor& grad_z, const at::Tens
 void bn_backward_apply_cpu_launch(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& scale,
                                   const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& a,
                                   const at::Tensor& b, const at::Tensor& grad_x, bool accumulate);
+// Per-channel launchers: every operand (C,) float32 contiguous on one device; count = M > 0.
+void channel_affine_cpu_launch(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps, const at::Tensor& invstd, const at::Tensor& scale,
+                               const at::Tensor& shift);
+void channel_bn_backward_cpu_launch(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                    int64_t count, bool batch, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& d_gamma);
 #ifdef WITH_CUDA
+void channel_affine_cuda_launch(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                                const at::Tensor& bias, double eps, const at::Tensor& invstd, const at::Tensor& scale,
+                                const at::Tensor& shift);
+void channel_bn_backward_cuda_launch(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                     int64_t count, bool batch, const at::Tensor& a, const at::Tensor& b,
+                                     const at::Tensor& d_gamma);
 void bn_relu_out_cuda_launch(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                              const at::Tensor& out);
 void bn_relu_backward_reduce_cuda_launch(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& scale,

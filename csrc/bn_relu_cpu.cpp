@@ -164,4 +164,25 @@ void bn_backward_apply_cpu_launch(const at::Tensor& grad_z, const at::Tensor& x,
                                            "bn_backward_apply_cpu");
 }
 
+void channel_affine_cpu_launch(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps, const at::Tensor& invstd, const at::Tensor& scale,
+                               const at::Tensor& shift) {
+  const float *m = mean.const_data_ptr<float>(), *v = var.const_data_ptr<float>();
+  const float *w = weight.const_data_ptr<float>(), *b = bias.const_data_ptr<float>();
+  float *is = invstd.mutable_data_ptr<float>(), *sc = scale.mutable_data_ptr<float>();
+  float* sh = shift.mutable_data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < mean.numel(); ++c) channel_affine(m[c], v[c], w[c], b[c], e, is + c, sc + c, sh + c);
+}
+
+void channel_bn_backward_cpu_launch(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                                    int64_t count, bool batch, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& d_gamma) {
+  const float *dy = sum_dy.const_data_ptr<float>(), *dyx = sum_dy_xmu.const_data_ptr<float>();
+  const float* is = invstd.const_data_ptr<float>();
+  float *pa = a.mutable_data_ptr<float>(), *pb = b.mutable_data_ptr<float>(), *pg = d_gamma.mutable_data_ptr<float>();
+  const float m = static_cast<float>(count);
+  for (int64_t c = 0; c < sum_dy.numel(); ++c) channel_bn_backward(dy[c], dyx[c], is[c], m, batch, pa + c, pb + c, pg + c);
+}
+
 }  // namespace densenet_fast

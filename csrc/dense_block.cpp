@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <array>
 
-#include <ATen/ops/addcmul.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/conv2d.h>
@@ -15,8 +14,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/rsqrt.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceGuard.h>
 
 namespace densenet_fast {
@@ -101,14 +98,18 @@ struct Affine {
   at::Tensor mean, invstd, scale, shift;  // (C,) float32 contiguous
 };
 
-// bn_relu.bn_affine: relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias).
-Affine bn_affine(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight, const at::Tensor& bias,
-                 double eps) {
-  Affine a;
-  a.mean = mean.to(at::kFloat).contiguous();
-  a.invstd = at::rsqrt(var.to(at::kFloat).add(eps));
-  a.scale = weight.to(at::kFloat).mul(a.invstd);
-  a.shift = at::addcmul(bias.to(at::kFloat), a.mean, a.scale, -1.0);
+// t itself when it already has `dtype` (a no-op .to() still costs a dispatcher call), else a copy.
+at::Tensor cast(const at::Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+at::Tensor as_float(const at::Tensor& t) { return cast(t, at::kFloat).contiguous(); }
+
+// bn_relu.bn_affine: relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias), the
+// three vectors from one launch (bn_relu.h: channel_affine) into one allocation.
+Affine bn_affine(const BlockLaunchers& launch, const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                 const at::Tensor& bias, double eps) {
+  const std::vector<at::Tensor> out = at::empty({3, mean.size(0)}, mean.options().dtype(at::kFloat)).unbind(0);
+  Affine a{as_float(mean), out[0], out[1], out[2]};
+  launch.channel_affine(a.mean, as_float(var), as_float(weight), as_float(bias), eps, a.invstd, a.scale, a.shift);
   return a;
 }
 
@@ -129,24 +130,19 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(const BlockLaunchers& launch, c
 
 // cuda_block._bn_backward: grad_x (+)= the BN-ReLU backward of grad_z; returns (d_gamma, d_beta)
 // in float32. Batch statistics: a = sum(dy) / M, b = invstd^2 sum(dy (x - mean)) / M; fixed
-// statistics: a = b = 0.
+// statistics: a = b = 0 (bn_relu.h: channel_bn_backward, one launch for a, b and d_gamma).
 std::tuple<at::Tensor, at::Tensor> bn_backward(const BlockLaunchers& launch, const at::Tensor& grad_z,
                                                const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                                const at::Tensor& scale, const at::Tensor& shift, bool batch,
                                                int64_t count, const at::Tensor& grad_x, bool accumulate) {
   const auto options = x.options().dtype(at::kFloat);
-  at::Tensor sum_dy = at::empty({x.size(1)}, options);
-  at::Tensor sum_dy_xmu = at::empty({x.size(1)}, options);
-  launch.bn_relu_backward_reduce(grad_z, x, scale, shift, mean, sum_dy, sum_dy_xmu);
-  at::Tensor a, b;
-  if (batch) {
-    a = sum_dy.div(static_cast<double>(count));
-    b = invstd.mul(invstd).mul(sum_dy_xmu).div(static_cast<double>(count));
-  } else {
-    a = b = at::zeros_like(sum_dy);
-  }
-  launch.bn_backward_apply(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate);
-  return {sum_dy_xmu.mul(invstd), sum_dy};
+  const std::vector<at::Tensor> sums = at::empty({2, x.size(1)}, options).unbind(0);
+  launch.bn_relu_backward_reduce(grad_z, x, scale, shift, mean, sums[0], sums[1]);
+  // (d_gamma, a, b): d_gamma, a result, first (at storage offset 0, as a fresh tensor would be)
+  const std::vector<at::Tensor> coef = at::empty({3, x.size(1)}, options).unbind(0);
+  launch.channel_bn_backward(sums[0], sums[1], invstd, count, batch, coef[1], coef[2], coef[0]);
+  launch.bn_backward_apply(grad_z, x, scale, shift, mean, coef[1], coef[2], grad_x, accumulate);
+  return {coef[0], sums[0]};
 }
 
 // CudaBlockKernels.bottleneck: Bt = conv1x1(relu(F[:, :cl] * scale + shift)), chunk by chunk of
@@ -192,18 +188,18 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const int64_t cl = c0 + l * k;
     const std::optional<at::Tensor> m1 = stats1[2 * l], v1 = stats1[2 * l + 1];
     const Affine a1 = m1.has_value()
-                          ? bn_affine(*m1, *v1, param(params, l, 0), param(params, l, 1), eps1[l])
-                          : bn_affine(mean.narrow(0, 0, cl), var.narrow(0, 0, cl), param(params, l, 0),
+                          ? bn_affine(launch, *m1, *v1, param(params, l, 0), param(params, l, 1), eps1[l])
+                          : bn_affine(launch, mean.narrow(0, 0, cl), var.narrow(0, 0, cl), param(params, l, 0),
                                       param(params, l, 1), eps1[l]);
     at::Tensor bt = bottleneck(launch, fbuf, cl, a1.scale, a1.shift, param(params, l, 2), steps[l]);
     // norm2: the bottleneck's batch statistics, or the given fixed ones (CudaBlockKernels.layer_output)
     const std::optional<at::Tensor> m2 = stats2[2 * l], v2 = stats2[2 * l + 1];
     Affine a2;
     if (m2.has_value()) {
-      a2 = bn_affine(*m2, *v2, param(params, l, 3), param(params, l, 4), eps2[l]);
+      a2 = bn_affine(launch, *m2, *v2, param(params, l, 3), param(params, l, 4), eps2[l]);
     } else {
       auto [bm, bv] = channel_stats(launch, bt);
-      a2 = bn_affine(bm, bv, param(params, l, 3), param(params, l, 4), eps2[l]);
+      a2 = bn_affine(launch, bm, bv, param(params, l, 3), param(params, l, 4), eps2[l]);
       bt_stats.push_back(bm);
       bt_stats.push_back(bv);
     }
@@ -235,7 +231,7 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
     at::Tensor bt = bottlenecks.empty() ? bottleneck(launch, fbuf, cl, a1.scale, a1.shift, w1, steps[l])
                                         : bottlenecks[l];
     // CudaBlockKernels.layer_output_backward
-    at::Tensor d_out = gbuf.narrow(1, cl, k).to(bt.scalar_type());
+    at::Tensor d_out = cast(gbuf.narrow(1, cl, k), bt.scalar_type());
     at::Tensor z2 = bn_relu(launch, bt, a2);
     auto [d_z2, d_w2, unused] = at::convolution_backward(d_out, z2, w2, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false,
                                                          {0, 0}, 1, {true, true, false});
@@ -268,11 +264,11 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
       return parts.size() == 1 ? parts[0] : at::cat(parts, dim);
     };
     const int64_t base = kParamsPerLayer * l;
-    grads[base + 0] = join(d_g1, 0).to(param(params, l, 0).scalar_type());
-    grads[base + 1] = join(d_b1, 0).to(param(params, l, 1).scalar_type());
+    grads[base + 0] = cast(join(d_g1, 0), param(params, l, 0).scalar_type());
+    grads[base + 1] = cast(join(d_b1, 0), param(params, l, 1).scalar_type());
     grads[base + 2] = join(d_w1, 1);
-    grads[base + 3] = d_g2.to(param(params, l, 3).scalar_type());
-    grads[base + 4] = d_b2.to(param(params, l, 4).scalar_type());
+    grads[base + 3] = cast(d_g2, param(params, l, 3).scalar_type());
+    grads[base + 4] = cast(d_b2, param(params, l, 4).scalar_type());
     grads[base + 5] = d_w2;
   }
   return grads;

@@ -32,6 +32,12 @@ struct BlockLaunchers {
   void (*bn_backward_apply)(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& scale,
                             const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& grad_x, bool accumulate);
+  void (*channel_affine)(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                         const at::Tensor& bias, double eps, const at::Tensor& invstd, const at::Tensor& scale,
+                         const at::Tensor& shift);
+  void (*channel_bn_backward)(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                              int64_t count, bool batch, const at::Tensor& a, const at::Tensor& b,
+                              const at::Tensor& d_gamma);
 };
 
 // Per layer, what the forward keeps for the backward: (invstd1, scale1, shift1) over the layer's

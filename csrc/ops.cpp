@@ -14,6 +14,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -200,6 +201,94 @@ void bn_backward_apply_cpu(const at::Tensor& grad_z, const at::Tensor& x, const 
   bn_backward_apply_cpu_launch(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate);
 }
 
+// ---- per-channel vectors (bn_relu.h: channel_affine, channel_bn_backward) --------------------
+// Every operand (C,) float32 contiguous on the first one's device.
+
+#define CHECK_CHANNEL_VECTOR(v, ref)                                                                       \
+  do {                                                                                                     \
+    CHECK_SAME_DEVICE(v, ref);                                                                             \
+    TORCH_CHECK_VALUE((v).dim() == 1 && (v).size(0) == (ref).size(0), #v " must have shape (C,) = (",     \
+                      (ref).size(0), ",) like " #ref ", got ", (v).sizes());                               \
+    TORCH_CHECK_TYPE((v).scalar_type() == at::kFloat, #v " must be float32, got ", (v).scalar_type());     \
+    TORCH_CHECK_VALUE((v).is_contiguous(), #v " must be contiguous, got strides ", (v).strides());         \
+  } while (0)
+
+void check_channel_affine(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
+                          const at::Tensor& bias) {
+  CHECK_DIM(mean, 1);
+  CHECK_CHANNEL_VECTOR(mean, mean);
+  CHECK_CHANNEL_VECTOR(var, mean);
+  CHECK_CHANNEL_VECTOR(weight, mean);
+  CHECK_CHANNEL_VECTOR(bias, mean);
+}
+
+void check_channel_bn_backward(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, const at::Tensor& invstd,
+                               int64_t count) {
+  CHECK_DIM(sum_dy, 1);
+  CHECK_CHANNEL_VECTOR(sum_dy, sum_dy);
+  CHECK_CHANNEL_VECTOR(sum_dy_xmu, sum_dy);
+  CHECK_CHANNEL_VECTOR(invstd, sum_dy);
+  TORCH_CHECK_VALUE(count > 0, "count must be positive (values per channel), got ", count);
+}
+
+using ChannelAffineLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       double, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using ChannelBnBackwardLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+// Returns (invstd, scale, shift).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_with(const at::Tensor& mean, const at::Tensor& var,
+                                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                                   double eps, ChannelAffineLauncher launch) {
+  check_channel_affine(mean, var, weight, bias);
+  at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
+  launch(mean, var, weight, bias, eps, invstd, scale, shift);
+  return {invstd, scale, shift};
+}
+
+// Returns (a, b, d_gamma).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_with(const at::Tensor& sum_dy,
+                                                                        const at::Tensor& sum_dy_xmu,
+                                                                        const at::Tensor& invstd, int64_t count,
+                                                                        bool batch, ChannelBnBackwardLauncher launch) {
+  check_channel_bn_backward(sum_dy, sum_dy_xmu, invstd, count);
+  at::Tensor a = at::empty_like(sum_dy), b = at::empty_like(sum_dy), d_gamma = at::empty_like(sum_dy);
+  launch(sum_dy, sum_dy_xmu, invstd, count, batch, a, b, d_gamma);
+  return {a, b, d_gamma};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_cpu(const at::Tensor& mean, const at::Tensor& var,
+                                                                  const at::Tensor& weight, const at::Tensor& bias,
+                                                                  double eps) {
+  CHECK_DEVICE(mean, is_cpu, "CPU");
+  return channel_affine_with(mean, var, weight, bias, eps, channel_affine_cpu_launch);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_cpu(const at::Tensor& sum_dy,
+                                                                       const at::Tensor& sum_dy_xmu,
+                                                                       const at::Tensor& invstd, int64_t count,
+                                                                       bool batch) {
+  CHECK_DEVICE(sum_dy, is_cpu, "CPU");
+  return channel_bn_backward_with(sum_dy, sum_dy_xmu, invstd, count, batch, channel_bn_backward_cpu_launch);
+}
+
+#ifdef WITH_CUDA
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_cuda(const at::Tensor& mean, const at::Tensor& var,
+                                                                   const at::Tensor& weight, const at::Tensor& bias,
+                                                                   double eps) {
+  CHECK_DEVICE(mean, is_cuda, "CUDA");
+  return channel_affine_with(mean, var, weight, bias, eps, channel_affine_cuda_launch);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_cuda(const at::Tensor& sum_dy,
+                                                                        const at::Tensor& sum_dy_xmu,
+                                                                        const at::Tensor& invstd, int64_t count,
+                                                                        bool batch) {
+  CHECK_DEVICE(sum_dy, is_cuda, "CUDA");
+  return channel_bn_backward_with(sum_dy, sum_dy_xmu, invstd, count, batch, channel_bn_backward_cuda_launch);
+}
+#endif
+
 #ifdef WITH_CUDA
 void bn_relu_out_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu_out(x, scale, shift, out);
@@ -384,7 +473,8 @@ std::vector<at::Tensor> dense_block_backward_with(const densenet_fast::BlockLaun
 }
 
 const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
-                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch};
+                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch,
+                                                  channel_affine_cpu_launch, channel_bn_backward_cpu_launch};
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cpu(
     const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
@@ -407,7 +497,8 @@ std::vector<at::Tensor> dense_block_backward_cpu(const at::Tensor& fbuf, const a
 
 #ifdef WITH_CUDA
 const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn_relu_out_cuda_launch,
-                                                   bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch};
+                                                   bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch,
+                                                   channel_affine_cuda_launch, channel_bn_backward_cuda_launch};
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cuda(
     const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
@@ -447,6 +538,12 @@ TORCH_LIBRARY(densenet_fast, m) {
       "bn_backward_apply(Tensor grad_z, Tensor x, Tensor scale, Tensor shift, Tensor mean, Tensor a, Tensor b,"
       " Tensor(a!) grad_x, bool accumulate) -> ()");
 
+  // Per-channel vectors between the passes (csrc/bn_relu.h); fakes in densenet_fast/ops/fused_bn.py.
+  m.def("channel_affine(Tensor mean, Tensor var, Tensor weight, Tensor bias, float eps)"
+        " -> (Tensor invstd, Tensor scale, Tensor shift)");
+  m.def("channel_bn_backward(Tensor sum_dy, Tensor sum_dy_xmu, Tensor invstd, int count, bool batch)"
+        " -> (Tensor a, Tensor b, Tensor d_gamma)");
+
   // The whole dense block (csrc/dense_block.h); fakes in densenet_fast/ops/cuda_block.py.
   m.set_python_module("densenet_fast.ops.cuda_block");
   m.def(
@@ -463,6 +560,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cpu);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cpu);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cpu);
+  m.impl("channel_affine", &densenet_fast::channel_affine_cpu);
+  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cpu);
   m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cpu);
   m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cpu);
 }
@@ -473,6 +572,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cuda);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cuda);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cuda);
+  m.impl("channel_affine", &densenet_fast::channel_affine_cuda);
+  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cuda);
   m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cuda);
   m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cuda);
 }

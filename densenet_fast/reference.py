@@ -303,7 +303,8 @@ class DenseNet(nn.Module):
 # References of the fused batch-norm passes (densenet_fast.ops.fused_bn)
 # --------------------------------------------------------------------------------------------
 
-__all__ += ["fused_bn_relu_ref", "fused_bn_backward_reduce_ref", "fused_bn_backward_apply_ref"]
+__all__ += ["fused_bn_relu_ref", "fused_bn_backward_reduce_ref", "fused_bn_backward_apply_ref", "channel_affine_ref",
+            "channel_bn_backward_ref"]
 
 
 def _per_channel64(v: Tensor) -> Tensor:
@@ -344,3 +345,23 @@ def fused_bn_backward_apply_ref(grad_z: Tensor, x: Tensor, scale: Tensor, shift:
     dy = torch.where(x64 * _per_channel64(scale) + _per_channel64(shift) > 0, grad_z.double(), 0.0)
     dx = _per_channel64(scale) * (dy - _per_channel64(a) - (x64 - _per_channel64(mean)) * _per_channel64(b))
     return grad_x.double() + dx if accumulate else dx
+
+
+def channel_affine_ref(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(invstd, scale, shift) of a BN with statistics (mean, biased var), in float64:
+    invstd = 1 / sqrt(var + eps), scale = weight * invstd, shift = bias - mean * scale."""
+    invstd = 1.0 / torch.sqrt(var.double() + eps)
+    scale = weight.double() * invstd
+    return invstd, scale, bias.double() - mean.double() * scale
+
+
+def channel_bn_backward_ref(sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, count: int, batch: bool
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(a, b, d_gamma) in float64: the coefficients of fused_bn_backward_apply_ref for batch
+    statistics (a = sum_dy / count, b = invstd**2 * sum_dy_xmu / count) or fixed ones (a = b = 0),
+    and the weight gradient d_gamma = sum_dy_xmu * invstd."""
+    dy, dyx, inv = sum_dy.double(), sum_dy_xmu.double(), invstd.double()
+    a = dy / count if batch else torch.zeros_like(dy)
+    b = inv * inv * dyx / count if batch else torch.zeros_like(dy)
+    return a, b, dyx * inv

@@ -25,6 +25,8 @@ dy; such points carry no information about the kernels anyway.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from helpers import assert_close_report
@@ -32,8 +34,8 @@ from tolerances import assert_close
 
 from densenet_fast import _ext
 from densenet_fast.ops import fused_bn
-from densenet_fast.reference import (bn_backward_ref, channel_stats_ref, fused_bn_backward_apply_ref,
-                                     fused_bn_backward_reduce_ref, fused_bn_relu_ref)
+from densenet_fast.reference import (bn_backward_ref, channel_affine_ref, channel_bn_backward_ref, channel_stats_ref,
+                                     fused_bn_backward_apply_ref, fused_bn_backward_reduce_ref, fused_bn_relu_ref)
 
 NOT_BUILT = f"densenet_fast._C is not built: {_ext.IMPORT_ERROR}"
 needs_extension = pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
@@ -304,7 +306,8 @@ def test_bn_relu_out_in_place(device):
 
 
 @needs_extension
-@pytest.mark.parametrize("op", OPS + ["channel_stats", "dense_block_forward", "dense_block_backward"])
+@pytest.mark.parametrize("op", OPS + ["channel_stats", "channel_affine", "channel_bn_backward", "dense_block_forward",
+                                      "dense_block_backward"])
 def test_cpu_and_cuda_kernels_registered(op):
     # setup.py builds the extension only with nvcc, so a loaded _C must carry every CUDA kernel
     # too; this runs without a GPU and catches a kernel left out of TORCH_LIBRARY_IMPL(.., CUDA, ..).
@@ -451,3 +454,84 @@ def test_torch_compile_fullgraph():
     for g, e in zip(got, expected):
         assert_close_report(g, e, 0.0, 0.0, "compiled fused_bn passes")
     assert_close_report(compiled_out, eager_out, 0.0, 0.0, "compiled bn_relu_out's out")
+
+
+# ---- per-channel vectors: channel_affine, channel_bn_backward ----------------------------------
+# Each result is a short chain of fp32 operations on fp32 inputs: invstd 3 roundings (add, sqrt,
+# divide), scale 4, shift (one fma) 5; a 1, b 3, d_gamma 1; relative to the float64 reference of
+# the same inputs, doubled as elsewhere.  shift = bias - mean * scale may cancel, so its tolerance
+# is relative to |bias| + |mean * scale|.
+
+def _vectors(c, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    # a large mean against a small variance (the design note's stress case) and a zero variance
+    mean = torch.randn(c, generator=g) * 1000
+    var = torch.rand(c, generator=g) * 2
+    var[0] = 0.0
+    return [t.to(device) for t in (mean, var, 0.5 + torch.rand(c, generator=g), torch.randn(c, generator=g))]
+
+
+@needs_extension
+@pytest.mark.parametrize("channels", [1, 37, 300])
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_affine(device, channels):
+    mean, var, weight, bias = _vectors(channels, device, 30)
+    invstd, scale, shift = fused_bn.channel_affine(mean, var, weight, bias, 1e-5)
+    r_invstd, r_scale, r_shift = channel_affine_ref(mean, var, weight, bias, 1e-5)
+    assert_close_report(invstd, r_invstd, 0.0, 6 * U32, "invstd")
+    assert_close_report(scale, r_scale, 0.0, 8 * U32, "scale")
+    bound = 10 * U32 * (bias.double().abs() + (mean.double() * r_scale).abs())
+    assert ((shift.double().cpu() - r_shift.cpu()).abs() <= bound.cpu()).all(), (shift, r_shift)
+
+
+@needs_extension
+@pytest.mark.parametrize("batch", [True, False], ids=["batch", "fixed"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_bn_backward(device, batch):
+    g = torch.Generator().manual_seed(31)
+    sum_dy, sum_dy_xmu = (torch.randn(45, generator=g) * 100).to(device), torch.randn(45, generator=g).to(device)
+    invstd = (0.1 + torch.rand(45, generator=g) * 10).to(device)
+    a, b, d_gamma = fused_bn.channel_bn_backward(sum_dy, sum_dy_xmu, invstd, 4096 * 3, batch)
+    r_a, r_b, r_d_gamma = channel_bn_backward_ref(sum_dy, sum_dy_xmu, invstd, 4096 * 3, batch)
+    assert_close_report(a, r_a, 0.0, 2 * U32, "a")
+    assert_close_report(b, r_b, 0.0, 6 * U32, "b")
+    assert_close_report(d_gamma, r_d_gamma, 0.0, 2 * U32, "d_gamma")
+    if not batch:
+        assert (a == 0).all() and (b == 0).all()
+
+
+CHANNEL_BAD_INPUTS = [
+    ("channel_affine", lambda v: (v[0].view(1, -1), *v[1:]), ValueError, "mean must have 1 dims"),
+    ("channel_affine", lambda v: (v[0], v[1][:3], *v[2:]), ValueError, "var must have shape (C,) = (5,) like mean"),
+    ("channel_affine", lambda v: (*v[:2], v[2].double(), v[3]), TypeError, "weight must be float32, got Double"),
+    ("channel_affine", lambda v: (*v[:3], torch.zeros(10)[::2]), ValueError, "bias must be contiguous"),
+    ("channel_bn_backward", lambda v: (v[0], v[1][:2], v[2]), ValueError, "sum_dy_xmu must have shape (C,) = (5,)"),
+    ("channel_bn_backward", lambda v: (v[0], v[1], v[2].half()), TypeError, "invstd must be float32, got Half"),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("op,spoil,error,message", CHANNEL_BAD_INPUTS, ids=[m for _, _, _, m in CHANNEL_BAD_INPUTS])
+def test_channel_ops_bad_inputs(op, spoil, error, message):
+    vectors = [torch.rand(5) + 0.5 for _ in range(4)]
+    fn = getattr(torch.ops.densenet_fast, op)
+    args = spoil(vectors if op == "channel_affine" else vectors[:3])
+    extra = (1e-5,) if op == "channel_affine" else (64, True)
+    with pytest.raises(error, match=re.escape(message)):
+        fn(*args, *extra)
+
+
+@needs_extension
+def test_channel_bn_backward_needs_a_positive_count():
+    v = torch.ones(3)
+    with pytest.raises(ValueError, match="count must be positive"):
+        torch.ops.densenet_fast.channel_bn_backward(v, v, v, 0, True)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_ops_opcheck(device):
+    mean, var, weight, bias = _vectors(11, device, 32)
+    torch.library.opcheck(torch.ops.densenet_fast.channel_affine.default, (mean, var, weight, bias, 1e-3))
+    for batch in (True, False):
+        torch.library.opcheck(torch.ops.densenet_fast.channel_bn_backward.default, (mean, var, weight, 77, batch))

@@ -271,7 +271,9 @@ if _ext.HAS_C:
         bottlenecks: List[Tensor] = []
         for l in range(len(params) // 6):
             cl, b = c0 + l * k, params[6 * l + 2].shape[0]
-            saved += [fbuf.new_empty(c, dtype=torch.float32) for c in (cl, cl, cl, b, b, b)]
+            # each BN's (invstd, scale, shift) are the rows of one (3, C) allocation, as in C++
+            saved += [*fbuf.new_empty((3, cl), dtype=torch.float32).unbind(0),
+                      *fbuf.new_empty((3, b), dtype=torch.float32).unbind(0)]
             if stats2[2 * l] is None:
                 bt_stats += [fbuf.new_empty(b, dtype=torch.float32) for _ in range(2)]
             if save_bottleneck:

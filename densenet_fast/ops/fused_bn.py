@@ -33,7 +33,8 @@ from torch import Tensor
 
 from .. import _ext
 
-__all__ = ["bn_relu_out", "bn_relu_backward_reduce", "bn_backward_apply", "VALUE_DTYPES"]
+__all__ = ["bn_relu_out", "bn_relu_backward_reduce", "bn_backward_apply", "channel_affine", "channel_bn_backward",
+           "VALUE_DTYPES"]
 
 # Storage dtypes of the 4-D operands (grad_z: float32 or x's dtype); the math is fp32.
 VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -91,6 +92,25 @@ def bn_backward_apply(grad_z: Tensor, x: Tensor, scale: Tensor, shift: Tensor, m
     torch.ops.densenet_fast.bn_backward_apply(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate)
 
 
+def channel_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The forward's per-channel vectors in one launch: (invstd, scale, shift), with
+    invstd = 1 / sqrt(var + eps), scale = weight * invstd, shift = bias - mean * scale (one
+    rounding, fma).  Every operand (C,) float32 contiguous on one device."""
+    _require("channel_affine")
+    return torch.ops.densenet_fast.channel_affine(mean, var, weight, bias, eps)
+
+
+def channel_bn_backward(sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, count: int, batch: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The coefficients of :func:`bn_backward_apply` and the weight gradient in one launch:
+    (a, b, d_gamma) with a = sum_dy / count and b = invstd**2 * sum_dy_xmu / count for batch
+    statistics (a = b = 0 for fixed ones) and d_gamma = sum_dy_xmu * invstd.  Operands (C,)
+    float32 contiguous on one device; count = N*H*W > 0."""
+    _require("channel_bn_backward")
+    return torch.ops.densenet_fast.channel_bn_backward(sum_dy, sum_dy_xmu, invstd, count, batch)
+
+
 def _check_shapes(x: Tensor, per_channel: dict, same_shape: dict) -> None:
     # The shape checks of csrc/ops.cpp, with the same messages, for the fake kernels.
     if x.dim() != 4:
@@ -124,3 +144,24 @@ if _ext.HAS_C:
         _check_shapes(x, {"scale": scale, "shift": shift, "mean": mean, "a": a, "b": b},
                       {"grad_z": grad_z, "grad_x": grad_x})
         return None
+
+    def _channel_vectors_fake(first: str, vectors: dict) -> Tuple[Tensor, Tensor, Tensor]:
+        ref = vectors[first]
+        if ref.dim() != 1:
+            raise ValueError(f"{first} must have 1 dims, got {ref.dim()}")
+        for name, v in vectors.items():
+            if v.dim() != 1 or v.shape[0] != ref.shape[0]:
+                raise ValueError(f"{name} must have shape (C,) = ({ref.shape[0]},) like {first}, got {list(v.shape)}")
+        return tuple(torch.empty_like(ref, dtype=torch.float32) for _ in range(3))
+
+    @torch.library.register_fake("densenet_fast::channel_affine")
+    def _channel_affine_fake(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+                             ) -> Tuple[Tensor, Tensor, Tensor]:
+        return _channel_vectors_fake("mean", {"mean": mean, "var": var, "weight": weight, "bias": bias})
+
+    @torch.library.register_fake("densenet_fast::channel_bn_backward")
+    def _channel_bn_backward_fake(sum_dy: Tensor, sum_dy_xmu: Tensor, invstd: Tensor, count: int, batch: bool
+                                  ) -> Tuple[Tensor, Tensor, Tensor]:
+        if count <= 0:
+            raise ValueError(f"count must be positive (values per channel), got {count}")
+        return _channel_vectors_fake("sum_dy", {"sum_dy": sum_dy, "sum_dy_xmu": sum_dy_xmu, "invstd": invstd})
