@@ -11,7 +11,7 @@ reduction plus one elementwise pass, with no intermediate kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,19 +74,26 @@ def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any,
     return eps, weight.data_ptr(), weight._version, bias.data_ptr(), bias._version
 
 
-def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float, kernel: Optional[Callable[..., Any]] = None
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(mean, invstd, scale, shift), float32 contiguous (C,): the fused kernels' form of a BN,
     relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias).
 
-    Kept in stats.memo (per eps and parameter storage and version): a layer's backward asks for
-    the same four vectors as its forward, and each computation is four tiny launches."""
+    kernel(mean, var, weight, bias, eps) -> (invstd, scale, shift), all float32 contiguous, computes
+    the three in one launch (the "cuda" backend's densenet_fast::channel_affine); without it they
+    are four tiny ATen launches.  Kept in stats.memo (per eps and parameter storage and version): a
+    layer's backward asks for the same four vectors as its forward."""
     key = _affine_key(weight, bias, eps)
     hit = stats.memo.get(key) if key is not None else None
     if hit is not None:
         return hit  # type: ignore[return-value]
     mean = stats.mean.float().contiguous()
-    invstd = torch.rsqrt(stats.var.float() + eps)
-    scale, shift = scale_shift(mean, invstd, weight, bias)
+    if kernel is not None:
+        invstd, scale, shift = kernel(mean, stats.var.float().contiguous(), weight.float().contiguous(),
+                                      bias.float().contiguous(), eps)
+    else:
+        invstd = torch.rsqrt(stats.var.float() + eps)
+        scale, shift = scale_shift(mean, invstd, weight, bias)
     if key is not None:
         stats.memo[key] = (mean, invstd, scale, shift)
     return mean, invstd, scale, shift

@@ -66,6 +66,10 @@ def _whole_block_devices() -> frozenset:
     return _WHOLE_BLOCK_DEVICES
 
 
+def _channel_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
+    return _ops().channel_affine(mean, var, weight, bias, eps)
+
+
 def _scratch_like(x: Tensor, channels: int) -> Tensor:
     n, _, h, w = x.shape
     channels_last = x.stride(1) == 1 and x.shape[1] > 1
@@ -81,13 +85,9 @@ def _bn_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale:
     fixed statistics: a = b = 0.  d_gamma = invstd * sum(dy (x - mean)), d_beta = sum(dy).
     """
     sum_dy, sum_dy_xmu = _ops().bn_relu_backward_reduce(grad_z, x, scale, shift, mean)
-    if batch:
-        a = sum_dy / count
-        b = invstd * invstd * sum_dy_xmu / count
-    else:
-        a = b = torch.zeros_like(sum_dy)
+    a, b, d_gamma = _ops().channel_bn_backward(sum_dy, sum_dy_xmu, invstd.contiguous(), count, batch)
     _ops().bn_backward_apply(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate)
-    return sum_dy_xmu * invstd, sum_dy
+    return d_gamma, sum_dy
 
 
 @dataclass
@@ -186,7 +186,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
             return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
-        _, _, scale, shift = bn_affine(stats1, g1, b1, eps)
+        _, _, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
         scratch = _scratch_like(fbuf, min(step, cl))
         bt: Optional[Tensor] = None
         for a in range(0, cl, step):
@@ -199,7 +199,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
         if not self._fused(bt):
             return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
-        _, _, scale, shift = bn_affine(stats2, g2, b2, eps)
+        _, _, scale, shift = bn_affine(stats2, g2, b2, eps, kernel=_channel_affine)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)
         dst.copy_(F.conv2d(z2, w2, padding=1))
@@ -208,7 +208,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
         if not self._fused(bt):
             return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
-        mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps)
+        mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps, kernel=_channel_affine)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)
         d_z2, d_w2, _ = aten.convolution_backward(d_out.to(bt.dtype), z2, w2, None, [1, 1], [1, 1], [1, 1], False,
@@ -222,7 +222,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
         if not self._fused(fbuf):
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
-        mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps)
+        mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
         count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
         scratch = _scratch_like(fbuf, min(step, cl))
         parts = []  # (d_w1, d_g1, d_b1) of each chunk: one chunk needs no copy, several one cat each
@@ -242,7 +242,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def bn_relu_chunk(self, x, stats, weight, bias, eps):
         if not self._fused(x):
             return super().bn_relu_chunk(x, stats, weight, bias, eps)
-        _, _, scale, shift = bn_affine(stats, weight, bias, eps)
+        _, _, scale, shift = bn_affine(stats, weight, bias, eps, kernel=_channel_affine)
         z = _scratch_like(x, x.shape[1])
         _ops().bn_relu_out(x, scale, shift, z)
         return z
@@ -250,7 +250,7 @@ class CudaBlockKernels(FusedBlockKernels):
     def bn_relu_chunk_backward(self, grad_z, x, z, stats, weight, bias, eps, grad_x):
         if not self._fused(x):
             return super().bn_relu_chunk_backward(grad_z, x, z, stats, weight, bias, eps, grad_x)
-        mean, invstd, scale, shift = bn_affine(stats, weight, bias, eps)
+        mean, invstd, scale, shift = bn_affine(stats, weight, bias, eps, kernel=_channel_affine)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         d_w, d_b = _bn_backward(grad_z, x, mean, invstd, scale, shift, stats.batch, count, grad_x, False)
         return d_w.to(weight.dtype), d_b.to(bias.dtype)
