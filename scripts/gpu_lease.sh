@@ -109,7 +109,7 @@ if [ "$STAGE" = check ]; then
       read -r tool lim k <<<"$run"
       echo "=== compute-sanitizer --tool $tool: -k \"$k\""
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$(limit "$lim")" "$SAN" --tool "$tool" --error-exitcode 86 \
-        --print-limit 20 --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_stats_ \
+        --print-limit 20 --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_ \
         $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fused_bn.py tests/test_channel_stats.py -k "$k"
       echo "sanitizer $tool: exit $?"
     done ) >"$OUT/san.log" 2>&1 &

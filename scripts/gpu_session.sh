@@ -101,7 +101,7 @@ if [ "$TESTS" = all ]; then
     read -r tool limit k <<<"$run"
     echo "=== compute-sanitizer --tool $tool (limit ${limit}s): -k \"$k\"" >"$OUT/group.log"
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$limit" "$SAN" --tool "$tool" --error-exitcode 86 --print-limit 20 \
-      --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_stats_ \
+      --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_ \
       $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fused_bn.py tests/test_channel_stats.py -k "$k" \
       >>"$OUT/group.log" 2>&1
     rc=$?

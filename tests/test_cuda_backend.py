@@ -188,24 +188,28 @@ def _block_results(block, x, r, whole, **kwargs):
 def _assert_same(a, b):
     assert len(a) == len(b)
     for i, (u, v) in enumerate(zip(a, b)):
-        u, v = u.double(), v.double()
+        u, v = u.double().cpu(), v.double().cpu()
         scale = max(v.abs().max().item(), 1e-30)
         assert (u - v).abs().max().item() <= TOL_SAME * scale, f"tensor {i}: {(u - v).abs().max().item()} vs {scale}"
 
 
 # Mixed norm modes: norm1 of layer 0 in eval (its running statistics, a fixed BN in backward)
 # while norm2 trains, and the reverse in layer 1; save_bottleneck keeps Bt instead of recomputing.
+# On a GPU (IEEE float32, so that both paths' GEMMs and convolutions round alike) the same check
+# runs the CUDA kernels of the ops and the loop with CUDA tensors.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.has_cuda_kernels()), reason="needs a GPU and the extension's CUDA kernels"))])
 @pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "save-bottleneck"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_whole_block_matches_per_layer(channels_last, save_bottleneck):
+def test_whole_block_matches_per_layer(channels_last, save_bottleneck, device, ieee_fp32):
     torch.manual_seed(12)
-    block = densenet_fast.DenseBlock(3, 6, 2, 5, backend="torch")
+    block = densenet_fast.DenseBlock(3, 6, 2, 5, backend="torch").to(device)
     randomize_bn_(block, 13)
     layers = list(block.values())
     layers[0].norm1.eval()
     layers[1].norm2.eval()
-    x = seeded_input((2, 6, 7, 5), 14, torch.float32, channels_last, scale=1.5, offset=0.4)
-    r = torch.randn(2, 21, 7, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    x = seeded_input((2, 6, 7, 5), 14, torch.float32, channels_last, scale=1.5, offset=0.4).to(device)
+    r = torch.randn(2, 21, 7, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64).to(device)
     whole = _block_results(block, x, r, True, chunk=4, save_bottleneck=save_bottleneck)
     per_layer = _block_results(block, x, r, False, chunk=4, save_bottleneck=save_bottleneck)
     _assert_same(whole, per_layer)
