@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import densenet_fast.ops.fused_bn  # noqa: F401  (the fake kernels of the extension's ops)
-from densenet_fast.bench.harness import build_model
+from densenet_fast.bench.harness import build_model, split_provider
 from densenet_fast.ops.precision import conv_tf32_allowed
 
 # Ops that launch no kernel: views, metadata, allocation.
@@ -121,16 +121,18 @@ def _force_kernels(name: str) -> None:
 
 
 def estimate(provider: str, model: str, batch: int, image_size: int, args: argparse.Namespace) -> CostModel:
-    if provider not in ("naive", "torch", "cuda", "triton"):
-        raise SystemExit(f"provider must be naive, torch, cuda or triton, got {provider!r}")
-    if provider == "cuda":
+    base, saved = split_provider(provider)  # "<backend>-saved": save_bottleneck=True
+    if base not in ("naive", "torch", "cuda", "triton") or (saved and base == "naive"):
+        raise SystemExit(f"provider must be naive, torch, cuda or triton, the last three optionally with -saved, "
+                         f"got {provider!r}")
+    if base == "cuda":
         from densenet_fast import _ext
         if not _ext.HAS_C:
             raise SystemExit(f"provider cuda needs the compiled extension's ops: {_ext.IMPORT_ERROR}")
-    if provider != "naive":
-        _force_kernels(provider)
+    if base != "naive":
+        _force_kernels(base)
     with torch.device("meta"):
-        net = build_model("naive" if provider == "naive" else "torch", model).train()
+        net = build_model("naive" if base == "naive" else ("torch-saved" if saved else "torch"), model).train()
         x = torch.randn(batch, 3, image_size, image_size)
     mode = CostModel(args.bandwidth_tbs * 1e12, args.fp32_tflops * 1e12, args.tf32_tflops * 1e12,
                      args.launch_us * 1e-6, conv_tf32_allowed() and not args.ieee, args.ieee_gemms)
@@ -141,7 +143,7 @@ def estimate(provider: str, model: str, batch: int, image_size: int, args: argpa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("providers", nargs="+", help="naive, torch, cuda, triton")
+    p.add_argument("providers", nargs="+", help="naive, torch, cuda, triton; <backend>-saved: save_bottleneck=True")
     p.add_argument("--model", default="densenet121")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
@@ -159,7 +161,7 @@ def main() -> None:
     for provider in args.providers:
         mode = estimate(provider, args.model, args.batch, args.image_size, args)
         total = [sum(r[i] for r in mode.ops.values()) for i in range(4)]
-        print(f"{provider:6s} kernels {int(total[0]):5d}  GB {total[1] / 1e9:6.1f}  GFLOP {total[2] / 1e9:6.0f}  "
+        print(f"{provider:11s} kernels {int(total[0]):5d}  GB {total[1] / 1e9:6.1f}  GFLOP {total[2] / 1e9:6.0f}  "
               f"estimate {total[3] * 1e3:6.1f} ms")
         for name, r in sorted(mode.ops.items(), key=lambda kv: -kv[1][3])[:args.top]:
             print(f"    {name:30s} x{int(r[0]):5d}  GB {r[1] / 1e9:6.2f}  GFLOP {r[2] / 1e9:6.0f}  {r[3] * 1e3:6.2f} ms")
