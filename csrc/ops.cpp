@@ -472,52 +472,37 @@ std::vector<at::Tensor> dense_block_backward_with(const densenet_fast::BlockLaun
                                              bottlenecks, steps, count);
 }
 
-const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
-                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch,
-                                                  channel_affine_cpu_launch, channel_bn_backward_cpu_launch};
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cpu(
+// The op on one device: its launchers, and fbuf (whose device picked the kernel) checked first.
+template <const densenet_fast::BlockLaunchers& kLaunchers, c10::DeviceType kDevice>
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_on(
     const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
     at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, const c10::List<std::optional<at::Tensor>>& stats1,
     const c10::List<std::optional<at::Tensor>>& stats2, at::IntArrayRef steps, bool compute_stats,
     bool save_bottleneck) {
-  CHECK_DEVICE(fbuf, is_cpu, "CPU");
-  return dense_block_forward_with(kCpuLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
+  TORCH_CHECK(fbuf.device().type() == kDevice, "fbuf must be a ", c10::DeviceTypeName(kDevice), " tensor, got ",
+              fbuf.device());
+  return dense_block_forward_with(kLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
                                   compute_stats, save_bottleneck);
 }
 
-std::vector<at::Tensor> dense_block_backward_cpu(const at::Tensor& fbuf, const at::Tensor& gbuf, int64_t c0,
-                                                 at::TensorList params, at::TensorList saved, at::TensorList mean1,
-                                                 at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
-                                                 at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
-  CHECK_DEVICE(fbuf, is_cpu, "CPU");
-  return dense_block_backward_with(kCpuLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
+template <const densenet_fast::BlockLaunchers& kLaunchers, c10::DeviceType kDevice>
+std::vector<at::Tensor> dense_block_backward_on(const at::Tensor& fbuf, const at::Tensor& gbuf, int64_t c0,
+                                                at::TensorList params, at::TensorList saved, at::TensorList mean1,
+                                                at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
+                                                at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
+  TORCH_CHECK(fbuf.device().type() == kDevice, "fbuf must be a ", c10::DeviceTypeName(kDevice), " tensor, got ",
+              fbuf.device());
+  return dense_block_backward_with(kLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
                                    bottlenecks, steps, count);
 }
 
+const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
+                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch,
+                                                  channel_affine_cpu_launch, channel_bn_backward_cpu_launch};
 #ifdef WITH_CUDA
 const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn_relu_out_cuda_launch,
                                                    bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch,
                                                    channel_affine_cuda_launch, channel_bn_backward_cuda_launch};
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> dense_block_forward_cuda(
-    const at::Tensor& fbuf, const at::Tensor& mean, const at::Tensor& var, int64_t c0, at::TensorList params,
-    at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, const c10::List<std::optional<at::Tensor>>& stats1,
-    const c10::List<std::optional<at::Tensor>>& stats2, at::IntArrayRef steps, bool compute_stats,
-    bool save_bottleneck) {
-  CHECK_DEVICE(fbuf, is_cuda, "CUDA");
-  return dense_block_forward_with(kCudaLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
-                                  compute_stats, save_bottleneck);
-}
-
-std::vector<at::Tensor> dense_block_backward_cuda(const at::Tensor& fbuf, const at::Tensor& gbuf, int64_t c0,
-                                                  at::TensorList params, at::TensorList saved, at::TensorList mean1,
-                                                  at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
-                                                  at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
-  CHECK_DEVICE(fbuf, is_cuda, "CUDA");
-  return dense_block_backward_with(kCudaLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
-                                   bottlenecks, steps, count);
-}
 #endif
 
 }  // namespace
@@ -562,8 +547,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cpu);
   m.impl("channel_affine", &densenet_fast::channel_affine_cpu);
   m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cpu);
-  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cpu);
-  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cpu);
+  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
+  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
 }
 
 #ifdef WITH_CUDA
@@ -574,8 +559,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cuda);
   m.impl("channel_affine", &densenet_fast::channel_affine_cuda);
   m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cuda);
-  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_cuda);
-  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_cuda);
+  m.impl("dense_block_forward", &densenet_fast::dense_block_forward_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
+  m.impl("dense_block_backward", &densenet_fast::dense_block_backward_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
 }
 #endif
 

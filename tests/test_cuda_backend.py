@@ -322,14 +322,6 @@ BAD_FORWARD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("mutate,exc,words", BAD_FORWARD_INPUTS, ids=[w for _, _, w in BAD_FORWARD_INPUTS])
-def test_whole_block_forward_rejects_bad_input(mutate, exc, words):
-    args = _op_args()
-    mutate(args)
-    with pytest.raises(exc, match=re.escape(words)):
-        _forward(args)
-
-
 def _backward_args():
     args = _op_args()
     saved, bt_stats, bottlenecks = _forward(args)
@@ -356,12 +348,23 @@ BAD_BACKWARD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("mutate,exc,words", BAD_BACKWARD_INPUTS, ids=[w for _, _, w in BAD_BACKWARD_INPUTS])
-def test_whole_block_backward_rejects_bad_input(mutate, exc, words):
-    args = _backward_args()
+BAD_INPUTS = [("forward", *case) for case in BAD_FORWARD_INPUTS] + [("backward", *case) for case in BAD_BACKWARD_INPUTS]
+
+
+@pytest.mark.parametrize("op,mutate,exc,words", BAD_INPUTS, ids=[f"{op}-{w}" for op, _, _, w in BAD_INPUTS])
+def test_whole_block_ops_reject_bad_input(op, mutate, exc, words):
+    args = _op_args() if op == "forward" else _backward_args()
     mutate(args)
     with pytest.raises(exc, match=re.escape(words)):
-        _backward(args)
+        (_forward if op == "forward" else _backward)(args)
+
+
+def test_whole_block_op_names_the_device():
+    args = _op_args()
+    with pytest.raises(RuntimeError, match="fbuf must be a CPU tensor, got meta"):
+        torch.ops.densenet_fast.dense_block_forward.default.redispatch(
+            torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *[
+                a.to("meta") if isinstance(a, torch.Tensor) and name == "fbuf" else a for name, a in args.items()])
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
