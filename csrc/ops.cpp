@@ -329,6 +329,14 @@ void bn_backward_apply_cuda(const at::Tensor& grad_z, const at::Tensor& x, const
     TORCH_CHECK_VALUE((t).is_contiguous(), name, " must be contiguous, got strides ", (t).strides());      \
   } while (0)
 
+// Two tensors an op writes (or one it writes and one it reads throughout) must not share memory.
+#define CHECK_DISJOINT(t, u)                                                                            \
+  do {                                                                                                  \
+    const at::MemOverlapStatus status = at::get_overlap_status(t, u);                                  \
+    TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, \
+                      #t " and " #u " must not share memory");                                         \
+  } while (0)
+
 std::string layer_tensor(const char* what, int64_t l) { return std::string(what) + " of layer " + std::to_string(l); }
 
 // Returns the number of layers; fbuf, params (and their shapes), steps.
@@ -419,6 +427,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     CHECK_FLOAT_VECTOR(mean, "mean", fbuf.size(1));
     CHECK_FLOAT_VECTOR(var, "var", fbuf.size(1));
     TORCH_CHECK_VALUE(compute_stats, "compute_stats must be true when a layer's stats1 are None (batch statistics)");
+    CHECK_DISJOINT(mean, var);
+    CHECK_DISJOINT(mean, fbuf);
+    CHECK_DISJOINT(var, fbuf);
   }
   return densenet_fast::dense_block_forward(launch, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
                                             compute_stats, save_bottleneck);
@@ -436,6 +447,7 @@ std::vector<at::Tensor> dense_block_backward_with(const densenet_fast::BlockLaun
   TORCH_CHECK_TYPE(gbuf.scalar_type() == at::kFloat || gbuf.scalar_type() == fbuf.scalar_type(),
                    "gbuf must be float32 or the dtype of fbuf (", fbuf.scalar_type(), "), got ", gbuf.scalar_type());
   CHECK_WRITABLE(gbuf);
+  CHECK_DISJOINT(gbuf, fbuf);
   const auto per_layer = [&](size_t got, int64_t per, const char* name) {
     TORCH_CHECK_VALUE(got == static_cast<size_t>(per * layers), name, " must have ", per, " entries per layer (",
                       per * layers, "), got ", got);

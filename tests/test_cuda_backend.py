@@ -215,19 +215,60 @@ def test_whole_block_matches_per_layer(channels_last, save_bottleneck, device, i
     _assert_same(whole, per_layer)
 
 
-def test_whole_block_matches_per_layer_under_autocast():
-    """bfloat16 autocast: the block runs on bf16 data and conv weights, fp32 BN parameters and
-    statistics, and a float32 gradient buffer."""
+HAS_GPU_KERNELS = torch.cuda.is_available() and _ext.has_cuda_kernels()
+GPU_REASON = "needs a GPU and the extension's CUDA kernels"
+
+
+@pytest.mark.parametrize("device,dtype", [
+    ("cpu", torch.bfloat16),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.skipif(not HAS_GPU_KERNELS, reason=GPU_REASON)),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.skipif(not HAS_GPU_KERNELS, reason=GPU_REASON)),
+])
+def test_whole_block_matches_per_layer_under_autocast(device, dtype):
+    """Autocast: the block runs on half-precision data and conv weights, fp32 BN parameters and
+    statistics, and a float32 gradient buffer (the apply pass reads half data and writes fp32)."""
     torch.manual_seed(20)
-    block = densenet_fast.DenseBlock(2, 8, 2, 6, backend="torch")
+    block = densenet_fast.DenseBlock(2, 8, 2, 6, backend="torch").to(device)
     randomize_bn_(block, 21)
-    x = seeded_input((4, 8, 6, 6), 22, torch.float32, True, offset=0.5)
-    r = torch.randn(4, 20, 6, 6, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = seeded_input((4, 8, 6, 6), 22, torch.float32, True, offset=0.5).to(device)
+    r = torch.randn(4, 20, 6, 6, generator=torch.Generator().manual_seed(23), dtype=torch.float64).to(device)
+    with torch.autocast(device, dtype=dtype):
         whole = _block_results(block, x, r, True)
         per_layer = _block_results(block, x, r, False)
-    assert whole[0].dtype == torch.bfloat16
+    assert whole[0].dtype == dtype
     _assert_same(whole, per_layer)
+
+
+def test_whole_block_two_forwards_then_backwards():
+    """The design's invariants on the C++ loop: two forwards before their backwards give each
+    call the gradients it would get alone (no state shared between calls but parameters and
+    buffers), and running statistics move once per training forward, also under no_grad."""
+    torch.manual_seed(25)
+    block = densenet_fast.DenseBlock(3, 6, 2, 4, backend="torch")
+    randomize_bn_(block, 26)
+    layers = list(block.values())
+    xs = [seeded_input((2, 6, 5, 5), 27 + i).requires_grad_(True) for i in range(2)]
+    rs = [torch.randn(2, 18, 5, 5, generator=torch.Generator().manual_seed(29 + i)) for i in range(2)]
+    alone = []
+    for x, r in zip(xs, rs):
+        f, _, _ = run_dense_block(x, layers, CudaBlockKernels(whole=True))
+        alone.append(torch.autograd.grad((f * r).sum(), [x] + list(block.parameters())))
+    outs = [run_dense_block(x, layers, CudaBlockKernels(whole=True))[0] for x in xs]
+    for out, x, r, expected in zip(reversed(outs), reversed(xs), reversed(rs), reversed(alone)):
+        got = torch.autograd.grad((out * r).sum(), [x] + list(block.parameters()))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=0)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    with torch.no_grad():
+        run_dense_block(xs[0], layers, CudaBlockKernels(whole=True))
+    naive = reference.DenseBlock(3, 6, 2, 4, 0.0)
+    naive.load_state_dict(before)
+    with torch.no_grad():
+        naive(xs[0])
+    for name, value in naive.state_dict().items():
+        torch.testing.assert_close(block.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert int(block.state_dict()["denselayer1.norm1.num_batches_tracked"]) == \
+        int(before["denselayer1.norm1.num_batches_tracked"]) + 1
 
 
 def _op_log(fn):
@@ -263,6 +304,19 @@ def test_whole_block_leaves_dropout_to_the_per_layer_path():
     block.eval()
     evaluation = _op_log(lambda: run_dense_block(x, list(block.values()), CudaBlockKernels()))
     assert evaluation.count("densenet_fast::dense_block_forward") == 1, evaluation
+
+
+def test_whole_block_leaves_float64_and_sync_bn_to_the_per_layer_path():
+    """float64 data (the kernels read fp32/fp16/bf16) and synchronized BN (its sums are
+    all-reduced from Python) are not the C++ loop's."""
+    from densenet_fast.ops.dense_block import BlockSpec
+    block = densenet_fast.DenseBlock(2, 6, 2, 4, backend="torch").double()
+    x = seeded_input((2, 6, 5, 5), 19).double()
+    log = _op_log(lambda: run_dense_block(x, list(block.values()), CudaBlockKernels()))
+    assert "densenet_fast::dense_block_forward" not in log, log
+    spec = BlockSpec(list(block.values()), CudaBlockKernels(group=object()))
+    assert not spec.kernels._whole(spec, torch.empty(2, 14, 5, 5))
+    assert CudaBlockKernels()._whole(spec, torch.empty(2, 14, 5, 5))
 
 
 def _op_args(layers=2, c0=6, k=4, bn=8, n=2, hw=5, channels_last=False):
@@ -319,16 +373,20 @@ BAD_FORWARD_INPUTS = [
     (lambda a: a.update(var=torch.empty(13)), ValueError, "var must have shape"),
     (lambda a: a.update(compute_stats=False), ValueError, "compute_stats must be true"),
     (lambda a: a.update(fbuf=a["fbuf"][:0]), ValueError, "fbuf must have at least one element per channel"),
+    (lambda a: a.update(var=a["mean"]), ValueError, "mean and var must not share memory"),
+    (lambda a: a.update(mean=a["fbuf"].view(-1)[:14]), ValueError, "mean and fbuf must not share memory"),
 ]
 
 
-def _backward_args():
-    args = _op_args()
+def _backward_args(channels_last=False):
+    args = _op_args(channels_last=channels_last)
     saved, bt_stats, bottlenecks = _forward(args)
     n, c, h, w = args["fbuf"].shape
     mean1 = [args["mean"][:6], args["mean"][:10]]
     mean2 = [bt_stats[0], bt_stats[2]]
-    return dict(fbuf=args["fbuf"], gbuf=torch.randn(n, c, h, w), c0=6, params=args["params"], saved=saved,
+    gbuf = torch.randn(n, c, h, w).contiguous(memory_format=torch.channels_last if channels_last else
+                                              torch.contiguous_format)
+    return dict(fbuf=args["fbuf"], gbuf=gbuf, c0=6, params=args["params"], saved=saved,
                 mean1=mean1, mean2=mean2, batch1=[1, 1], batch2=[1, 1], bottlenecks=[], steps=[3, 3], count=n * h * w)
 
 
@@ -345,6 +403,7 @@ BAD_BACKWARD_INPUTS = [
     (lambda a: a.update(batch2=[1]), ValueError, "batch2 must have 1 entries per layer"),
     (lambda a: a.update(bottlenecks=[torch.zeros(2, 8, 5, 5)]), ValueError, "bottlenecks must be empty or hold"),
     (lambda a: a.update(count=7), ValueError, "count must be N"),
+    (lambda a: a.update(gbuf=a["fbuf"]), ValueError, "gbuf and fbuf must not share memory"),
 ]
 
 
@@ -378,7 +437,12 @@ def test_whole_block_ops_pass_opcheck(channels_last):
     args = _op_args(channels_last=channels_last)
     args["save_bottleneck"] = True
     torch.library.opcheck(torch.ops.densenet_fast.dense_block_forward.default, tuple(args.values()), test_utils=utils)
-    back = _backward_args()
+    back = _backward_args(channels_last)
+    torch.library.opcheck(torch.ops.densenet_fast.dense_block_backward.default, tuple(back.values()),
+                          test_utils=utils)
+    # conv2.weight in channels_last with NCHW data: its gradient follows the weight's layout
+    back["params"] = [p.contiguous(memory_format=torch.channels_last) if i % 6 == 5 else p
+                      for i, p in enumerate(back["params"])]
     torch.library.opcheck(torch.ops.densenet_fast.dense_block_backward.default, tuple(back.values()),
                           test_utils=utils)
 

@@ -285,4 +285,17 @@ if _ext.HAS_C:
                                    saved: Sequence[Tensor], mean1: Sequence[Tensor], mean2: Sequence[Tensor],
                                    batch1: Sequence[int], batch2: Sequence[int], bottlenecks: Sequence[Tensor],
                                    steps: Sequence[int], count: int) -> List[Tensor]:
-        return [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+        grads: List[Tensor] = []
+        for l in range(len(params) // 6):
+            g1, b1, w1, g2, b2, w2 = params[6 * l: 6 * l + 6]
+            # conv1's weight gradient is a GEMM result (contiguous); conv2's comes from ATen's
+            # convolution_backward, whose layout follows its input relu(bn(Bt)) (Bt's layout) and
+            # the weight: ask ATen's meta kernel, as the real call would decide.
+            bt = bottlenecks[l] if len(bottlenecks) else _scratch_like(fbuf, w1.shape[0])
+            z2 = torch.empty_like(bt)
+            d_out = torch.empty_like(z2[:, : w2.shape[0]])
+            _, d_w2, _ = aten.convolution_backward(d_out, z2, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                   [False, True, False])
+            contiguous = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in (g1, b1, w1, g2, b2)]
+            grads += contiguous + [d_w2]
+        return grads
