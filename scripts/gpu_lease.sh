@@ -8,14 +8,16 @@
 #   bash scripts/gpu_lease.sh check   build (twice: the image's compiler and the system g++),
 #                                     exception probe of both, Triton tests || (CUDA tests ||
 #                                     sanitizer), the triton backend's default configs on
-#                                     DenseNet-BC-100 (eager, CUDA graph) and DenseNet-121, then
-#                                     the other providers on both
+#                                     DenseNet-BC-100 (eager, CUDA graph), the cuda backend there
+#                                     (C++ loop eager and graphed, then the per-layer path), the
+#                                     triton defaults on DenseNet-121, then the other providers
 #   bash scripts/gpu_lease.sh more    per-op GB/s, the triton backend autotuned, torch.compile
 #                                     providers, bf16 channels_last
 #
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
 # Logs go to $OUT (at most 8 files come back from the device tool): env.txt, build.log,
-# tests.log, bench.csv, bench-default-configs.csv, ops.csv. Set DENSENET_FAST_GIT_SHA when the
+# tests.log, bench.csv, bench-default-configs.csv, bench-cuda-layers.csv, ops.csv (and the
+# caller's session.log: 8). Set DENSENET_FAST_GIT_SHA when the
 # tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
