@@ -43,13 +43,18 @@
   TORCH_CHECK((t).device() == (x).device(), #t " must be on the device of " #x " (", (x).device(), "), got ", (t).device())
 #define CHECK_SAME_SHAPE(t, x) \
   TORCH_CHECK_VALUE((t).sizes() == (x).sizes(), #t " must have the shape of " #x " ", (x).sizes(), ", got ", (t).sizes())
+// A vector of per-channel values is float32 and contiguous; name: a string naming it.
+#define CHECK_FLOAT32_CONTIGUOUS(v, name)                                                                 \
+  do {                                                                                                     \
+    TORCH_CHECK_TYPE((v).scalar_type() == at::kFloat, name, " must be float32, got ", (v).scalar_type());  \
+    TORCH_CHECK_VALUE((v).is_contiguous(), name, " must be contiguous, got strides ", (v).strides());      \
+  } while (0)
 // A per-channel vector of the fused batch norm: (C,) float32 contiguous.
 #define CHECK_PER_CHANNEL(v, x)                                                                            \
   do {                                                                                                     \
     TORCH_CHECK_VALUE((v).dim() == 1 && (v).size(0) == (x).size(1), #v " must have shape (C,) = (",       \
                       (x).size(1), ",) for " #x " of shape ", (x).sizes(), ", got ", (v).sizes());         \
-    TORCH_CHECK_TYPE((v).scalar_type() == at::kFloat, #v " must be float32, got ", (v).scalar_type());     \
-    TORCH_CHECK_VALUE((v).is_contiguous(), #v " must be contiguous, got strides ", (v).strides());         \
+    CHECK_FLOAT32_CONTIGUOUS(v, #v);                                                                       \
   } while (0)
 // A tensor an op writes: no two of its elements may share memory (an expanded tensor), and it may
 // not partially overlap an input (full overlap, i.e. in place, is fine: each element is read
@@ -209,8 +214,7 @@ void bn_backward_apply_cpu(const at::Tensor& grad_z, const at::Tensor& x, const 
     CHECK_SAME_DEVICE(v, ref);                                                                             \
     TORCH_CHECK_VALUE((v).dim() == 1 && (v).size(0) == (ref).size(0), #v " must have shape (C,) = (",     \
                       (ref).size(0), ",) like " #ref ", got ", (v).sizes());                               \
-    TORCH_CHECK_TYPE((v).scalar_type() == at::kFloat, #v " must be float32, got ", (v).scalar_type());     \
-    TORCH_CHECK_VALUE((v).is_contiguous(), #v " must be contiguous, got strides ", (v).strides());         \
+    CHECK_FLOAT32_CONTIGUOUS(v, #v);                                                                       \
   } while (0)
 
 void check_channel_affine(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& weight,
@@ -231,63 +235,47 @@ void check_channel_bn_backward(const at::Tensor& sum_dy, const at::Tensor& sum_d
   TORCH_CHECK_VALUE(count > 0, "count must be positive (values per channel), got ", count);
 }
 
-using ChannelAffineLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       double, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using ChannelBnBackwardLauncher = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
-                                           const at::Tensor&, const at::Tensor&, const at::Tensor&);
+// The launchers of each device (dense_block.h): the whole-block ops and the channel ops pick
+// theirs through the templates below.
+const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
+                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch,
+                                                  channel_affine_cpu_launch, channel_bn_backward_cpu_launch};
+#ifdef WITH_CUDA
+const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn_relu_out_cuda_launch,
+                                                   bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch,
+                                                   channel_affine_cuda_launch, channel_bn_backward_cuda_launch};
+#endif
+
+// The first operand (whose device picked the kernel) must be on the kernel's device type.
+void check_device_type(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device), " tensor, got ",
+              t.device());
+}
 
 // Returns (invstd, scale, shift).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_with(const at::Tensor& mean, const at::Tensor& var,
-                                                                   const at::Tensor& weight, const at::Tensor& bias,
-                                                                   double eps, ChannelAffineLauncher launch) {
+template <const densenet_fast::BlockLaunchers& kLaunchers, c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_on(const at::Tensor& mean, const at::Tensor& var,
+                                                                 const at::Tensor& weight, const at::Tensor& bias,
+                                                                 double eps) {
+  check_device_type(mean, "mean", kDevice);
   check_channel_affine(mean, var, weight, bias);
   at::Tensor invstd = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean);
-  launch(mean, var, weight, bias, eps, invstd, scale, shift);
+  kLaunchers.channel_affine(mean, var, weight, bias, eps, invstd, scale, shift);
   return {invstd, scale, shift};
 }
 
 // Returns (a, b, d_gamma).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_with(const at::Tensor& sum_dy,
-                                                                        const at::Tensor& sum_dy_xmu,
-                                                                        const at::Tensor& invstd, int64_t count,
-                                                                        bool batch, ChannelBnBackwardLauncher launch) {
+template <const densenet_fast::BlockLaunchers& kLaunchers, c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_on(const at::Tensor& sum_dy,
+                                                                      const at::Tensor& sum_dy_xmu,
+                                                                      const at::Tensor& invstd, int64_t count,
+                                                                      bool batch) {
+  check_device_type(sum_dy, "sum_dy", kDevice);
   check_channel_bn_backward(sum_dy, sum_dy_xmu, invstd, count);
   at::Tensor a = at::empty_like(sum_dy), b = at::empty_like(sum_dy), d_gamma = at::empty_like(sum_dy);
-  launch(sum_dy, sum_dy_xmu, invstd, count, batch, a, b, d_gamma);
+  kLaunchers.channel_bn_backward(sum_dy, sum_dy_xmu, invstd, count, batch, a, b, d_gamma);
   return {a, b, d_gamma};
 }
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_cpu(const at::Tensor& mean, const at::Tensor& var,
-                                                                  const at::Tensor& weight, const at::Tensor& bias,
-                                                                  double eps) {
-  CHECK_DEVICE(mean, is_cpu, "CPU");
-  return channel_affine_with(mean, var, weight, bias, eps, channel_affine_cpu_launch);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_cpu(const at::Tensor& sum_dy,
-                                                                       const at::Tensor& sum_dy_xmu,
-                                                                       const at::Tensor& invstd, int64_t count,
-                                                                       bool batch) {
-  CHECK_DEVICE(sum_dy, is_cpu, "CPU");
-  return channel_bn_backward_with(sum_dy, sum_dy_xmu, invstd, count, batch, channel_bn_backward_cpu_launch);
-}
-
-#ifdef WITH_CUDA
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_cuda(const at::Tensor& mean, const at::Tensor& var,
-                                                                   const at::Tensor& weight, const at::Tensor& bias,
-                                                                   double eps) {
-  CHECK_DEVICE(mean, is_cuda, "CUDA");
-  return channel_affine_with(mean, var, weight, bias, eps, channel_affine_cuda_launch);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_cuda(const at::Tensor& sum_dy,
-                                                                        const at::Tensor& sum_dy_xmu,
-                                                                        const at::Tensor& invstd, int64_t count,
-                                                                        bool batch) {
-  CHECK_DEVICE(sum_dy, is_cuda, "CUDA");
-  return channel_bn_backward_with(sum_dy, sum_dy_xmu, invstd, count, batch, channel_bn_backward_cuda_launch);
-}
-#endif
 
 #ifdef WITH_CUDA
 void bn_relu_out_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
@@ -325,8 +313,7 @@ void bn_backward_apply_cuda(const at::Tensor& grad_z, const at::Tensor& x, const
 #define CHECK_FLOAT_VECTOR(t, name, c)                                                                     \
   do {                                                                                                     \
     CHECK_SHAPE(t, name, c);                                                                               \
-    TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat, name, " must be float32, got ", (t).scalar_type());  \
-    TORCH_CHECK_VALUE((t).is_contiguous(), name, " must be contiguous, got strides ", (t).strides());      \
+    CHECK_FLOAT32_CONTIGUOUS(t, name);                                                                     \
   } while (0)
 
 // Two tensors an op writes (or one it writes and one it reads throughout) must not share memory.
@@ -491,8 +478,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, const c10::List<std::optional<at::Tensor>>& stats1,
     const c10::List<std::optional<at::Tensor>>& stats2, at::IntArrayRef steps, bool compute_stats,
     bool save_bottleneck) {
-  TORCH_CHECK(fbuf.device().type() == kDevice, "fbuf must be a ", c10::DeviceTypeName(kDevice), " tensor, got ",
-              fbuf.device());
+  check_device_type(fbuf, "fbuf", kDevice);
   return dense_block_forward_with(kLaunchers, fbuf, mean, var, c0, params, eps1, eps2, stats1, stats2, steps,
                                   compute_stats, save_bottleneck);
 }
@@ -502,20 +488,11 @@ std::vector<at::Tensor> dense_block_backward_on(const at::Tensor& fbuf, const at
                                                 at::TensorList params, at::TensorList saved, at::TensorList mean1,
                                                 at::TensorList mean2, at::IntArrayRef batch1, at::IntArrayRef batch2,
                                                 at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
-  TORCH_CHECK(fbuf.device().type() == kDevice, "fbuf must be a ", c10::DeviceTypeName(kDevice), " tensor, got ",
-              fbuf.device());
+  check_device_type(fbuf, "fbuf", kDevice);
   return dense_block_backward_with(kLaunchers, fbuf, gbuf, c0, params, saved, mean1, mean2, batch1, batch2,
                                    bottlenecks, steps, count);
 }
 
-const densenet_fast::BlockLaunchers kCpuLaunchers{channel_stats_cpu_launch, bn_relu_out_cpu_launch,
-                                                  bn_relu_backward_reduce_cpu_launch, bn_backward_apply_cpu_launch,
-                                                  channel_affine_cpu_launch, channel_bn_backward_cpu_launch};
-#ifdef WITH_CUDA
-const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn_relu_out_cuda_launch,
-                                                   bn_relu_backward_reduce_cuda_launch, bn_backward_apply_cuda_launch,
-                                                   channel_affine_cuda_launch, channel_bn_backward_cuda_launch};
-#endif
 
 }  // namespace
 }  // namespace densenet_fast
@@ -557,8 +534,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CPU, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cpu);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cpu);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cpu);
-  m.impl("channel_affine", &densenet_fast::channel_affine_cpu);
-  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cpu);
+  m.impl("channel_affine", &densenet_fast::channel_affine_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
+  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
   m.impl("dense_block_forward", &densenet_fast::dense_block_forward_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
   m.impl("dense_block_backward", &densenet_fast::dense_block_backward_on<densenet_fast::kCpuLaunchers, c10::kCPU>);
 }
@@ -569,8 +546,8 @@ TORCH_LIBRARY_IMPL(densenet_fast, CUDA, m) {
   m.impl("bn_relu_out", &densenet_fast::bn_relu_out_cuda);
   m.impl("bn_relu_backward_reduce", &densenet_fast::bn_relu_backward_reduce_cuda);
   m.impl("bn_backward_apply", &densenet_fast::bn_backward_apply_cuda);
-  m.impl("channel_affine", &densenet_fast::channel_affine_cuda);
-  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_cuda);
+  m.impl("channel_affine", &densenet_fast::channel_affine_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
+  m.impl("channel_bn_backward", &densenet_fast::channel_bn_backward_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
   m.impl("dense_block_forward", &densenet_fast::dense_block_forward_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
   m.impl("dense_block_backward", &densenet_fast::dense_block_backward_on<densenet_fast::kCudaLaunchers, c10::kCUDA>);
 }

@@ -30,6 +30,7 @@ synchronized BN, float64, torch.compile tracing, the meta device) and with whole
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -55,15 +56,10 @@ def _ops():
     return torch.ops.densenet_fast
 
 
-_WHOLE_BLOCK_DEVICES: Optional[frozenset] = None
-
-
+@functools.lru_cache(maxsize=None)
 def _whole_block_devices() -> frozenset:
-    """The device types with a compiled dense_block_forward (looked up once)."""
-    global _WHOLE_BLOCK_DEVICES
-    if _WHOLE_BLOCK_DEVICES is None:
-        _WHOLE_BLOCK_DEVICES = _ext.kernel_devices("dense_block_forward") & _ext.kernel_devices("dense_block_backward")
-    return _WHOLE_BLOCK_DEVICES
+    """The device types with a compiled dense_block_forward and _backward (looked up once)."""
+    return _ext.kernel_devices("dense_block_forward") & _ext.kernel_devices("dense_block_backward")
 
 
 def _channel_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
@@ -92,7 +88,8 @@ def _bn_backward(grad_z: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, scale:
 
 @dataclass
 class WholeBlockRecords:
-    """What dense_block_forward keeps for dense_block_backward (csrc/dense_block.h)."""
+    """What dense_block_forward keeps for dense_block_backward (csrc/dense_block.h), and that
+    backward (block_backward calls it for records that are not a per-layer list)."""
 
     saved: List[Tensor]        # per layer: invstd1, scale1, shift1, invstd2, scale2, shift2
     mean1: List[Tensor]        # per layer: the means norm1 / norm2 normalised with
@@ -101,6 +98,14 @@ class WholeBlockRecords:
     batch2: List[int]
     bottlenecks: List[Tensor]  # each layer's Bt (save_bottleneck), else empty
     steps: List[int]
+    count: int                 # N*H*W
+
+    def backward(self, fbuf: Tensor, gbuf: Tensor, params: Sequence[Tensor], c0: int) -> List[Tensor]:
+        """Adds each layer's input gradient into gbuf (which holds dLoss/dF) and returns the
+        gradient of every parameter, in params' order."""
+        return with_conv_precision(fbuf, _ops().dense_block_backward, fbuf, gbuf, c0, list(params), self.saved,
+                                   self.mean1, self.mean2, self.batch1, self.batch2, self.bottlenecks, self.steps,
+                                   self.count)
 
 
 class CudaBlockKernels(FusedBlockKernels):
@@ -133,9 +138,9 @@ class CudaBlockKernels(FusedBlockKernels):
         if not self._whole(spec, fbuf):
             return None
         layers = spec.layers
-        n, c_total, h, w = fbuf.shape
+        c_total = fbuf.shape[1]
         k = layers[0].conv2.out_channels
-        count = n * h * w  # no process group here (_fused)
+        count = spec.count  # N*H*W: no process group here (_fused)
         empty = fbuf.new_empty(0, dtype=torch.float32)
         mean = fbuf.new_empty(c_total, dtype=torch.float32) if spec.compute_stats else empty
         var = fbuf.new_empty(c_total, dtype=torch.float32) if spec.compute_stats else empty
@@ -165,8 +170,9 @@ class CudaBlockKernels(FusedBlockKernels):
         for l, layer in enumerate(layers):
             cl = c0 + l * k
             if batch1[l]:
-                mean1.append(mean[:cl])
-                pending.append((layer.norm1, mean[:cl], var[:cl]))
+                m1 = mean[:cl]
+                mean1.append(m1)
+                pending.append((layer.norm1, m1, var[:cl]))
             else:
                 mean1.append(stats1[2 * l])
             if batch2[l]:
@@ -175,13 +181,7 @@ class CudaBlockKernels(FusedBlockKernels):
                 pending.append((layer.norm2, m2, v2))
             else:
                 mean2.append(stats2[2 * l])
-        return mean, var, WholeBlockRecords(saved, mean1, mean2, batch1, batch2, bottlenecks, steps), pending
-
-    def whole_block_backward(self, spec, fbuf, gbuf, params, records, c0):
-        r: WholeBlockRecords = records
-        count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
-        return with_conv_precision(fbuf, _ops().dense_block_backward, fbuf, gbuf, c0, list(params), r.saved, r.mean1,
-                                   r.mean2, r.batch1, r.batch2, r.bottlenecks, r.steps, count)
+        return mean, var, WholeBlockRecords(saved, mean1, mean2, batch1, batch2, bottlenecks, steps, count), pending
 
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):

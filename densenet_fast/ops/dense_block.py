@@ -147,15 +147,10 @@ class BlockKernels:
         """Run every layer of the block in one call: fbuf[:, :c0] holds the input and layer l
         writes fbuf[:, C_l:C_l+k].  Returns (mean, var, records, running-statistics updates) as
         block_forward would have them, or None to run the per-layer primitives instead (the
-        default, and whatever a backend's loop does not cover).  records: any object that
-        whole_block_backward understands."""
+        default, and whatever a backend's loop does not cover).  records: an object with
+        backward(fbuf, gbuf, params, c0), which adds each layer's input gradient into gbuf (dLoss/dF)
+        and returns the gradient of every parameter, in params' order."""
         return None
-
-    def whole_block_backward(self, spec: "BlockSpec", fbuf: Tensor, gbuf: Tensor, params: Sequence[Tensor],
-                             records: Any, c0: int) -> List[Tensor]:
-        """Gradients of whole_block_forward: adds each layer's input gradient into gbuf (which
-        holds dLoss/dF) and returns the gradient of every parameter, in params' order."""
-        raise NotImplementedError(f"backend {self.name!r} has no whole-block forward")
 
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
                   conv_weight: Optional[Tensor], pool: str, out: Optional["Destination"] = None
@@ -410,7 +405,7 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
     gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
     gbuf.copy_(grad_f)
     if not isinstance(records, list):  # whole_block_forward's
-        return gbuf[:, :c0], spec.kernels.whole_block_backward(spec, fbuf, gbuf, params, records, c0)
+        return gbuf[:, :c0], records.backward(fbuf, gbuf, params, c0)
     grads: List[Optional[Tensor]] = [None] * len(params)
     count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
     for l in range(len(layers) - 1, -1, -1):
