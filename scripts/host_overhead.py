@@ -12,15 +12,24 @@ Variants: naive (the torchvision-style model), torch (backend "torch"), and the 
 code in both forms -- cuda-layers (the per-layer Python methods of CudaBlockKernels) and
 cuda-whole (the C++ layer loop, dense_block_forward/backward).  The cuda backend proper needs CUDA
 tensors; here the model's blocks are handed CudaBlockKernels directly, which run the extension's
-CPU kernels of the same ops (as tests/test_cuda_backend.py does).  Rounds interleave the variants,
-so a change of machine load hits all of them alike.
+CPU kernels of the same ops (as tests/test_cuda_backend.py does).  "triton" is the triton backend's
+host side alone: its kernels are launched through triton's interpreter (TRITON_INTERPRET=1, set
+here before anything imports triton), whose launch is replaced by a no-op that only counts, so
+the time is our Python and the ATen ops around the kernels, without the kernels and without
+triton's own launch cost on a GPU (the launch count is printed; its outputs are garbage, which
+the host side never reads).  Rounds interleave the variants, so a change of machine load hits all
+of them alike.
 
     python scripts/host_overhead.py --depth 100 --batch 2 --image-size 4 --rounds 5 --steps 10
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (the "triton" variant)
+
+import argparse  # noqa: E402
 import statistics
 import time
 from typing import Callable, Dict, List
@@ -34,7 +43,17 @@ import densenet_fast.modules as modules
 from densenet_fast import _ext
 from densenet_fast.models.densenet import densenet_bc
 
-VARIANTS = ("naive", "torch", "cuda-layers", "cuda-whole")
+VARIANTS = ("naive", "torch", "cuda-layers", "cuda-whole", "triton")
+LAUNCHES = [0]  # Triton launches seen by the no-op launcher
+
+
+def _stub_triton_launches() -> None:
+    """Replace the interpreter's kernel launch by a counter (the "triton" variant's host side)."""
+    from triton.runtime import interpreter
+
+    def run(self, *args, grid, warmup, **kwargs):
+        LAUNCHES[0] += 1
+    interpreter.InterpretedFunction.run = run
 
 
 class _OpCount(TorchDispatchMode):
@@ -50,7 +69,12 @@ class _OpCount(TorchDispatchMode):
 def _use_kernels(variant: str) -> None:
     """Point the model modules' kernels_for at the variant's kernel set (restored by "torch")."""
     from densenet_fast.backends import kernels_for
-    if variant.startswith("cuda"):
+    if variant == "triton":
+        from densenet_fast.triton_kernels.block_kernels import TritonBlockKernels
+
+        def pick(name, device, group=None):
+            return TritonBlockKernels(group=group)
+    elif variant.startswith("cuda"):
         from densenet_fast.ops.cuda_block import CudaBlockKernels
         whole = variant == "cuda-whole"
 
@@ -86,21 +110,30 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
     if not _ext.HAS_C:
         raise SystemExit(f"the cuda variants need the compiled extension ({_ext.IMPORT_ERROR})")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        raise SystemExit("the triton variant runs under TRITON_INTERPRET=1; unset TRITON_INTERPRET or set it to 1")
+    _stub_triton_launches()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     state = densenet_bc(args.depth, backend="torch").state_dict()
-    steps = {v: make_step(v, args.depth, args.batch, args.image_size, state) for v in VARIANTS}
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "naive" not in variants:
+        raise SystemExit(f"--variants: naive and any of {', '.join(VARIANTS)}, got {args.variants!r}")
+    steps = {v: make_step(v, args.depth, args.batch, args.image_size, state) for v in variants}
     ops = {}
     for v, step in steps.items():
         step()  # warm-up (allocator, first-call initialisation)
         counter = _OpCount()
+        LAUNCHES[0] = 0
         with counter:
             step()
-        ops[v] = counter.count
-    times: Dict[str, List[float]] = {v: [] for v in VARIANTS}
+        ops[v] = f"{counter.count:,}" + (f" + {LAUNCHES[0]:,} Triton launches" if LAUNCHES[0] else "")
+    times: Dict[str, List[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
         for v, step in steps.items():
             t0 = time.perf_counter()
@@ -113,9 +146,9 @@ def main(argv: List[str] = None) -> None:
           f"{args.threads} thread(s), torch {torch.__version__}; median of {args.rounds} rounds of {args.steps} steps")
     print("| variant | ops issued from Python | ms per step | vs naive |")
     print("|---|---:|---:|---:|")
-    for v in VARIANTS:
+    for v in variants:
         ms = statistics.median(times[v])
-        print(f"| {v} | {ops[v]:,} | {ms:.1f} | {ms / naive:.2f}x |")
+        print(f"| {v} | {ops[v]} | {ms:.1f} | {ms / naive:.2f}x |")
 
 
 if __name__ == "__main__":

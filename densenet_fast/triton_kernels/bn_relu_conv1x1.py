@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, device_arch
+from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
 from ..ops.precision import dot_precision
 from .indexing import row_nhw
 from .channel_stats import check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats
@@ -143,13 +143,13 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     out = empty_like_layout(x, cout, x.dtype)
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
-    sizes = (m, k, cout, h * w, w, triton.next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
+    sizes = (m, k, cout, h * w, w, next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
     if INTERPRET:
         block_m = INTERPRET_CONFIG["BLOCK_M"]
-        parts = triton.cdiv(m, block_m)
+        parts = cdiv(m, block_m)
         ws_mean = torch.empty((parts, cout), dtype=torch.float32, device=x.device)
         ws_m2 = torch.empty_like(ws_mean)
-        grid = (parts, triton.cdiv(cout, INTERPRET_CONFIG["BLOCK_N"]))
+        grid = (parts, cdiv(cout, INTERPRET_CONFIG["BLOCK_N"]))
         _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision,
                                       num_warps=4, **INTERPRET_CONFIG)
     else:
@@ -157,15 +157,15 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
-        ws_mean = torch.empty((triton.cdiv(m, min_block_m), cout), dtype=torch.float32, device=x.device)
+        ws_mean = torch.empty((cdiv(m, min_block_m), cout), dtype=torch.float32, device=x.device)
         ws_m2 = torch.empty_like(ws_mean)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+            return (cdiv(m, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
 
         tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
-        parts = triton.cdiv(m, block_m)
+        parts = cdiv(m, block_m)
     mean, var = merge_partial_stats(ws_mean, ws_m2, parts, block_m, m)
     return out, mean, var
 

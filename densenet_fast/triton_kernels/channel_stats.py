@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET
+from . import INTERPRET, cdiv, next_power_of_2
 from .indexing import row_nhw
 
 __all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "check_channel_vectors",
@@ -109,9 +109,9 @@ def merge_partial_stats(ws_mean: Tensor, ws_m2: Tensor, num_parts: int, rows_per
     c = ws_mean.shape[1]
     mean = torch.empty(c, dtype=torch.float32, device=ws_mean.device)
     var = torch.empty_like(mean)
-    block_c = 16 if INTERPRET else min(128, triton.next_power_of_2(c))
+    block_c = 16 if INTERPRET else min(128, next_power_of_2(c))
     block_p = 16 if INTERPRET else 32
-    _chan_merge_kernel[(triton.cdiv(c, block_c),)](
+    _chan_merge_kernel[(cdiv(c, block_c),)](
         ws_mean, ws_m2, mean, var, num_parts, c, m, rows_per_part,
         BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4)
     return mean, var
@@ -204,14 +204,14 @@ def _launch_config(x: Tensor, m: int, c: int) -> Tuple[int, int, int, int]:
         # cross-program merge and the ragged last tile even on 5x7 images.
         return 16, 16, 32, 1
     if is_channels_last(x):
-        block_m, block_c = 64, min(64, triton.next_power_of_2(c))  # channels contiguous
+        block_m, block_c = 64, min(64, next_power_of_2(c))  # channels contiguous
     else:
-        block_m, block_c = 128, min(16, triton.next_power_of_2(c))  # rows contiguous
+        block_m, block_c = 128, min(16, next_power_of_2(c))  # rows contiguous
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    col_blocks = triton.cdiv(c, block_c)
+    col_blocks = cdiv(c, block_c)
     # About 8 programs per SM in total; each walks a contiguous range of rows.
-    parts = max(1, min(triton.cdiv(8 * sms, col_blocks), triton.cdiv(m, block_m)))
-    rows_per_prog = triton.cdiv(triton.cdiv(m, parts), block_m) * block_m
+    parts = max(1, min(cdiv(8 * sms, col_blocks), cdiv(m, block_m)))
+    rows_per_prog = cdiv(cdiv(m, parts), block_m) * block_m
     return block_m, block_c, rows_per_prog, 4
 
 
@@ -227,10 +227,10 @@ def channel_stats_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
     n, c, h, w = x.shape
     m = n * h * w
     block_m, block_c, rows_per_prog, num_warps = _launch_config(x, m, c)
-    parts = triton.cdiv(m, rows_per_prog)
+    parts = cdiv(m, rows_per_prog)
     ws_mean = torch.empty((parts, c), dtype=torch.float32, device=x.device)
     ws_m2 = torch.empty_like(ws_mean)
-    grid = (parts, triton.cdiv(c, block_c))
+    grid = (parts, cdiv(c, block_c))
     _channel_stats_partial_kernel[grid](
         x, ws_mean, ws_m2, m, c, h * w, w, *x.stride(), rows_per_prog,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, device_arch
+from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -277,12 +277,12 @@ def _tuned(pass_name: str, arch: str, block_b: int, elem: int, smem: int):
 def _row_split(x: Tensor, m: int, c: int, programs_per_sm: int, min_rows: int) -> Tuple[int, int]:
     """(rows_per_program, programs along the rows) for an (M rows) x (C channels) grid."""
     if INTERPRET:
-        return INTERPRET_ROWS_PER_PROG, triton.cdiv(m, INTERPRET_ROWS_PER_PROG)
+        return INTERPRET_ROWS_PER_PROG, cdiv(m, INTERPRET_ROWS_PER_PROG)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    col_blocks = triton.cdiv(c, 64)  # nominal: the grid's channel dimension depends on the config
-    parts = max(1, min(triton.cdiv(programs_per_sm * sms, col_blocks), triton.cdiv(m, min_rows)))
-    rows = triton.cdiv(triton.cdiv(m, parts), ROW_ALIGN) * ROW_ALIGN
-    return rows, triton.cdiv(m, rows)
+    col_blocks = cdiv(c, 64)  # nominal: the grid's channel dimension depends on the config
+    parts = max(1, min(cdiv(programs_per_sm * sms, col_blocks), cdiv(m, min_rows)))
+    rows = cdiv(cdiv(m, parts), ROW_ALIGN) * ROW_ALIGN
+    return rows, cdiv(m, rows)
 
 
 def _sum_parts(ws: Tensor) -> Tensor:
@@ -291,7 +291,7 @@ def _sum_parts(ws: Tensor) -> Tensor:
     out = torch.empty(ws.shape[1:], dtype=torch.float32, device=ws.device)
     ncol = out.numel()
     block_n = 128 if INTERPRET else 256
-    _sum_parts_kernel[(triton.cdiv(ncol, block_n),)](ws, out, parts, ncol, BLOCK_P=16, BLOCK_N=block_n,
+    _sum_parts_kernel[(cdiv(ncol, block_n),)](ws, out, parts, ncol, BLOCK_P=16, BLOCK_N=block_n,
                                                      num_warps=4)
     return out
 
@@ -366,7 +366,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     # The forward's operands: y = x * scale + shift, so the ReLU mask here is the forward's.
     scale, shift = forward_scale_shift(mean, invstd, gamma, beta, scale, shift)
     mean_c, invstd_c = mean.contiguous(), invstd.contiguous()
-    block_b = max(16, triton.next_power_of_2(b))
+    block_b = max(16, next_power_of_2(b))
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     strides = (*grad_out.stride(), *x.stride(), *w2.stride())
     common = (grad_out, x, w2, scale, shift, mean_c, invstd_c)
@@ -376,10 +376,10 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     ws_dbeta = torch.empty((parts1, c), dtype=torch.float32, device=x.device)
     ws_dgamma = torch.empty_like(ws_dbeta)
     ws_dw = torch.empty((parts1, b, c), dtype=torch.float32, device=x.device)
-    c_bucket = triton.next_power_of_2(c)
+    c_bucket = next_power_of_2(c)
     args1 = (*common, ws_dbeta, ws_dgamma, ws_dw, m, c, c_bucket, b, h * w, w, rows1, *strides)
     if INTERPRET:
-        grid1 = (parts1, triton.cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
+        grid1 = (parts1, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
@@ -387,7 +387,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         tune = (device_arch(x.device), block_b, x.element_size(), props.shared_memory_per_block_optin)
 
         def grid1(meta):
-            return (parts1, triton.cdiv(c, meta["BLOCK_C"]))
+            return (parts1, cdiv(c, meta["BLOCK_C"]))
 
         _tuned("reduce", *tune)[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b)
     grad_beta = _sum_parts(ws_dbeta)
@@ -403,12 +403,12 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     rows2, parts2 = _row_split(x, m, c, programs_per_sm=4, min_rows=256)
     args2 = (*common, c1, c2, grad_x_acc, m, c, c_bucket, b, h * w, w, rows2, *strides, *grad_x_acc.stride())
     if INTERPRET:
-        grid2 = (parts2, triton.cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
+        grid2 = (parts2, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
         _conv1x1_bwd_dx_kernel[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
                                       BLOCK_B=block_b, num_warps=4, **INTERPRET_CONFIG)
     else:
         def grid2(meta):
-            return (parts2, triton.cdiv(c, meta["BLOCK_C"]))
+            return (parts2, cdiv(c, meta["BLOCK_C"]))
 
         _tuned("dx", *tune)[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
                                            BLOCK_B=block_b)

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, device_arch
+from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -311,7 +311,7 @@ _TUNED_WGRAD = _tuned(_conv3x3_wgrad_kernel, CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_S
 
 def _narrow_tile(k: int) -> int:
     """The tile over the K = growth-rate side: a power of two in [16, 64] (tl.dot needs >= 16)."""
-    return min(64, max(16, triton.next_power_of_2(k)))
+    return min(64, max(16, next_power_of_2(k)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,10 +376,10 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     sizes = (m, b, kout, h, w, *x.stride(), *weight.stride(), *out.stride())
-    n_blocks = triton.cdiv(kout, block_n)
+    n_blocks = cdiv(kout, block_n)
     if INTERPRET:
         block_m = INTERPRET_FWD["BLOCK_M"]
-        parts = triton.cdiv(m, block_m)
+        parts = cdiv(m, block_m)
         ws_mean = torch.empty((parts, kout), dtype=torch.float32, device=x.device)
         ws_m2 = torch.empty_like(ws_mean)
         _bn_relu_conv3x3_fwd_kernel[(parts, n_blocks)](
@@ -390,15 +390,15 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
-        ws_mean = torch.empty((triton.cdiv(m, min_block_m), kout), dtype=torch.float32, device=x.device)
+        ws_mean = torch.empty((cdiv(m, min_block_m), kout), dtype=torch.float32, device=x.device)
         ws_m2 = torch.empty_like(ws_mean)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]), n_blocks)
+            return (cdiv(m, meta["BLOCK_M"]), n_blocks)
 
         tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
-        parts = triton.cdiv(m, block_m)
+        parts = cdiv(m, block_m)
     return merge_partial_stats(ws_mean, ws_m2, parts, block_m, m)
 
 
@@ -430,8 +430,8 @@ def _wgrad_rows_per_prog(x: Tensor, m: int, tiles_per_part: int) -> int:
     if INTERPRET:
         return INTERPRET_WGRAD_ROWS
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    parts = max(1, min(triton.cdiv(4 * sms, tiles_per_part), triton.cdiv(m, WGRAD_ROW_QUANTUM)))
-    return triton.cdiv(triton.cdiv(m, parts), WGRAD_ROW_QUANTUM) * WGRAD_ROW_QUANTUM
+    parts = max(1, min(cdiv(4 * sms, tiles_per_part), cdiv(m, WGRAD_ROW_QUANTUM)))
+    return cdiv(cdiv(m, parts), WGRAD_ROW_QUANTUM) * WGRAD_ROW_QUANTUM
 
 
 def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
@@ -474,25 +474,25 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     d_sizes = (m, b, kout, h, w, *grad_out.stride(), *weight.stride(), *x.stride(), *dst.stride())
     if INTERPRET:
         block_m = INTERPRET_DGRAD["BLOCK_M"]
-        parts = triton.cdiv(m, block_m)
+        parts = cdiv(m, block_m)
         ws_dy = torch.empty((parts, b), dtype=torch.float32, device=x.device)
         ws_dyx = torch.empty_like(ws_dy)
-        grid = (parts, triton.cdiv(b, INTERPRET_DGRAD["BLOCK_N"]))
+        grid = (parts, cdiv(b, INTERPRET_DGRAD["BLOCK_N"]))
         _conv3x3_dgrad_kernel[grid](*d_args, ws_dy, ws_dyx, *d_sizes, STORE_DX=store_dx,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
         tuned = _TUNED_DGRAD[device_arch(x.device)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
-        ws_dy = torch.empty((triton.cdiv(m, min_block_m), b), dtype=torch.float32, device=x.device)
+        ws_dy = torch.empty((cdiv(m, min_block_m), b), dtype=torch.float32, device=x.device)
         ws_dyx = torch.empty_like(ws_dy)
 
         def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(b, meta["BLOCK_N"]))
+            return (cdiv(m, meta["BLOCK_M"]), cdiv(b, meta["BLOCK_N"]))
 
         tuned[grid](*d_args, ws_dy, ws_dyx, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision,
                     BLOCK_K=block_k)
-        parts = triton.cdiv(m, tuned.best_config.kwargs["BLOCK_M"])
+        parts = cdiv(m, tuned.best_config.kwargs["BLOCK_M"])
     grad_beta = ws_dy[:parts].sum(dim=0)
     grad_gamma = ws_dyx[:parts].sum(dim=0)
 
@@ -501,34 +501,34 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         if INTERPRET:
             block_m, block_c, warps = 16, 16, 4
         elif is_channels_last(x):
-            block_m, block_c, warps = 64, min(64, triton.next_power_of_2(b)), 4  # channels contiguous
+            block_m, block_c, warps = 64, min(64, next_power_of_2(b)), 4  # channels contiguous
         else:
-            block_m, block_c, warps = 128, min(16, triton.next_power_of_2(b)), 4  # rows contiguous
-        _bn_backward_dx_kernel[(triton.cdiv(m, block_m), triton.cdiv(b, block_c))](
+            block_m, block_c, warps = 128, min(16, next_power_of_2(b)), 4  # rows contiguous
+        _bn_backward_dx_kernel[(cdiv(m, block_m), cdiv(b, block_c))](
             dst, x, mean, invstd, gamma, grad_beta, grad_gamma, grad_x, m, b, h, w, 1.0 / m,
             *dst.stride(), *x.stride(), *grad_x.stride(), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
 
     # 3. wgrad with Z recomputed from x
     block_o = _narrow_tile(kout)
-    o_blocks = triton.cdiv(kout, block_o)
+    o_blocks = cdiv(kout, block_o)
     w_sizes = (*grad_out.stride(), *x.stride())
     if INTERPRET:
         rows_per_prog = _wgrad_rows_per_prog(x, m, 0)
-        parts = triton.cdiv(m, rows_per_prog)
+        parts = cdiv(m, rows_per_prog)
         ws_w = torch.empty((parts, kout, b, 9), dtype=torch.float32, device=x.device)
-        grid = (parts, 9 * o_blocks, triton.cdiv(b, INTERPRET_WGRAD["BLOCK_C"]))
+        grid = (parts, 9 * o_blocks, cdiv(b, INTERPRET_WGRAD["BLOCK_C"]))
         _conv3x3_wgrad_kernel[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
         tuned = _TUNED_WGRAD[device_arch(x.device)]
-        rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * triton.cdiv(b, 64))
-        parts = triton.cdiv(m, rows_per_prog)
+        rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
+        parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).
         ws_w = torch.empty((parts, kout, b, 9), dtype=torch.float32, device=x.device)
 
         def grid(meta):
-            return (parts, 9 * o_blocks, triton.cdiv(b, meta["BLOCK_C"]))
+            return (parts, 9 * o_blocks, cdiv(b, meta["BLOCK_C"]))
 
         tuned[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog, *w_sizes,
                     INPUT_PRECISION=precision, BLOCK_O=block_o)

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, device_arch
+from . import INTERPRET, autotune, cdiv, device_arch
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -396,12 +396,12 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     args = (x, scale.contiguous(), shift.contiguous(), w2, out,
             p, c, cout, ho * wo, wo, *x.stride(), *w2.stride(), *out.stride())
     if INTERPRET:
-        grid = (triton.cdiv(p, INTERPRET_FWD["BLOCK_M"]), triton.cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
+        grid = (cdiv(p, INTERPRET_FWD["BLOCK_M"]), cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
         _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
             _FWD_TUNED[device_arch(x.device)][
-                lambda meta: (triton.cdiv(p, meta["BLOCK_M"]), triton.cdiv(cout, meta["BLOCK_N"]))
+                lambda meta: (cdiv(p, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
             ](*args, INPUT_PRECISION=precision)
     return out
 
@@ -411,14 +411,14 @@ def _wgrad_splits(p: int, cout: int, c: int, device: torch.device) -> Tuple[int,
     problem (not on the autotuned tile), so the partials are summed in the same order every call."""
     if INTERPRET:
         rows = INTERPRET_WGRAD_ROWS_PER_SPLIT
-        return triton.cdiv(p, rows), rows
+        return cdiv(p, rows), rows
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tiles = triton.cdiv(cout, 64) * triton.cdiv(c, 64)
+    tiles = cdiv(cout, 64) * cdiv(c, 64)
     # ~2 programs per SM in all, each over >= 512 rows (so the fp32 workspace stays a small
     # multiple of W: SPLITS * Cout * C floats).
-    splits = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(p, 512)))
-    rows = triton.cdiv(p, splits)
-    return triton.cdiv(p, rows), rows
+    splits = max(1, min(cdiv(2 * sms, tiles), cdiv(p, 512)))
+    rows = cdiv(p, splits)
+    return cdiv(p, rows), rows
 
 
 def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor,
@@ -462,12 +462,12 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     wgrad_args = (grad_out, x, scale, shift, ws_w, p, c, cout, ho * wo, wo, rows_per_split,
                   *grad_out.stride(), *x.stride())
     if INTERPRET:
-        grid = (triton.cdiv(cout, INTERPRET_WGRAD["BLOCK_O"]), triton.cdiv(c, INTERPRET_WGRAD["BLOCK_C"]), splits)
+        grid = (cdiv(cout, INTERPRET_WGRAD["BLOCK_O"]), cdiv(c, INTERPRET_WGRAD["BLOCK_C"]), splits)
         _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
             _WGRAD_TUNED[device_arch(dev)][
-                lambda meta: (triton.cdiv(cout, meta["BLOCK_O"]), triton.cdiv(c, meta["BLOCK_C"]), splits)
+                lambda meta: (cdiv(cout, meta["BLOCK_O"]), cdiv(c, meta["BLOCK_C"]), splits)
             ](*wgrad_args, INPUT_PRECISION=precision)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
     del ws_w
@@ -481,7 +481,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         # Sized for the smallest BLOCK_P: autotuning runs every config; the chosen one writes rows
         # [0, cdiv(P, its BLOCK_P)) on its final run, and only those are summed.
         min_block_p = min(cfg.kwargs["BLOCK_P"] for cfg in tuned.configs)
-    ws_dy = torch.empty((triton.cdiv(p, min_block_p), c), dtype=torch.float32, device=dev)
+    ws_dy = torch.empty((cdiv(p, min_block_p), c), dtype=torch.float32, device=dev)
     ws_dyx = torch.empty_like(ws_dy)
     k1 = torch.zeros(c, dtype=torch.float32, device=dev)
     k2 = torch.zeros_like(k1)
@@ -492,15 +492,15 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
                 p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *w2.stride(), *grad_x.stride())
         flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision)
         if tuned is None:
-            grid = (triton.cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), triton.cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
+            grid = (cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
             _pool_conv1x1_dgrad_kernel[grid](*args, **flags, num_warps=4, **INTERPRET_DGRAD)
             return INTERPRET_DGRAD["BLOCK_P"]
         with torch.cuda.device(dev):
-            tuned[lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(c, meta["BLOCK_C"]))](*args, **flags)
+            tuned[lambda meta: (cdiv(p, meta["BLOCK_P"]), cdiv(c, meta["BLOCK_C"]))](*args, **flags)
         return tuned.best_config.kwargs["BLOCK_P"]
 
     block_p = dgrad(compute_sums=True, write_dx=not batch_stats, centered=False)
-    parts = triton.cdiv(p, block_p)
+    parts = cdiv(p, block_p)
     grad_beta = ws_dy[:parts].sum(dim=0)
     grad_gamma = ws_dyx[:parts].sum(dim=0)
     if batch_stats:
@@ -513,7 +513,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     e = ncol + (w if h % 2 else 0)
     if e:
         block_e, block_c = EDGE_BLOCKS
-        grid = (triton.cdiv(n * e, block_e), triton.cdiv(c, block_c))
+        grid = (cdiv(n * e, block_e), cdiv(c, block_c))
         _dropped_pixels_dgrad_kernel[grid](
             x, scale, mean, invstd, k1, k2, grad_x, n * e, e, ncol, c, h, w, *x.stride(), *grad_x.stride(),
             CENTERED=batch_stats, BLOCK_E=block_e, BLOCK_C=block_c, num_warps=4)
