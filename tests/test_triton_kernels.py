@@ -188,6 +188,21 @@ def test_bn_relu_conv1x1(cout, name, shape, channels, layout, dtype):
     _check_bn_relu_conv1x1(x, cout, seed=6, name=f"bn_relu_conv1x1 {name} {layout} {dtype} cout={cout}")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bn_relu_conv1x1_without_stats_writes_the_same_output(layout):
+    # stats=False is the backward's recompute of Bt: the same GEMM, the statistics epilogue and
+    # its merge skipped.  The output must be the stats=True output bit for bit (the backward's
+    # ReLU masks and gradients are computed from it).
+    x = _buffer((2, 40, 5, 7), layout, torch.float32, seed=8)[:, 3:27]
+    _, scale, shift = _bn_params(x, seed=8)
+    weight = torch.randn(13, 24, 1, 1, dtype=torch.float32, device=x.device)
+    out, mean, var = bn_relu_conv1x1_triton(x, scale, shift, weight)
+    again, no_mean, no_var = bn_relu_conv1x1_triton(x, scale, shift, weight, stats=False)
+    assert no_mean is None and no_var is None and mean is not None
+    assert again.stride() == out.stride()
+    assert torch.equal(again, out)
+
+
 def test_bn_relu_conv1x1_accepts_2d_weight_and_matches_4d():
     x = _buffer((2, 40, 5, 7), "nchw", torch.float32, seed=7)[:, :24]
     _, scale, shift = _bn_params(x, seed=7)

@@ -235,6 +235,7 @@ def _dense_layer(dtype: torch.dtype, channels_last: bool, *, n: int, hw: int, c_
     w2 = torch.empty((growth, b, 3, 3), dtype=dtype, device="cuda")
     channel_stats.channel_stats_triton(x)
     bt, _, _ = bn_relu_conv1x1.bn_relu_conv1x1_triton(x, _vec(c_l), _vec(c_l), w1)
+    bn_relu_conv1x1.bn_relu_conv1x1_triton(x, _vec(c_l), _vec(c_l), w1, stats=False)  # the backward's recompute
     conv3x3.bn_relu_conv3x3_triton(bt, _vec(b), _vec(b), w2, out=fbuf[:, c_l:c_l + growth])
     g3 = gbuf[:, c_l:c_l + growth]
     if swap_grads and half:

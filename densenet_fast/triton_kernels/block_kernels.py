@@ -71,8 +71,8 @@ class TritonBlockKernels(FusedBlockKernels):
         x = fbuf[:, :cl]
         if _compiling():
             bt, mean, var = _ops().triton_bn_relu_conv1x1(x, scale, shift, w1)
-        else:
-            bt, mean, var = bn_relu_conv1x1_triton(x, scale, shift, w1)
+        else:  # the backward's recompute (want_stats False) skips the statistics epilogue
+            bt, mean, var = bn_relu_conv1x1_triton(x, scale, shift, w1, stats=want_stats)
         return bt, ((mean, var) if want_stats else None)
 
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):

@@ -21,7 +21,7 @@ shift = beta - mean * scale).
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -61,7 +61,7 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean_ptr, ws_m2_ptr,
                             M, K, COUT, HW, W, K_BUCKET,
                             sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
-                            INPUT_PRECISION: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, STATS: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -87,15 +87,16 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
     mask = rmask[:, None] & nmask[None, :]
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + o_row[:, None] + cols[None, :].to(tl.int64) * so_c, y, mask=mask)
-    # Statistics of the stored (rounded) values, two-pass within the tile.
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    cnt = tl.sum(rmask.to(tl.float32), axis=0)
-    t_mean = tl.sum(yf, axis=0) / cnt
-    d = tl.where(mask, yf - t_mean[None, :], 0.0)
-    t_m2 = tl.sum(d * d, axis=0)
-    ws_off = pid_m * COUT + cols
-    tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
-    tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
+    if STATS:
+        # Statistics of the stored (rounded) values, two-pass within the tile.
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        cnt = tl.sum(rmask.to(tl.float32), axis=0)
+        t_mean = tl.sum(yf, axis=0) / cnt
+        d = tl.where(mask, yf - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(d * d, axis=0)
+        ws_off = pid_m * COUT + cols
+        tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
+        tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
 
 
 _TUNED = {
@@ -124,8 +125,8 @@ def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Te
     return weight
 
 
-def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
+def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stats: bool = True
+                           ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Bt = conv1x1(relu(x * scale + shift), weight), and the batch statistics of Bt.
 
     x:      (N, K, H, W) float32/float16/bfloat16, any strides: the channel prefix F[:, :C_l] of a
@@ -134,7 +135,9 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     weight: (Cout, K) or (Cout, K, 1, 1), any float dtype (cast to x's dtype for the GEMM).
     Returns (out, mean, var): out (N, Cout, H, W) in x's dtype and layout (channels_last when x's
     channel stride is its smallest), mean/var (Cout,) float32, the biased batch statistics of out
-    as stored. Raises ValueError / TypeError naming the offending tensor.
+    as stored; with stats=False (the backward's recompute of Bt, whose statistics the forward
+    already has) the kernel skips them and mean/var are None. Raises ValueError / TypeError
+    naming the offending tensor.
     """
     weight = _check_inputs(x, scale, shift, weight)
     n, k, h, w = x.shape
@@ -147,27 +150,36 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     if INTERPRET:
         block_m = INTERPRET_CONFIG["BLOCK_M"]
         parts = cdiv(m, block_m)
-        ws_mean = torch.empty((parts, cout), dtype=torch.float32, device=x.device)
-        ws_m2 = torch.empty_like(ws_mean)
+        ws_mean, ws_m2 = _workspaces(stats, parts, cout, out)
         grid = (parts, cdiv(cout, INTERPRET_CONFIG["BLOCK_N"]))
-        _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision,
+        _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats,
                                       num_warps=4, **INTERPRET_CONFIG)
     else:
         tuned = _TUNED[device_arch(x.device)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
-        ws_mean = torch.empty((cdiv(m, min_block_m), cout), dtype=torch.float32, device=x.device)
-        ws_m2 = torch.empty_like(ws_mean)
+        ws_mean, ws_m2 = _workspaces(stats, cdiv(m, min_block_m), cout, out)
 
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
 
-        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision)
+        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
         parts = cdiv(m, block_m)
+    if not stats:
+        return out, None, None
     mean, var = merge_partial_stats(ws_mean, ws_m2, parts, block_m, m)
     return out, mean, var
+
+
+def _workspaces(stats: bool, parts: int, cout: int, out: Tensor) -> Tuple[Tensor, Tensor]:
+    """The kernel's (parts, Cout) float32 partial-statistics rows; without stats the kernel never
+    touches them, and out stands in for both pointers (no allocation)."""
+    if not stats:
+        return out, out
+    ws_mean = torch.empty((parts, cout), dtype=torch.float32, device=out.device)
+    return ws_mean, torch.empty_like(ws_mean)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
