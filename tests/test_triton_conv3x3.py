@@ -192,6 +192,14 @@ def test_forward_out_writes_only_its_slice(layout, dtype):
     second = bn_relu_conv3x3_triton(x, scale, shift, weight)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+    # stats_out: the statistics merged into slots of a wider cache (the block's mean/var at the
+    # layer's channels), the same bits as returned vectors, and nothing written around them.
+    cache = torch.full((2, 40), float("nan"), device=DEVICE)
+    slots = (cache[0, 13:25], cache[1, 13:25])
+    _, mean, var = bn_relu_conv3x3_triton(x, scale, shift, weight, out=out, stats_out=slots)
+    assert mean is slots[0] and var is slots[1]
+    assert torch.equal(mean, second[1]) and torch.equal(var, second[2])
+    assert bool(torch.isnan(cache[:, :13]).all()) and bool(torch.isnan(cache[:, 25:]).all())
 
 
 def test_forward_pads_after_bn_relu():
@@ -389,6 +397,19 @@ def test_forward_errors_name_the_tensor():
         fwd(x, scale, shift, weight, out=torch.empty(2, 4, 5, 7, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="out must be on x's device"):
         fwd(x, scale, shift, weight, out=torch.empty(2, 4, 5, 7, device="meta"))
+    vec = torch.empty(4, device=DEVICE)
+    with pytest.raises(TypeError, match=r"stats_out must be a \(mean, var\) pair of tensors, got Tensor"):
+        fwd(x, scale, shift, weight, stats_out=vec)
+    with pytest.raises(ValueError, match=r"stats_out\[1\] \(var\) must be a contiguous \(4,\) float32 tensor.*"
+                                         r"got shape \[5\]"):
+        fwd(x, scale, shift, weight, stats_out=(vec, torch.empty(5, device=DEVICE)))
+    with pytest.raises(ValueError, match=r"stats_out\[0\] \(mean\) must be a contiguous \(4,\) float32 tensor.*"
+                                         r"torch.float64"):
+        fwd(x, scale, shift, weight, stats_out=(vec.double(), vec))
+    with pytest.raises(ValueError, match=r"stats_out\[0\] \(mean\) must be a contiguous.*strides \[2\]"):
+        fwd(x, scale, shift, weight, stats_out=(torch.empty(8, device=DEVICE)[::2], vec))
+    with pytest.raises(ValueError, match="stats_out\\[1\\] \\(var\\) must be on x's device"):
+        fwd(x, scale, shift, weight, stats_out=(vec, torch.empty(4, device="meta")))
 
 
 def test_backward_errors_name_the_tensor():

@@ -196,9 +196,9 @@ class CudaBlockKernels(FusedBlockKernels):
             bt = conv1x1(z, w1[:, a:e], out=bt, accumulate=bt is not None)
         return bt, (self.channel_stats(bt) if want_stats else None)
 
-    def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
+    def layer_output(self, bt, stats2, g2, b2, eps, w2, dst, stats_out=None):
         if not self._fused(bt):
-            return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
+            return super().layer_output(bt, stats2, g2, b2, eps, w2, dst, stats_out)
         _, _, scale, shift = bn_affine(stats2, g2, b2, eps, kernel=_channel_affine)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)

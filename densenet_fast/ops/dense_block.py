@@ -83,9 +83,12 @@ class BlockKernels:
         return bt, (self.channel_stats(bt) if want_stats else None)
 
     def layer_output(self, bt: Tensor, stats2: NormStats, g2: Tensor, b2: Tensor, eps: float, w2: Tensor,
-                     dst: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+                     dst: Tensor, stats_out: Optional[Tuple[Tensor, Tensor]] = None
+                     ) -> Optional[Tuple[Tensor, Tensor]]:
         """dst <- conv3x3(relu(bn2(bt)), padding=1) (dst: the slice F[:, C_l:C_l+k]).  Returns the
-        (mean, var) of what was written when the kernel produced them, else None."""
+        (mean, var) of what was written when the kernel produced them, else None.  stats_out: the
+        statistics cache's (mean, var) at these channels, where a kernel that produces the
+        statistics may write them directly (it then returns those tensors); ignored here."""
         z2 = bn_relu(bt, stats2, g2, b2, eps)
         dst.copy_(F.conv2d(z2, w2, padding=1))
         return None
@@ -379,16 +382,24 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         else:
             stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
         dst = fbuf[:, cl:cl + k]
-        new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst)
+        dropout = layer.drop_rate > 0 and layer.training
+        # The cache's slots for these channels, which a kernel may fill itself (not with dropout
+        # or sync BN: their statistics are taken after the kernel, below).
+        stats_out = (mean[cl:cl + k], var[cl:cl + k]) if spec.compute_stats else None
+        new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst,
+                                              None if dropout or group is not None else stats_out)
         seed = None
-        if layer.drop_rate > 0 and layer.training:
+        if dropout:
             seed = _draw_seed()
             dst.mul_(dropout_mask(seed, dst, layer.drop_rate))
             new_stats = None
-        if spec.compute_stats:
+        if stats_out is not None:
             if new_stats is None or group is not None:
                 new_stats = spec.kernels.channel_stats(dst)
-            mean[cl:cl + k], var[cl:cl + k] = new_stats
+            if new_stats[0] is not stats_out[0]:
+                stats_out[0].copy_(new_stats[0])
+            if new_stats[1] is not stats_out[1]:
+                stats_out[1].copy_(new_stats[1])
         keep1 = not (stats1.batch and torch.compiler.is_compiling())
         records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed, bt if spec.save_bottleneck else None))
     update_running_stats_many_(pending, count)

@@ -75,14 +75,14 @@ class TritonBlockKernels(FusedBlockKernels):
             bt, mean, var = bn_relu_conv1x1_triton(x, scale, shift, w1, stats=want_stats)
         return bt, ((mean, var) if want_stats else None)
 
-    def layer_output(self, bt, stats2, g2, b2, eps, w2, dst):
+    def layer_output(self, bt, stats2, g2, b2, eps, w2, dst, stats_out=None):
         if not self._fused(bt):
-            return super().layer_output(bt, stats2, g2, b2, eps, w2, dst)
+            return super().layer_output(bt, stats2, g2, b2, eps, w2, dst, stats_out)
         _, _, scale, shift = bn_affine(stats2, g2, b2, eps)
         if _compiling():
             mean, var = _ops().triton_bn_relu_conv3x3_out(bt, scale, shift, w2, dst)
-        else:
-            _, mean, var = bn_relu_conv3x3_triton(bt, scale, shift, w2, out=dst)
+        else:  # the statistics merged straight into the block's cache (stats_out), no copy
+            _, mean, var = bn_relu_conv3x3_triton(bt, scale, shift, w2, out=dst, stats_out=stats_out)
         return mean, var
 
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):

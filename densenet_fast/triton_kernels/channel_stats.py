@@ -99,16 +99,21 @@ def empty_like_layout(x: Tensor, channels: int, dtype: torch.dtype, size: Option
     return torch.empty((n, channels, h, w), dtype=dtype, device=x.device, memory_format=fmt)
 
 
-def merge_partial_stats(ws_mean: Tensor, ws_m2: Tensor, num_parts: int, rows_per_part: int, m: int
-                        ) -> Tuple[Tensor, Tensor]:
+def merge_partial_stats(ws_mean: Tensor, ws_m2: Tensor, num_parts: int, rows_per_part: int, m: int,
+                        out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Merge per-part (mean, M2) rows into per-channel (mean, biased var).
 
     ws_mean, ws_m2: (>= num_parts, C) float32; part p covers min(rows_per_part, m - p*rows_per_part)
-    rows. Returns (mean, var), each (C,) float32.
+    rows. Returns (mean, var), each (C,) float32: out's two tensors when given (contiguous (C,)
+    float32, e.g. the block's statistics cache at the layer's channels, written in place), else
+    new ones.
     """
     c = ws_mean.shape[1]
-    mean = torch.empty(c, dtype=torch.float32, device=ws_mean.device)
-    var = torch.empty_like(mean)
+    if out is not None:
+        mean, var = out
+    else:
+        mean = torch.empty(c, dtype=torch.float32, device=ws_mean.device)
+        var = torch.empty_like(mean)
     block_c = 16 if INTERPRET else min(128, next_power_of_2(c))
     block_p = 16 if INTERPRET else 32
     _chan_merge_kernel[(cdiv(c, block_c),)](

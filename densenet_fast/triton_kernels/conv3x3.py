@@ -367,8 +367,10 @@ def _check_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, i
 # --------------------------------------------------------------------------------------------
 
 
-def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor) -> Tuple[Tensor, Tensor]:
-    """Launch the forward kernel writing ``out`` (checked); returns the stats (mean, var) of out."""
+def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: Tensor,
+                  stats_out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
+    """Launch the forward kernel writing ``out`` (checked); returns the stats (mean, var) of out,
+    written into stats_out's tensors when given (checked)."""
     n, b, h, w = x.shape
     kout = weight.shape[0]
     m = n * h * w
@@ -399,11 +401,27 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
         tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
         parts = cdiv(m, block_m)
-    return merge_partial_stats(ws_mean, ws_m2, parts, block_m, m)
+    return merge_partial_stats(ws_mean, ws_m2, parts, block_m, m, out=stats_out)
+
+
+def _check_stats_out(stats_out: Optional[Tuple[Tensor, Tensor]], x: Tensor, kout: int) -> None:
+    if stats_out is None:
+        return
+    if not isinstance(stats_out, (tuple, list)) or len(stats_out) != 2:
+        raise TypeError(f"stats_out must be a (mean, var) pair of tensors, got {type(stats_out).__name__}")
+    for name, t in zip(("stats_out[0] (mean)", "stats_out[1] (var)"), stats_out):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != (kout,) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({kout},) float32 tensor (one value per output "
+                             f"channel), got shape {list(t.shape)}, {t.dtype}, strides {list(t.stride())}")
+        if t.device != x.device:
+            raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
 def bn_relu_conv3x3_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor,
-                           out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                           out: Optional[Tensor] = None, stats_out: Optional[Tuple[Tensor, Tensor]] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """out = conv2d(relu(x * scale + shift), weight, padding=1), and the batch statistics of out.
 
     x:      (N, B, H, W) float32/float16/bfloat16, any strides: the bottleneck Bt of a dense layer
@@ -414,14 +432,17 @@ def bn_relu_conv3x3_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
             block: F[:, C_l:C_l+K], the layer's channels of the block buffer); it must not overlap
             x. When None, a new tensor in x's layout (channels_last when x's channel stride is
             its smallest).
+    stats_out: optional (mean, var) pair of contiguous (K,) float32 tensors that receive the
+            statistics (in the block: the statistics cache at the layer's channels).
     Zero padding applies after BN-ReLU. Returns (out, mean, var): mean/var (K,) float32, the
-    biased batch statistics of out as stored (rounded to its dtype). Raises ValueError /
-    TypeError naming the offending tensor.
+    biased batch statistics of out as stored (rounded to its dtype); stats_out's tensors when
+    given. Raises ValueError / TypeError naming the offending tensor.
     """
     _check_forward(x, scale, shift, weight, out)
+    _check_stats_out(stats_out, x, weight.shape[0])
     if out is None:
         out = empty_like_layout(x, weight.shape[0], x.dtype)
-    mean, var = _forward_into(x, scale, shift, weight, out)
+    mean, var = _forward_into(x, scale, shift, weight, out, stats_out)
     return out, mean, var
 
 
