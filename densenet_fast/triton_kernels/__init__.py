@@ -23,8 +23,9 @@ Each is also a torch.library custom op (``densenet_fast::triton_channel_stats``,
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 try:
     import triton  # noqa: F401
@@ -38,7 +39,8 @@ else:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "cdiv", "device_arch", "next_power_of_2"]
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "cdiv", "device_arch", "device_sms", "device_smem_optin",
+           "next_power_of_2"]
 
 
 # The launchers' host-side integer arithmetic.  triton.cdiv and triton.next_power_of_2 are
@@ -55,11 +57,36 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> Tuple[str, int, int]:
+    """(autotune-list key, SM count, opt-in shared memory per block) of CUDA device `index`.
+
+    Cached: the launchers ask on every launch (about ten times per dense layer and step), and
+    torch.cuda.get_device_properties costs microseconds of host time per call.  aot.py, which
+    pretends to be one device and then another, clears the cache around its pretence."""
+    import torch
+    props = torch.cuda.get_device_properties(index)
+    return ("sm90" if props.major >= 9 else "sm80"), props.multi_processor_count, props.shared_memory_per_block_optin
+
+
+def _index(device) -> int:
+    import torch
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def device_arch(device) -> str:
     """The key of the kernels' autotune lists for a CUDA device: "sm90" (Hopper and newer) or "sm80"."""
-    import torch
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major >= 9 else "sm80"
+    return _device_info(_index(device))[0]
+
+
+def device_sms(device) -> int:
+    """The CUDA device's multiprocessor count."""
+    return _device_info(_index(device))[1]
+
+
+def device_smem_optin(device) -> int:
+    """The CUDA device's opt-in shared memory per block, in bytes."""
+    return _device_info(_index(device))[2]
 
 # DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
 # without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.

@@ -166,6 +166,8 @@ def _pretend_device(recorder: _Recorder) -> Iterator[None]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
+    from . import _device_info
+
     dev = recorder.device
     props = _FakeProps(name=f"pretend {dev.arch}", major=dev.capability // 10, minor=dev.capability % 10,
                        multi_processor_count=dev.sms, shared_memory_per_block_optin=dev.smem_optin)
@@ -185,11 +187,13 @@ def _pretend_device(recorder: _Recorder) -> Iterator[None]:
     torch.cuda.get_device_properties = lambda device=None: props
     torch.cuda.get_device_capability = lambda device=None: (props.major, props.minor)
     torch.cuda.device = lambda device=None: contextlib.nullcontext()
+    _device_info.cache_clear()  # the launchers' cached device queries: this device's answers from here
     try:
         yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
+        _device_info.cache_clear()
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, cdiv, next_power_of_2
+from . import INTERPRET, cdiv, device_sms, next_power_of_2
 from .indexing import row_nhw
 
 __all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "check_channel_vectors",
@@ -212,7 +212,7 @@ def _launch_config(x: Tensor, m: int, c: int) -> Tuple[int, int, int, int]:
         block_m, block_c = 64, min(64, next_power_of_2(c))  # channels contiguous
     else:
         block_m, block_c = 128, min(16, next_power_of_2(c))  # rows contiguous
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = device_sms(x.device)
     col_blocks = cdiv(c, block_c)
     # About 8 programs per SM in total; each walks a contiguous range of rows.
     parts = max(1, min(cdiv(8 * sms, col_blocks), cdiv(m, block_m)))

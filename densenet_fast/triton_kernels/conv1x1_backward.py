@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
+from . import INTERPRET, autotune, cdiv, device_arch, device_sms, device_smem_optin, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -278,7 +278,7 @@ def _row_split(x: Tensor, m: int, c: int, programs_per_sm: int, min_rows: int) -
     """(rows_per_program, programs along the rows) for an (M rows) x (C channels) grid."""
     if INTERPRET:
         return INTERPRET_ROWS_PER_PROG, cdiv(m, INTERPRET_ROWS_PER_PROG)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = device_sms(x.device)
     col_blocks = cdiv(c, 64)  # nominal: the grid's channel dimension depends on the config
     parts = max(1, min(cdiv(programs_per_sm * sms, col_blocks), cdiv(m, min_rows)))
     rows = cdiv(cdiv(m, parts), ROW_ALIGN) * ROW_ALIGN
@@ -383,8 +383,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
-        props = torch.cuda.get_device_properties(x.device)
-        tune = (device_arch(x.device), block_b, x.element_size(), props.shared_memory_per_block_optin)
+        tune = (device_arch(x.device), block_b, x.element_size(), device_smem_optin(x.device))
 
         def grid1(meta):
             return (parts1, cdiv(c, meta["BLOCK_C"]))

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
+from . import INTERPRET, autotune, cdiv, device_arch, device_sms, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -450,7 +450,7 @@ def _wgrad_rows_per_prog(x: Tensor, m: int, tiles_per_part: int) -> int:
     """Rows reduced by one wgrad program: about 4 programs per SM in all, whole row quanta."""
     if INTERPRET:
         return INTERPRET_WGRAD_ROWS
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = device_sms(x.device)
     parts = max(1, min(cdiv(4 * sms, tiles_per_part), cdiv(m, WGRAD_ROW_QUANTUM)))
     return cdiv(cdiv(m, parts), WGRAD_ROW_QUANTUM) * WGRAD_ROW_QUANTUM
 

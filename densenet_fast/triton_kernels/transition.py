@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch
+from . import INTERPRET, autotune, cdiv, device_arch, device_sms
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -412,7 +412,7 @@ def _wgrad_splits(p: int, cout: int, c: int, device: torch.device) -> Tuple[int,
     if INTERPRET:
         rows = INTERPRET_WGRAD_ROWS_PER_SPLIT
         return cdiv(p, rows), rows
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = device_sms(device)
     tiles = cdiv(cout, 64) * cdiv(c, 64)
     # ~2 programs per SM in all, each over >= 512 rows (so the fp32 workspace stays a small
     # multiple of W: SPLITS * Cout * C floats).
