@@ -162,3 +162,36 @@ def test_triton_densenet_compiles_fullgraph():
     for name in a[3]:
         if "running" in name:
             assert_close(b[3][name], a[3][name], torch.float32, name)
+
+
+def test_triton_block_computes_each_bn_vectors_in_one_op():
+    """Where the extension has a channel_affine kernel for the device, the triton backend's eager
+    step computes each BN's (invstd, scale, shift) with it (one launch) instead of four ATen ops
+    (rsqrt, add, mul, addcmul), once per BN and step: the backward reuses the forward's vectors.
+    Without the op the count is 0; were the vectors computed again in the backward, it would be
+    higher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from densenet_fast import _ext
+    if DEVICE not in _ext.kernel_devices("channel_affine"):
+        pytest.skip(f"the extension has no channel_affine kernel for {DEVICE} ({_ext.IMPORT_ERROR})")
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(16)
+    model = efficient_densenet(**CFG, backend="triton").to(DEVICE)
+    x = _input(False, 17)
+    with Count() as count:
+        model(x).sum().backward()
+    layers = sum(CFG["block_config"])
+    # norm1 and norm2 of every layer, the transition's norm; norm5 is an nn.BatchNorm2d
+    bns = 2 * layers + len(CFG["block_config"]) - 1
+    assert count.ops.get("channel_affine", 0) == bns, count.ops

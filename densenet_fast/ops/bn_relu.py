@@ -94,8 +94,9 @@ def bn_affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float, kernel
     relu(x * scale + shift) == relu((x - mean) * invstd * weight + bias).
 
     kernel(mean, var, weight, bias, eps) -> (invstd, scale, shift), all float32 contiguous, computes
-    the three in one launch (the "cuda" backend's densenet_fast::channel_affine); without it they
-    are four tiny ATen launches.  Kept in stats.memo (per eps and parameter storage and version): a
+    the three in one launch (the extension's densenet_fast::channel_affine, which the "cuda" and
+    "triton" backends pass where it has a kernel for the device); without it they are four tiny
+    ATen launches.  Kept in stats.memo (per eps and parameter storage and version): a
     layer's backward asks for the same four vectors as its forward."""
     key = _affine_key(weight, bias, eps)
     hit = stats.memo.get(key) if key is not None else None

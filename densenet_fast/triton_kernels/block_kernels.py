@@ -25,7 +25,8 @@ are called through their custom ops (densenet_fast::triton_*), which carry fake 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import functools
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -49,6 +50,25 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+@functools.lru_cache(maxsize=None)
+def _affine_kernel(device_type: str) -> Optional[Callable[..., Any]]:
+    """bn_affine's one-launch (invstd, scale, shift): the extension's densenet_fast::channel_affine
+    where it has a kernel for the device, else None (four tiny ATen ops).  The per-channel vectors
+    are computed twice per layer (norm1, norm2), so the op saves six launches per layer."""
+    from .. import _ext
+    if device_type not in _ext.kernel_devices("channel_affine"):
+        return None
+    from ..ops.cuda_block import _channel_affine
+    return _channel_affine
+
+
+def _affine(stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """bn_affine with the one-launch kernel in eager mode; while torch.compile traces, the four
+    ATen ops (inductor fuses them, and dynamo does not trace the dispatcher query)."""
+    kernel = None if _compiling() else _affine_kernel(stats.mean.device.type)
+    return bn_affine(stats, weight, bias, eps, kernel=kernel)
+
+
 def stats_triton_or_torch(x: Tensor) -> Tuple[Tensor, Tensor]:
     """channel_stats_triton for the dtypes it reads, the plain-PyTorch statistics otherwise."""
     if x.dtype not in KERNEL_DTYPES:
@@ -67,7 +87,7 @@ class TritonBlockKernels(FusedBlockKernels):
     def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
         if not self._fused(fbuf):
             return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
-        _, _, scale, shift = bn_affine(stats1, g1, b1, eps)
+        _, _, scale, shift = _affine(stats1, g1, b1, eps)
         x = fbuf[:, :cl]
         if _compiling():
             bt, mean, var = _ops().triton_bn_relu_conv1x1(x, scale, shift, w1)
@@ -78,7 +98,7 @@ class TritonBlockKernels(FusedBlockKernels):
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst, stats_out=None):
         if not self._fused(bt):
             return super().layer_output(bt, stats2, g2, b2, eps, w2, dst, stats_out)
-        _, _, scale, shift = bn_affine(stats2, g2, b2, eps)
+        _, _, scale, shift = _affine(stats2, g2, b2, eps)
         if _compiling():
             mean, var = _ops().triton_bn_relu_conv3x3_out(bt, scale, shift, w2, dst)
         else:  # the statistics merged straight into the block's cache (stats_out), no copy
@@ -88,7 +108,7 @@ class TritonBlockKernels(FusedBlockKernels):
     def layer_output_backward(self, d_out, bt, stats2, g2, b2, eps, w2):
         if not self._fused(bt):
             return super().layer_output_backward(d_out, bt, stats2, g2, b2, eps, w2)
-        mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps)  # the forward's, kept on stats2
+        mean, invstd, scale, shift = _affine(stats2, g2, b2, eps)  # the forward's, kept on stats2
         args = (d_out, bt, w2, mean, invstd, g2.float(), b2.float(), stats2.batch)
         if _compiling():
             d_bt, d_g2, d_b2, d_w2 = _ops().triton_bn_relu_conv3x3_backward(*args)
@@ -99,7 +119,7 @@ class TritonBlockKernels(FusedBlockKernels):
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
         if not self._fused(fbuf) or grad_acc.dtype != torch.float32:
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
-        mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
+        mean, invstd, scale, shift = _affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
         args = (d_bt, fbuf[:, :cl], w1, mean, invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
         if _compiling():
             d_g1, d_b1, d_w1 = _ops().triton_bn_relu_conv1x1_backward(*args)
@@ -121,7 +141,7 @@ class TritonTransitionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, out=None):
-        _, _, scale, shift = bn_affine(stats, weight, bias, eps)
+        _, _, scale, shift = _affine(stats, weight, bias, eps)
         if _compiling():
             res = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
             out = res if out is None else untracked_alias(out.tensor.copy_(res))
@@ -139,7 +159,7 @@ class TritonTransitionFunction(torch.autograd.Function):
             raise RuntimeError("densenet_fast: double backward through the fused transition is not supported")
         fbuf, weight, bias, conv_weight = ctx.saved_tensors
         stats = ctx.stats
-        mean, invstd, scale, shift = bn_affine(stats, weight, bias, ctx.eps)  # the forward's, kept on stats
+        mean, invstd, scale, shift = _affine(stats, weight, bias, ctx.eps)  # the forward's, kept on stats
         args = (grad_out, fbuf, conv_weight, mean, invstd, weight.float(), bias.float(), stats.batch)
         if _compiling():
             gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
