@@ -31,7 +31,8 @@ from torch import Tensor
 from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
 from ..ops.precision import dot_precision
 from .indexing import row_nhw
-from .channel_stats import check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats
+from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats,
+                            store_tile_stats)
 
 __all__ = ["bn_relu_conv1x1_triton"]
 
@@ -88,15 +89,7 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
     y = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + o_row[:, None] + cols[None, :].to(tl.int64) * so_c, y, mask=mask)
     if STATS:
-        # Statistics of the stored (rounded) values, two-pass within the tile.
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        cnt = tl.sum(rmask.to(tl.float32), axis=0)
-        t_mean = tl.sum(yf, axis=0) / cnt
-        d = tl.where(mask, yf - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(d * d, axis=0)
-        ws_off = pid_m * COUT + cols
-        tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
-        tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
+        store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, pid_m * COUT + cols)
 
 
 _TUNED = {

@@ -128,6 +128,20 @@ def merge_partial_stats(ws_mean: Tensor, ws_m2: Tensor, num_parts: int, rows_per
 
 
 @triton.jit
+def store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, ws_off):
+    """A GEMM epilogue's per-tile statistics: the (mean, M2) over the tile's valid rows of each
+    column of y (BLOCK_M, BLOCK_N), the values as stored (already rounded to the output dtype),
+    two-pass within the tile, stored at ws_off (BLOCK_N,) for merge_partial_stats."""
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    cnt = tl.sum(rmask.to(tl.float32), axis=0)
+    t_mean = tl.sum(yf, axis=0) / cnt
+    d = tl.where(mask, yf - t_mean[None, :], 0.0)
+    t_m2 = tl.sum(d * d, axis=0)
+    tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
+    tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
+
+
+@triton.jit
 def _channel_stats_partial_kernel(x_ptr, ws_mean_ptr, ws_m2_ptr, M, C, HW, W,
                                   stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
                                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):

@@ -50,7 +50,7 @@ from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
-                            merge_partial_stats)
+                            merge_partial_stats, store_tile_stats)
 
 __all__ = ["bn_relu_conv3x3_triton", "bn_relu_conv3x3_backward_triton"]
 
@@ -152,15 +152,7 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
     y = acc.to(out_ptr.dtype.element_ty)
     o_row = n * so_n + h * so_h + w * so_w
     tl.store(out_ptr + o_row[:, None] + cols[None, :].to(tl.int64) * so_c, y, mask=mask)
-    # Statistics of the stored (rounded) values, two-pass within the tile.
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    cnt = tl.sum(rmask.to(tl.float32), axis=0)
-    t_mean = tl.sum(yf, axis=0) / cnt
-    d = tl.where(mask, yf - t_mean[None, :], 0.0)
-    t_m2 = tl.sum(d * d, axis=0)
-    ws_off = pid_m * KOUT + cols
-    tl.store(ws_mean_ptr + ws_off, t_mean, mask=nmask)
-    tl.store(ws_m2_ptr + ws_off, t_m2, mask=nmask)
+    store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, pid_m * KOUT + cols)
 
 
 @triton.jit
