@@ -108,8 +108,7 @@ INTERPRET_ROWS_PER_PROG = 32
 
 
 @triton.jit
-def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-                               ws_dbeta_ptr, ws_dgamma_ptr, ws_dw_ptr,
+def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, ws_ptr,
                                M, C, C_BUCKET, B, HW, W, ROWS_PER_PROG,
                                sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
                                INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -155,11 +154,11 @@ def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
         # z exactly as the forward fed its GEMM: relu in float32, rounded to x's dtype
         z = tl.where(pos, y, 0.0).to(dt)
         acc_w = tl.dot(tl.trans(g), z, acc=acc_w, input_precision=INPUT_PRECISION)
-    ws_off = pid_p.to(tl.int64) * C + cols
-    tl.store(ws_dbeta_ptr + ws_off, acc_db, mask=cmask)
-    tl.store(ws_dgamma_ptr + ws_off, acc_dg, mask=cmask)
-    dw_off = pid_p.to(tl.int64) * B * C + obs[:, None].to(tl.int64) * C + cols[None, :]
-    tl.store(ws_dw_ptr + dw_off, acc_w, mask=bmask[:, None] & cmask[None, :])
+    # This program's row of the (P, (B + 2) * C) workspace: [dW (B x C) | dbeta (C) | dgamma (C)].
+    ws_row = ws_ptr + pid_p.to(tl.int64) * (B + 2) * C
+    tl.store(ws_row + obs[:, None].to(tl.int64) * C + cols[None, :], acc_w, mask=bmask[:, None] & cmask[None, :])
+    tl.store(ws_row + B * C + cols, acc_db, mask=cmask)
+    tl.store(ws_row + (B + 1) * C + cols, acc_dg, mask=cmask)
 
 
 @triton.jit
@@ -356,7 +355,8 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     scale, shift: the forward's (C,) float32 vectors (ops.bn_relu.scale_shift of the above), when the
                 caller has them; else computed here by the same function.
     Returns (grad_gamma, grad_beta, grad_weight): (C,) float32, (C,) float32, and grad_weight
-    shaped like `weight` in weight's dtype (summed in float32). Deterministic (no atomics).
+    shaped like `weight` in weight's dtype (summed in float32), all three contiguous views of one
+    allocation for float32 weights. Deterministic (no atomics).
     Raises ValueError / TypeError naming the offending tensor.
     """
     w2 = _check_inputs(grad_out, x, weight, mean, invstd, gamma, beta, batch_stats, grad_x_acc)
@@ -371,13 +371,12 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     strides = (*grad_out.stride(), *x.stride(), *w2.stride())
     common = (grad_out, x, w2, scale, shift, mean_c, invstd_c)
 
-    # Pass 1: per-program partial sums of dy, dy * xhat and dBt^T z.
+    # Pass 1: per-program partial sums of dBt^T z, dy and dy * xhat, one workspace row per program
+    # (one allocation and one deterministic sum for the three).
     rows1, parts1 = _row_split(x, m, c, programs_per_sm=2, min_rows=512)
-    ws_dbeta = torch.empty((parts1, c), dtype=torch.float32, device=x.device)
-    ws_dgamma = torch.empty_like(ws_dbeta)
-    ws_dw = torch.empty((parts1, b, c), dtype=torch.float32, device=x.device)
+    ws = torch.empty((parts1, (b + 2) * c), dtype=torch.float32, device=x.device)
     c_bucket = next_power_of_2(c)
-    args1 = (*common, ws_dbeta, ws_dgamma, ws_dw, m, c, c_bucket, b, h * w, w, rows1, *strides)
+    args1 = (*common, ws, m, c, c_bucket, b, h * w, w, rows1, *strides)
     if INTERPRET:
         grid1 = (parts1, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
@@ -389,10 +388,9 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
             return (parts1, cdiv(c, meta["BLOCK_C"]))
 
         _tuned("reduce", *tune)[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b)
-    grad_beta = _sum_parts(ws_dbeta)
-    grad_gamma = _sum_parts(ws_dgamma)
-    grad_w = _sum_parts(ws_dw)
-    del ws_dbeta, ws_dgamma, ws_dw
+    sums = _sum_parts(ws)
+    del ws
+    grad_w, grad_beta, grad_gamma = sums[:b * c].view(b, c), sums[b * c:(b + 1) * c], sums[(b + 1) * c:]
 
     # Pass 2: recompute dz, grad_x_acc += dx.
     if batch_stats:
@@ -426,9 +424,11 @@ def triton_bn_relu_conv1x1_backward(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     gamma: Tensor, beta: Tensor, batch_stats: bool, grad_x_acc: Tensor
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
     """torch.ops.densenet_fast.triton_bn_relu_conv1x1_backward: :func:`bn_relu_conv1x1_backward_triton`
-    as a custom op (mutates grad_x_acc)."""
-    return bn_relu_conv1x1_backward_triton(grad_out, x, weight, mean, invstd, gamma, beta, batch_stats,
-                                           grad_x_acc)
+    as a custom op (mutates grad_x_acc).  The launcher's three results are views of one allocation;
+    a custom op's outputs may not alias each other, so the two (C,) vectors are copied out."""
+    grad_gamma, grad_beta, grad_weight = bn_relu_conv1x1_backward_triton(
+        grad_out, x, weight, mean, invstd, gamma, beta, batch_stats, grad_x_acc)
+    return grad_gamma.clone(), grad_beta.clone(), grad_weight
 
 
 @triton_bn_relu_conv1x1_backward.register_fake
