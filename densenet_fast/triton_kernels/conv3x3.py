@@ -157,7 +157,7 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
 
 @triton.jit
 def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, gamma_ptr,
-                          dst_ptr, ws_dy_ptr, ws_dyx_ptr,
+                          dst_ptr, ws_ptr,
                           M, B, KOUT, H, W,
                           sg_n, sg_c, sg_h, sg_w, sw_o, sw_c, sw_h, sw_w,
                           sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
@@ -200,9 +200,9 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
     y = xv * sc[None, :] + sh[None, :]
     dy = tl.where(mask & (y > 0.0), acc, 0.0)
     xhat = (xv - mu[None, :]) * istd[None, :]
-    ws_off = pid_m * B + cols
-    tl.store(ws_dy_ptr + ws_off, tl.sum(dy, axis=0), mask=cmask)
-    tl.store(ws_dyx_ptr + ws_off, tl.sum(dy * xhat, axis=0), mask=cmask)
+    ws_off = pid_m * 2 * B + cols  # this program's row of the (P, 2B) workspace: [sum dy | sum dy * xhat]
+    tl.store(ws_ptr + ws_off, tl.sum(dy, axis=0), mask=cmask)
+    tl.store(ws_ptr + ws_off + B, tl.sum(dy * xhat, axis=0), mask=cmask)
     d_ptrs = dst_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + col64[None, :] * sd_c
     if STORE_DX:  # eval mode: dX = gamma * invstd * dY, in x's dtype
         ga = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
@@ -463,8 +463,9 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
               BN backward, dX = gamma*invstd*(dY - sum(dY)/M - xhat*sum(dY*xhat)/M)); False for
               running statistics (eval mode: dX = gamma*invstd*dY).
     Returns (grad_x, grad_gamma, grad_beta, grad_weight): grad_x (N, B, H, W) in x's dtype and
-    layout, grad_gamma = sum(dY * xhat) and grad_beta = sum(dY) (B,) float32 (sums over N, H, W),
-    grad_weight (K, B, 3, 3) contiguous in weight's dtype. Deterministic (no atomics).
+    layout, grad_gamma = sum(dY * xhat) and grad_beta = sum(dY) (B,) float32 (sums over N, H, W;
+    contiguous views of one allocation), grad_weight (K, B, 3, 3) contiguous in weight's dtype.
+    Deterministic (no atomics).
     """
     _check_backward(grad_out, x, weight, mean, invstd, gamma, beta)
     n, b, h, w = x.shape
@@ -488,26 +489,23 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     if INTERPRET:
         block_m = INTERPRET_DGRAD["BLOCK_M"]
         parts = cdiv(m, block_m)
-        ws_dy = torch.empty((parts, b), dtype=torch.float32, device=x.device)
-        ws_dyx = torch.empty_like(ws_dy)
+        ws = torch.empty((parts, 2 * b), dtype=torch.float32, device=x.device)
         grid = (parts, cdiv(b, INTERPRET_DGRAD["BLOCK_N"]))
-        _conv3x3_dgrad_kernel[grid](*d_args, ws_dy, ws_dyx, *d_sizes, STORE_DX=store_dx,
+        _conv3x3_dgrad_kernel[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
         tuned = _TUNED_DGRAD[device_arch(x.device)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
-        ws_dy = torch.empty((cdiv(m, min_block_m), b), dtype=torch.float32, device=x.device)
-        ws_dyx = torch.empty_like(ws_dy)
+        ws = torch.empty((cdiv(m, min_block_m), 2 * b), dtype=torch.float32, device=x.device)
 
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), cdiv(b, meta["BLOCK_N"]))
 
-        tuned[grid](*d_args, ws_dy, ws_dyx, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision,
-                    BLOCK_K=block_k)
+        tuned[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision, BLOCK_K=block_k)
         parts = cdiv(m, tuned.best_config.kwargs["BLOCK_M"])
-    grad_beta = ws_dy[:parts].sum(dim=0)
-    grad_gamma = ws_dyx[:parts].sum(dim=0)
+    sums = ws[:parts].sum(dim=0)  # one reduction for both BN sums
+    grad_beta, grad_gamma = sums[:b], sums[b:]
 
     # 2. training mode: the BN backward, elementwise
     if batch_stats:
@@ -591,8 +589,12 @@ def _triton_bn_relu_conv3x3_out_fake(x: Tensor, scale: Tensor, shift: Tensor, we
 def triton_bn_relu_conv3x3_backward(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
                                     gamma: Tensor, beta: Tensor, batch_stats: bool
                                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """torch.ops.densenet_fast.triton_bn_relu_conv3x3_backward: :func:`bn_relu_conv3x3_backward_triton`."""
-    return bn_relu_conv3x3_backward_triton(grad_out, x, weight, mean, invstd, gamma, beta, batch_stats)
+    """torch.ops.densenet_fast.triton_bn_relu_conv3x3_backward: :func:`bn_relu_conv3x3_backward_triton`.
+    Its grad_gamma and grad_beta are views of one allocation; a custom op's outputs may not alias
+    each other, so they are copied out."""
+    grad_x, grad_gamma, grad_beta, grad_weight = bn_relu_conv3x3_backward_triton(
+        grad_out, x, weight, mean, invstd, gamma, beta, batch_stats)
+    return grad_x, grad_gamma.clone(), grad_beta.clone(), grad_weight
 
 
 @triton_bn_relu_conv3x3_backward.register_fake
