@@ -15,7 +15,8 @@ Kernels and launchers (strides are passed in elements, so channel slices of a wi
 channels_last buffer are read in place):
 
   channel_stats.channel_stats_triton(x) -> (mean, var)
-  bn_relu_conv1x1.bn_relu_conv1x1_triton(x, scale, shift, weight) -> (out, mean, var)
+  bn_relu_conv1x1.bn_relu_conv1x1_triton(x, scale, shift, weight, stats=True) -> (out, mean, var)
+  (and conv3x3, conv1x1_backward, transition: the other kernels of the block, see block_kernels.py)
 
 Each is also a torch.library custom op (``densenet_fast::triton_channel_stats``,
 ``densenet_fast::triton_bn_relu_conv1x1``) with a fake implementation, so torch.compile traces it.
