@@ -35,7 +35,6 @@
   TORCH_CHECK_VALUE((x).size(0) * (x).size(2) * (x).size(3) > 0,                  \
                     #x " must have at least one element per channel, got shape ", \
                     (x).sizes())
-#define CHECK_DEVICE(x, is_device, name) TORCH_CHECK((x).is_device(), #x " must be a " name " tensor, got ", (x).device())
 #define CHECK_VALUE_DTYPE(x)                                                                  \
   TORCH_CHECK_TYPE(is_value_dtype((x).scalar_type()), #x " must be float32, float16 or bfloat16, got ", \
                    (x).scalar_type())
@@ -69,6 +68,12 @@
 namespace densenet_fast {
 namespace {
 
+// The first operand (whose device picked the kernel) must be on the kernel's device type.
+void check_device_type(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device), " tensor, got ",
+              t.device());
+}
+
 // The dtypes of the channel_stats kernels (AT_DISPATCH_FLOATING_TYPES_AND2(Half, BFloat16)).
 bool is_stats_input_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
@@ -96,13 +101,13 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_with(const at::Tensor& x, Chann
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x) {
-  CHECK_DEVICE(x, is_cpu, "CPU");
+  check_device_type(x, "x", c10::kCPU);
   return channel_stats_with(x, channel_stats_cpu_launch);
 }
 
 #ifdef WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x) {
-  CHECK_DEVICE(x, is_cuda, "CUDA");
+  check_device_type(x, "x", c10::kCUDA);
   return channel_stats_with(x, channel_stats_cuda_launch);
 }
 #endif
@@ -184,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> allocate_sums(const at::Tensor& x) {
 
 void bn_relu_out_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu_out(x, scale, shift, out);
-  CHECK_DEVICE(x, is_cpu, "CPU");
+  check_device_type(x, "x", c10::kCPU);
   bn_relu_out_cpu_launch(x, scale, shift, out);
 }
 
@@ -192,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cpu(const at::Tensor&
                                                                const at::Tensor& scale, const at::Tensor& shift,
                                                                const at::Tensor& mean) {
   check_bn_relu_backward_reduce(grad_z, x, scale, shift, mean);
-  CHECK_DEVICE(x, is_cpu, "CPU");
+  check_device_type(x, "x", c10::kCPU);
   auto [sum_dy, sum_dy_xmu] = allocate_sums(x);
   bn_relu_backward_reduce_cpu_launch(grad_z, x, scale, shift, mean, sum_dy, sum_dy_xmu);
   return {sum_dy, sum_dy_xmu};
@@ -202,7 +207,7 @@ void bn_backward_apply_cpu(const at::Tensor& grad_z, const at::Tensor& x, const 
                            const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& a, const at::Tensor& b,
                            const at::Tensor& grad_x, bool accumulate) {
   check_bn_backward_apply(grad_z, x, scale, shift, mean, a, b, grad_x);
-  CHECK_DEVICE(x, is_cpu, "CPU");
+  check_device_type(x, "x", c10::kCPU);
   bn_backward_apply_cpu_launch(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate);
 }
 
@@ -246,12 +251,6 @@ const densenet_fast::BlockLaunchers kCudaLaunchers{channel_stats_cuda_launch, bn
                                                    channel_affine_cuda_launch, channel_bn_backward_cuda_launch};
 #endif
 
-// The first operand (whose device picked the kernel) must be on the kernel's device type.
-void check_device_type(const at::Tensor& t, const char* name, c10::DeviceType device) {
-  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device), " tensor, got ",
-              t.device());
-}
-
 // Returns (invstd, scale, shift).
 template <const densenet_fast::BlockLaunchers& kLaunchers, c10::DeviceType kDevice>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_affine_on(const at::Tensor& mean, const at::Tensor& var,
@@ -280,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_bn_backward_on(const at::
 #ifdef WITH_CUDA
 void bn_relu_out_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   check_bn_relu_out(x, scale, shift, out);
-  CHECK_DEVICE(x, is_cuda, "CUDA");
+  check_device_type(x, "x", c10::kCUDA);
   bn_relu_out_cuda_launch(x, scale, shift, out);
 }
 
@@ -288,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_reduce_cuda(const at::Tensor
                                                                 const at::Tensor& scale, const at::Tensor& shift,
                                                                 const at::Tensor& mean) {
   check_bn_relu_backward_reduce(grad_z, x, scale, shift, mean);
-  CHECK_DEVICE(x, is_cuda, "CUDA");
+  check_device_type(x, "x", c10::kCUDA);
   auto [sum_dy, sum_dy_xmu] = allocate_sums(x);
   bn_relu_backward_reduce_cuda_launch(grad_z, x, scale, shift, mean, sum_dy, sum_dy_xmu);
   return {sum_dy, sum_dy_xmu};
@@ -298,7 +297,7 @@ void bn_backward_apply_cuda(const at::Tensor& grad_z, const at::Tensor& x, const
                             const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& a, const at::Tensor& b,
                             const at::Tensor& grad_x, bool accumulate) {
   check_bn_backward_apply(grad_z, x, scale, shift, mean, a, b, grad_x);
-  CHECK_DEVICE(x, is_cuda, "CUDA");
+  check_device_type(x, "x", c10::kCUDA);
   bn_backward_apply_cuda_launch(grad_z, x, scale, shift, mean, a, b, grad_x, accumulate);
 }
 #endif
