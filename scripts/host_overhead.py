@@ -112,18 +112,19 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from " + ", ".join(VARIANTS))
     args = parser.parse_args(argv)
-    if not _ext.HAS_C:
-        raise SystemExit(f"the cuda variants need the compiled extension ({_ext.IMPORT_ERROR})")
-    if os.environ["TRITON_INTERPRET"] != "1":
-        raise SystemExit("the triton variant runs under TRITON_INTERPRET=1; unset TRITON_INTERPRET or set it to 1")
-    _stub_triton_launches()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    state = densenet_bc(args.depth, backend="torch").state_dict()
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or "naive" not in variants:
         raise SystemExit(f"--variants: naive and any of {', '.join(VARIANTS)}, got {args.variants!r}")
+    if any(v.startswith("cuda") for v in variants) and not _ext.HAS_C:
+        raise SystemExit(f"the cuda variants need the compiled extension ({_ext.IMPORT_ERROR})")
+    if "triton" in variants:
+        if os.environ["TRITON_INTERPRET"] != "1":
+            raise SystemExit("the triton variant runs under TRITON_INTERPRET=1; unset TRITON_INTERPRET or set it to 1")
+        _stub_triton_launches()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    state = densenet_bc(args.depth, backend="torch").state_dict()
     steps = {v: make_step(v, args.depth, args.batch, args.image_size, state) for v in variants}
     ops = {}
     for v, step in steps.items():
