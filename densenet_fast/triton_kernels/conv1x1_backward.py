@@ -91,6 +91,13 @@ PASS2_MAX_BC = 16384
 # Always a candidate: fits in shared memory for B <= 256 even with float32 operands (where every
 # pipelined config may not), so the autotuner never runs out of configs.
 SAFE_CONFIG = _cfg(32, 32, 4, 1)
+# float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, and
+# every config above then spills 4-20 KB of local memory per thread (sm_90, B = 128: 32 registers
+# and 13,376 bytes of stack for pass 1's default, 13,200 for pass 2's; scripts/triton_aot_check.py).
+# These single-stage small tiles compile with no stack for B = 128 in both layouts (pass 1:
+# 123-184 registers, pass 2: 62-104); for B = 256 (densenet161) pass 1 keeps 0-24 bytes.
+CONFIGS_REDUCE_FMA: List[triton.Config] = [_cfg(16, 32, 8, 1), _cfg(32, 16, 8, 1), _cfg(16, 16, 4, 1)]
+CONFIGS_DX_FMA: List[triton.Config] = [_cfg(32, 32, 8, 1), _cfg(16, 64, 4, 1), _cfg(32, 16, 4, 1)]
 # Rows per program are a multiple of the largest BLOCK_M of any config, so that every config
 # splits the rows the same way (the workspace shape does not depend on the config) and no tile
 # straddles two programs.
@@ -245,26 +252,28 @@ def _smem_estimate(pass_name: str, cfg: triton.Config, block_b: int, elem: int) 
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(pass_name: str, arch: str, block_b: int, elem: int, smem: int):
+def _tuned(pass_name: str, arch: str, block_b: int, elem: int, smem: int, fma: bool = False):
     """The autotuned kernel of one pass for one architecture, bottleneck tile width, operand size
-    (bytes) and shared-memory limit."""
+    (bytes) and shared-memory limit; fma: float32 operands with IEEE dots (the FMA lists)."""
     # C (the layer's prefix width C_l) changes with every layer: the key holds its power-of-two
     # bucket instead, so a block autotunes a handful of times rather than once per layer.
     # The key holds the channel strides: a config that fits a NCHW specialisation (stride 1 along
     # the rows) may need more shared memory in the channels_last one, so each layout tunes anew.
     if pass_name == "reduce":
         kernel, limit = _conv1x1_bwd_reduce_kernel, PASS1_MAX_BC
-        configs = CONFIGS_REDUCE_SM90 if arch == "sm90" else CONFIGS_REDUCE_SM80
+        configs = CONFIGS_REDUCE_FMA if fma else CONFIGS_REDUCE_SM90 if arch == "sm90" else CONFIGS_REDUCE_SM80
         key, restore = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "INPUT_PRECISION"], None
     else:
         kernel, limit = _conv1x1_bwd_dx_kernel, PASS2_MAX_BC
-        configs = CONFIGS_DX_SM90 if arch == "sm90" else CONFIGS_DX_SM80
+        configs = CONFIGS_DX_FMA if fma else CONFIGS_DX_SM90 if arch == "sm90" else CONFIGS_DX_SM80
         # Benchmarking runs the kernel many times: restore the accumulator after each run.
         key = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "sgx_c", "BATCH_STATS", "INPUT_PRECISION"]
         restore = ["gx_ptr"]
     fits = [c for c in configs
             if block_b * c.kwargs["BLOCK_C"] <= limit and _smem_estimate(pass_name, c, block_b, elem) <= smem]
-    fits.append(SAFE_CONFIG)
+    safe = configs[-1] if fma else SAFE_CONFIG
+    if all(c is not safe for c in fits):
+        fits.append(safe)
     return autotune(configs=fits, key=key, restore_value=restore)(kernel)
 
 
@@ -382,7 +391,8 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
-        tune = (device_arch(x.device), block_b, x.element_size(), device_smem_optin(x.device))
+        fma = x.dtype == torch.float32 and precision == "ieee"
+        tune = (device_arch(x.device), block_b, x.element_size(), device_smem_optin(x.device), fma)
 
         def grid1(meta):
             return (parts1, cdiv(c, meta["BLOCK_C"]))
