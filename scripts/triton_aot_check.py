@@ -58,7 +58,7 @@ def _parse(argv):
     p.add_argument("--one-per-kernel", action="store_true",
                    help="one unit per kernel and architecture: its first specialized one, else its first "
                         "generic one (a quick smoke check)")
-    p.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    p.add_argument("--kernel", default="", help="only kernels whose name contains this (comma-separated: any of these)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     p.add_argument("--json", default="", help="write every result to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true", help="no line per compile")
@@ -90,7 +90,8 @@ def main(argv=None) -> int:
         missing = aot.uncovered_kernels(launches)
         if missing and not args.kernel:
             problems.append(f"{arch}: kernels no case launches (add a case to aot.CASES): {', '.join(missing)}")
-        launches = [launch for launch in launches if args.kernel in launch.kernel.__name__]
+        wanted = [k for k in args.kernel.split(",") if k] or [""]  # "" is in every name
+        launches = [launch for launch in launches if any(k in launch.kernel.__name__ for k in wanted)]
         launches_by_arch[arch] = launches
         us = aot.units(launches, modes=modes, default_only=args.default_only)
         if args.one_per_kernel:

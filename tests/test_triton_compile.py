@@ -51,22 +51,26 @@ def test_default_configs_compile_for_sm90_fp16(tmp_path):
     assert proc.returncode == 0, log
 
 
-def test_ieee_float32_conv1x1_backward_defaults_do_not_spill(tmp_path):
-    """With TF32 off, float32 tl.dots lower to FMAs on registers; the conv1x1 backward's pipelined
-    tiles then spilled 13 KB of local memory per thread (conv1x1_backward.CONFIGS_*_FMA). Its two
-    kernels' default IEEE configs, compiled for sm90 on the DenseNet-121 problem in both layouts,
-    must use no stack."""
+FMA_KERNELS = ("_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel", "_bn_relu_conv3x3_fwd_kernel",
+               "_conv3x3_dgrad_kernel", "_conv3x3_wgrad_kernel")
+
+
+def test_ieee_float32_defaults_do_not_spill(tmp_path):
+    """With TF32 off, float32 tl.dots lower to FMAs on registers, where the pipelined tiles spilled
+    (the conv1x1 backward 13 KB of local memory per thread, the conv3x3 kernels 0.1-1 KB): those
+    kernels have FMA config lists (CONFIGS_*_FMA). Their default IEEE configs, compiled for sm90
+    on the DenseNet-121 problem in both layouts, must use no stack (~25 s on two cores)."""
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, SCRIPT, "--arch", "sm90", "--dtypes", "fp32", "--default-only", "--modes", "specialized",
-           "--kernel", "_conv1x1_bwd", "--quiet", "--jobs", "2", "--json", str(out)]
+           "--kernel", ",".join(FMA_KERNELS), "--quiet", "--jobs", "2", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = proc.stdout[-6000:] + proc.stderr[-3000:]
     if proc.returncode == CANNOT_COMPILE:
         pytest.skip(f"triton cannot compile ahead of time on this machine:\n{log}")
     assert out.exists(), f"the AOT check did not finish (exit {proc.returncode}):\n{log}"
     ieee = [r for r in json.loads(out.read_text())["results"] if "ieee" in r["case"]]
-    assert {r["kernel"] for r in ieee} == {"_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel"}, log
+    assert {r["kernel"] for r in ieee} == set(FMA_KERNELS), log
     assert {"NCHW" in r["case"] for r in ieee} == {True, False}, "both layouts"
     if any(r["stack"] is None for r in ieee):
         pytest.skip("cuobjdump (shipped with triton) is not available: no register/stack counts")

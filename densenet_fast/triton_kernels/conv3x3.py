@@ -94,6 +94,20 @@ CONFIGS_WGRAD_SM90: List[triton.Config] = [
 CONFIGS_WGRAD_SM80: List[triton.Config] = [
     _cfg(_WGRAD, 64, 64, 4, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 4, 3),
 ]
+# float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
+# the pipelined configs above spill (sm_90, DenseNet-121 layer, NCHW: 968 / 992 / 120 bytes of
+# stack per thread for the forward / dgrad / wgrad defaults; scripts/triton_aot_check.py). Single
+# stage tiles compile with none in either layout, on DenseNet-121's and DenseNet-BC's layers.
+CONFIGS_FWD_FMA: List[triton.Config] = [
+    _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 32, 32, 4, 1),
+]
+CONFIGS_DGRAD_FMA: List[triton.Config] = [
+    _cfg(_DGRAD, 128, 64, 8, 1), _cfg(_DGRAD, 64, 64, 8, 1), _cfg(_DGRAD, 128, 32, 8, 1),
+    _cfg(_DGRAD, 64, 32, 4, 1),
+]
+CONFIGS_WGRAD_FMA: List[triton.Config] = [
+    _cfg(_WGRAD, 64, 64, 8, 1), _cfg(_WGRAD, 32, 64, 8, 1), _cfg(_WGRAD, 32, 128, 8, 1), _cfg(_WGRAD, 16, 64, 4, 1),
+]
 # wgrad programs reduce whole multiples of this many rows (>= every BLOCK_M above).
 WGRAD_ROW_QUANTUM = 128
 
@@ -285,18 +299,24 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
     tl.store(ws_ptr + ws_off, acc, mask=cmask[:, None] & omask[None, :])
 
 
-def _tuned(kernel, configs_sm90, configs_sm80, key):
-    return {arch: autotune(configs=configs, key=key)(kernel)
-            for arch, configs in (("sm90", configs_sm90), ("sm80", configs_sm80))}
+def _tuned(kernel, configs_sm90, configs_sm80, configs_fma, key):
+    """{"sm90", "sm80", "fma"}: the autotuned kernel over each list (_list_key picks one)."""
+    return {name: autotune(configs=configs, key=key)(kernel)
+            for name, configs in (("sm90", configs_sm90), ("sm80", configs_sm80), ("fma", configs_fma))}
+
+
+def _list_key(x: Tensor, precision: str) -> str:
+    """Which of _tuned's kernels runs x: "fma" for float32 data with IEEE dots, else the device's arch."""
+    return "fma" if x.dtype == torch.float32 and precision == "ieee" else device_arch(x.device)
 
 
 # Keys: the sizes, the layout (sx_c is 1 for channels_last data) and the precision; triton adds
 # the tensors' dtypes itself.
-_TUNED_FWD = _tuned(_bn_relu_conv3x3_fwd_kernel, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80,
+_TUNED_FWD = _tuned(_bn_relu_conv3x3_fwd_kernel, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80, CONFIGS_FWD_FMA,
                     ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"])
-_TUNED_DGRAD = _tuned(_conv3x3_dgrad_kernel, CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80,
+_TUNED_DGRAD = _tuned(_conv3x3_dgrad_kernel, CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA,
                       ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"])
-_TUNED_WGRAD = _tuned(_conv3x3_wgrad_kernel, CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80,
+_TUNED_WGRAD = _tuned(_conv3x3_wgrad_kernel, CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA,
                       ["M", "B", "KOUT", "H", "W", "ROWS_PER_PROG", "sx_c", "sg_c", "INPUT_PRECISION",
                        "BLOCK_O"])
 
@@ -380,7 +400,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
             *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
-        tuned = _TUNED_FWD[device_arch(x.device)]
+        tuned = _TUNED_FWD[_list_key(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
@@ -495,7 +515,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
-        tuned = _TUNED_DGRAD[device_arch(x.device)]
+        tuned = _TUNED_DGRAD[_list_key(x, precision)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
         ws = torch.empty((cdiv(m, min_block_m), 2 * b), dtype=torch.float32, device=x.device)
 
@@ -532,7 +552,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
-        tuned = _TUNED_WGRAD[device_arch(x.device)]
+        tuned = _TUNED_WGRAD[_list_key(x, precision)]
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
         parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).
