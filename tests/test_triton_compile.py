@@ -51,15 +51,16 @@ def test_default_configs_compile_for_sm90_fp16(tmp_path):
     assert proc.returncode == 0, log
 
 
-FMA_KERNELS = ("_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel", "_bn_relu_conv3x3_fwd_kernel",
-               "_conv3x3_dgrad_kernel", "_conv3x3_wgrad_kernel")
+FMA_KERNELS = ("_bn_relu_conv1x1_kernel", "_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel",
+               "_bn_relu_conv3x3_fwd_kernel", "_conv3x3_dgrad_kernel", "_conv3x3_wgrad_kernel",
+               "_bn_relu_pool_conv1x1_kernel", "_pool_conv1x1_wgrad_kernel")
 
 
 def test_ieee_float32_defaults_do_not_spill(tmp_path):
     """With TF32 off, float32 tl.dots lower to FMAs on registers, where the pipelined tiles spilled
-    (the conv1x1 backward 13 KB of local memory per thread, the conv3x3 kernels 0.1-1 KB): those
-    kernels have FMA config lists (CONFIGS_*_FMA). Their default IEEE configs, compiled for sm90
-    on the DenseNet-121 problem in both layouts, must use no stack (~25 s on two cores)."""
+    (the conv1x1 backward 13 KB of local memory per thread, the others 48-992 bytes): those
+    kernels have FMA config lists (*CONFIGS_*FMA). Their default IEEE configs, compiled for sm90
+    on the DenseNet-121 problems in both layouts, must use no stack (~25 s on two cores)."""
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, SCRIPT, "--arch", "sm90", "--dtypes", "fp32", "--default-only", "--modes", "specialized",

@@ -40,8 +40,8 @@ else:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "cdiv", "device_arch", "device_sms", "device_smem_optin",
-           "next_power_of_2"]
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "cdiv", "config_list", "device_arch", "device_sms",
+           "device_smem_optin", "next_power_of_2"]
 
 
 # The launchers' host-side integer arithmetic.  triton.cdiv and triton.next_power_of_2 are
@@ -88,6 +88,14 @@ def device_sms(device) -> int:
 def device_smem_optin(device) -> int:
     """The CUDA device's opt-in shared memory per block, in bytes."""
     return _device_info(_index(device))[2]
+
+
+def config_list(x, precision: str) -> str:
+    """Which config list a GEMM kernel reading x runs with: "fma" for float32 data with IEEE dots
+    (TF32 off: tl.dot lowers to FMAs on registers, where the pipelined tiles of the other lists
+    spill), else device_arch(x.device)."""
+    import torch
+    return "fma" if precision == "ieee" and x.dtype == torch.float32 else device_arch(x.device)
 
 # DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
 # without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.

@@ -28,11 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, next_power_of_2
+from . import INTERPRET, autotune, cdiv, config_list, next_power_of_2
 from ..ops.precision import dot_precision
 from .indexing import row_nhw
-from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, merge_partial_stats,
-                            store_tile_stats)
+from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_1x1_weight,
+                            merge_partial_stats, store_tile_stats)
 
 __all__ = ["bn_relu_conv1x1_triton"]
 
@@ -53,6 +53,11 @@ CONFIGS_SM80: List[triton.Config] = [
     _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3),
     _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 32, 4, 3),
 ]
+# float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
+# the pipelined configs spill in NCHW (sm_90: 48 bytes of stack per thread for the default on a
+# DenseNet-121 layer, 112 with STATS=False; scripts/triton_aot_check.py). These single-stage tiles
+# compile with none, in both layouts, on DenseNet-121's and DenseNet-BC's layers.
+CONFIGS_FMA: List[triton.Config] = [_cfg(128, 64, 32, 8, 1), _cfg(64, 64, 32, 8, 1), _cfg(64, 64, 32, 4, 1)]
 # The interpreter runs programs one after another in Python: one fixed small config (tl.dot
 # needs tiles of at least 16), no autotuning.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -96,26 +101,23 @@ _TUNED = {
     # K (the layer's prefix width C_l) changes with every layer: keyed on its power-of-two bucket
     # instead, so a block autotunes a handful of times rather than once per layer.
     arch: autotune(configs=configs, key=["M", "K_BUCKET", "COUT", "INPUT_PRECISION"])(_bn_relu_conv1x1_kernel)
-    for arch, configs in (("sm90", CONFIGS_SM90), ("sm80", CONFIGS_SM80))
+    for arch, configs in (("sm90", CONFIGS_SM90), ("sm80", CONFIGS_SM80), ("fma", CONFIGS_FMA))
 }
 
 
-def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> Tensor:
-    """Validate the arguments (messages name the tensor); returns weight viewed as (Cout, K)."""
+def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> None:
+    """Validate the arguments (messages name the tensor)."""
     check_activation(x, "x")
     k = x.shape[1]
     check_channel_vectors(x, scale=scale, shift=shift)
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
-        weight = weight.view(weight.shape[0], weight.shape[1])  # a Conv2d weight (Cout, K, 1, 1)
-    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0:
+    if not is_1x1_weight(weight, k):
         raise ValueError(f"weight must have shape (Cout, {k}) or (Cout, {k}, 1, 1), got {list(weight.shape)}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
-    return weight
 
 
 def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, stats: bool = True
@@ -132,14 +134,15 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     already has) the kernel skips them and mean/var are None. Raises ValueError / TypeError
     naming the offending tensor.
     """
-    weight = _check_inputs(x, scale, shift, weight)
+    _check_inputs(x, scale, shift, weight)
     n, k, h, w = x.shape
     cout = weight.shape[0]
     m = n * h * w
     out = empty_like_layout(x, cout, x.dtype)
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
-    sizes = (m, k, cout, h * w, w, next_power_of_2(k), *x.stride(), *weight.stride(), *out.stride())
+    # W[o, c] at o * stride(0) + c * stride(1): a Conv2d weight read as (Cout, K), no view needed
+    sizes = (m, k, cout, h * w, w, next_power_of_2(k), *x.stride(), *weight.stride()[:2], *out.stride())
     if INTERPRET:
         block_m = INTERPRET_CONFIG["BLOCK_M"]
         parts = cdiv(m, block_m)
@@ -148,7 +151,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
         _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats,
                                       num_warps=4, **INTERPRET_CONFIG)
     else:
-        tuned = _TUNED[device_arch(x.device)]
+        tuned = _TUNED[config_list(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)

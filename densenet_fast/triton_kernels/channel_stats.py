@@ -76,6 +76,13 @@ def check_channel_vectors(x: Tensor, **vectors: Tensor) -> None:
             raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
+def is_1x1_weight(weight: Tensor, k: int) -> bool:
+    """Whether weight is a 1x1 conv's, (Cout, k) or (Cout, k, 1, 1) with Cout >= 1: the kernels read
+    W[o, c] at o * stride(0) + c * stride(1) in both forms."""
+    shape = tuple(weight.shape)
+    return len(shape) in (2, 4) and shape[2:] in ((), (1, 1)) and shape[1] == k and shape[0] > 0
+
+
 def is_channels_last(x: Tensor) -> bool:
     """Whether a 4-D tensor's channel stride is its smallest (over dims of size > 1).
 

@@ -50,11 +50,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, device_sms, device_smem_optin, next_power_of_2
+from . import INTERPRET, autotune, cdiv, config_list, device_sms, device_smem_optin, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
-from .channel_stats import check_activation, check_channel_vectors
+from .channel_stats import check_activation, check_channel_vectors, is_1x1_weight
 
 __all__ = ["bn_relu_conv1x1_backward_triton"]
 
@@ -170,7 +170,7 @@ def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
 
 @triton.jit
 def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr,
-                           c1_ptr, c2_ptr, gx_ptr,
+                           dbeta_ptr, dgamma_ptr, gx_ptr, INV_M,
                            M, C, C_BUCKET, B, HW, W, ROWS_PER_PROG,
                            sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
                            sgx_n, sgx_c, sgx_h, sgx_w,
@@ -193,8 +193,8 @@ def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, 
     if BATCH_STATS:
         mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
         istd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-        c1 = tl.load(c1_ptr + cols, mask=cmask, other=0.0)  # dbeta / M
-        c2 = tl.load(c2_ptr + cols, mask=cmask, other=0.0)  # dgamma / M
+        c1 = tl.load(dbeta_ptr + cols, mask=cmask, other=0.0) * INV_M  # dbeta / M
+        c2 = tl.load(dgamma_ptr + cols, mask=cmask, other=0.0) * INV_M  # dgamma / M
     row0 = pid_p * ROWS_PER_PROG
     row_end = tl.minimum(row0 + ROWS_PER_PROG, M)
     for start in range(row0, row_end, BLOCK_M):
@@ -252,26 +252,26 @@ def _smem_estimate(pass_name: str, cfg: triton.Config, block_b: int, elem: int) 
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(pass_name: str, arch: str, block_b: int, elem: int, smem: int, fma: bool = False):
-    """The autotuned kernel of one pass for one architecture, bottleneck tile width, operand size
-    (bytes) and shared-memory limit; fma: float32 operands with IEEE dots (the FMA lists)."""
+def _tuned(pass_name: str, configs_name: str, block_b: int, elem: int, smem: int):
+    """The autotuned kernel of one pass for one config list ("sm90", "sm80" or "fma", see
+    config_list), bottleneck tile width, operand size (bytes) and shared-memory limit."""
     # C (the layer's prefix width C_l) changes with every layer: the key holds its power-of-two
     # bucket instead, so a block autotunes a handful of times rather than once per layer.
     # The key holds the channel strides: a config that fits a NCHW specialisation (stride 1 along
     # the rows) may need more shared memory in the channels_last one, so each layout tunes anew.
     if pass_name == "reduce":
         kernel, limit = _conv1x1_bwd_reduce_kernel, PASS1_MAX_BC
-        configs = CONFIGS_REDUCE_FMA if fma else CONFIGS_REDUCE_SM90 if arch == "sm90" else CONFIGS_REDUCE_SM80
+        configs = {"sm90": CONFIGS_REDUCE_SM90, "sm80": CONFIGS_REDUCE_SM80, "fma": CONFIGS_REDUCE_FMA}[configs_name]
         key, restore = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "INPUT_PRECISION"], None
     else:
         kernel, limit = _conv1x1_bwd_dx_kernel, PASS2_MAX_BC
-        configs = CONFIGS_DX_FMA if fma else CONFIGS_DX_SM90 if arch == "sm90" else CONFIGS_DX_SM80
+        configs = {"sm90": CONFIGS_DX_SM90, "sm80": CONFIGS_DX_SM80, "fma": CONFIGS_DX_FMA}[configs_name]
         # Benchmarking runs the kernel many times: restore the accumulator after each run.
         key = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "sgx_c", "BATCH_STATS", "INPUT_PRECISION"]
         restore = ["gx_ptr"]
     fits = [c for c in configs
             if block_b * c.kwargs["BLOCK_C"] <= limit and _smem_estimate(pass_name, c, block_b, elem) <= smem]
-    safe = configs[-1] if fma else SAFE_CONFIG
+    safe = configs[-1] if configs_name == "fma" else SAFE_CONFIG
     if all(c is not safe for c in fits):
         fits.append(safe)
     return autotune(configs=fits, key=key, restore_value=restore)(kernel)
@@ -305,23 +305,20 @@ def _sum_parts(ws: Tensor) -> Tensor:
 
 
 def _check_inputs(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor, gamma: Tensor,
-                  beta: Tensor, batch_stats: bool, grad_x_acc: Tensor) -> Tensor:
-    """Validate the arguments (messages name the tensor); returns weight viewed as (B, C)."""
+                  beta: Tensor, batch_stats: bool, grad_x_acc: Tensor) -> None:
+    """Validate the arguments (messages name the tensor)."""
     check_activation(x, "x")
     n, c, h, w = x.shape
     check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    w2 = weight
-    if w2.dim() == 4 and tuple(w2.shape[2:]) == (1, 1):
-        w2 = w2.view(w2.shape[0], w2.shape[1])  # a Conv2d weight (B, C, 1, 1)
-    if w2.dim() != 2 or w2.shape[1] != c or w2.shape[0] == 0:
+    if not is_1x1_weight(weight, c):
         raise ValueError(f"weight must have shape (B, {c}) or (B, {c}, 1, 1), got {list(weight.shape)}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
-    b = w2.shape[0]
+    b = weight.shape[0]
     check_activation(grad_out, "grad_out")
     if grad_out.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"grad_out must be x's dtype ({x.dtype}) or float32, got {grad_out.dtype}")
@@ -343,7 +340,6 @@ def _check_inputs(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, inv
                          f"{list(grad_x_acc.stride())}): the kernel accumulates into it in place")
     if not isinstance(batch_stats, bool):
         raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
-    return w2
 
 
 def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor, mean: Tensor, invstd: Tensor,
@@ -368,17 +364,18 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     allocation for float32 weights. Deterministic (no atomics).
     Raises ValueError / TypeError naming the offending tensor.
     """
-    w2 = _check_inputs(grad_out, x, weight, mean, invstd, gamma, beta, batch_stats, grad_x_acc)
+    _check_inputs(grad_out, x, weight, mean, invstd, gamma, beta, batch_stats, grad_x_acc)
     n, c, h, w = x.shape
-    b = w2.shape[0]
+    b = weight.shape[0]
     m = n * h * w
     # The forward's operands: y = x * scale + shift, so the ReLU mask here is the forward's.
     scale, shift = forward_scale_shift(mean, invstd, gamma, beta, scale, shift)
     mean_c, invstd_c = mean.contiguous(), invstd.contiguous()
     block_b = max(16, next_power_of_2(b))
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
-    strides = (*grad_out.stride(), *x.stride(), *w2.stride())
-    common = (grad_out, x, w2, scale, shift, mean_c, invstd_c)
+    # W[o, c] at o * stride(0) + c * stride(1): a Conv2d weight read as (B, C), no view needed
+    strides = (*grad_out.stride(), *x.stride(), *weight.stride()[:2])
+    common = (grad_out, x, weight, scale, shift, mean_c, invstd_c)
 
     # Pass 1: per-program partial sums of dBt^T z, dy and dy * xhat, one workspace row per program
     # (one allocation and one deterministic sum for the three).
@@ -391,8 +388,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
-        fma = x.dtype == torch.float32 and precision == "ieee"
-        tune = (device_arch(x.device), block_b, x.element_size(), device_smem_optin(x.device), fma)
+        tune = (config_list(x, precision), block_b, x.element_size(), device_smem_optin(x.device))
 
         def grid1(meta):
             return (parts1, cdiv(c, meta["BLOCK_C"]))
@@ -400,15 +396,13 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _tuned("reduce", *tune)[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b)
     sums = _sum_parts(ws)
     del ws
-    grad_w, grad_beta, grad_gamma = sums[:b * c].view(b, c), sums[b * c:(b + 1) * c], sums[(b + 1) * c:]
+    grad_beta, grad_gamma = sums[b * c:(b + 1) * c], sums[(b + 1) * c:]
 
-    # Pass 2: recompute dz, grad_x_acc += dx.
-    if batch_stats:
-        c1, c2 = grad_beta / m, grad_gamma / m
-    else:
-        c1 = c2 = scale  # unused (BATCH_STATS=False), any float32 (C,) pointer
+    # Pass 2: recompute dz, grad_x_acc += dx (the kernel scales the sums by 1 / M; without batch
+    # statistics it does not read them).
     rows2, parts2 = _row_split(x, m, c, programs_per_sm=4, min_rows=256)
-    args2 = (*common, c1, c2, grad_x_acc, m, c, c_bucket, b, h * w, w, rows2, *strides, *grad_x_acc.stride())
+    args2 = (*common, grad_beta, grad_gamma, grad_x_acc, 1.0 / m, m, c, c_bucket, b, h * w, w, rows2, *strides,
+             *grad_x_acc.stride())
     if INTERPRET:
         grid2 = (parts2, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
         _conv1x1_bwd_dx_kernel[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
@@ -420,7 +414,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _tuned("dx", *tune)[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
                                            BLOCK_B=block_b)
 
-    grad_weight = grad_w.to(weight.dtype).view(weight.shape)
+    grad_weight = sums[:b * c].view(weight.shape).to(weight.dtype)  # (B, C) row-major = the weight's order
     return grad_gamma, grad_beta, grad_weight
 
 

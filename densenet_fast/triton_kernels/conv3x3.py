@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, device_sms, next_power_of_2
+from . import INTERPRET, autotune, cdiv, config_list, device_sms, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -300,14 +300,9 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
 
 
 def _tuned(kernel, configs_sm90, configs_sm80, configs_fma, key):
-    """{"sm90", "sm80", "fma"}: the autotuned kernel over each list (_list_key picks one)."""
+    """{"sm90", "sm80", "fma"}: the autotuned kernel over each list (config_list picks one)."""
     return {name: autotune(configs=configs, key=key)(kernel)
             for name, configs in (("sm90", configs_sm90), ("sm80", configs_sm80), ("fma", configs_fma))}
-
-
-def _list_key(x: Tensor, precision: str) -> str:
-    """Which of _tuned's kernels runs x: "fma" for float32 data with IEEE dots, else the device's arch."""
-    return "fma" if x.dtype == torch.float32 and precision == "ieee" else device_arch(x.device)
 
 
 # Keys: the sizes, the layout (sx_c is 1 for channels_last data) and the precision; triton adds
@@ -400,7 +395,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
             *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
-        tuned = _TUNED_FWD[_list_key(x, precision)]
+        tuned = _TUNED_FWD[config_list(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
@@ -515,7 +510,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
-        tuned = _TUNED_DGRAD[_list_key(x, precision)]
+        tuned = _TUNED_DGRAD[config_list(x, precision)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
         ws = torch.empty((cdiv(m, min_block_m), 2 * b), dtype=torch.float32, device=x.device)
 
@@ -552,7 +547,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
-        tuned = _TUNED_WGRAD[_list_key(x, precision)]
+        tuned = _TUNED_WGRAD[config_list(x, precision)]
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
         parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).

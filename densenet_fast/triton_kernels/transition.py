@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, device_arch, device_sms
+from . import INTERPRET, autotune, cdiv, config_list, device_arch, device_sms
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -98,6 +98,17 @@ WGRAD_CONFIGS_SM90: List[triton.Config] = [
 WGRAD_CONFIGS_SM80: List[triton.Config] = [
     _cfg(_WGRAD, (64, 64, 32), 4, 3), _cfg(_WGRAD, (128, 64, 32), 8, 2), _cfg(_WGRAD, (64, 128, 32), 8, 2),
     _cfg(_WGRAD, (64, 64, 64), 4, 3),
+]
+# float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
+# the pipelined forward and wgrad configs spill (sm_90, DenseNet-121's first transition, NCHW: 384
+# and 672 bytes of stack per thread for the defaults; scripts/triton_aot_check.py). These single
+# stage tiles compile with none in either layout. (The dgrad defaults spill 0-8 bytes there.)
+FWD_CONFIGS_FMA: List[triton.Config] = [  # (128, 64, 32) on 8 warps keeps 16 bytes with triton 3.6
+    _cfg(_FWD, (64, 64, 32), 8, 1), _cfg(_FWD, (128, 64, 32), 8, 1), _cfg(_FWD, (64, 64, 32), 4, 1),
+]
+WGRAD_CONFIGS_FMA: List[triton.Config] = [
+    _cfg(_WGRAD, (64, 64, 32), 8, 1), _cfg(_WGRAD, (64, 128, 32), 8, 1), _cfg(_WGRAD, (64, 64, 32), 4, 1),
+    _cfg(_WGRAD, (32, 64, 32), 4, 1),
 ]
 # The interpreter runs programs one after another in Python: fixed small tiles (tl.dot needs >= 16),
 # no autotuning. WGRAD_ROWS_PER_SPLIT = 2 tiles: tests with P > 32 pooled rows cover both the
@@ -301,11 +312,11 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
 
 _FWD_TUNED = {
     arch: autotune(configs=configs, key=["P", "K", "COUT", "INPUT_PRECISION"])(_bn_relu_pool_conv1x1_kernel)
-    for arch, configs in (("sm90", FWD_CONFIGS_SM90), ("sm80", FWD_CONFIGS_SM80))
+    for arch, configs in (("sm90", FWD_CONFIGS_SM90), ("sm80", FWD_CONFIGS_SM80), ("fma", FWD_CONFIGS_FMA))
 }
 _WGRAD_TUNED = {
     arch: autotune(configs=configs, key=["P", "C", "COUT", "INPUT_PRECISION"])(_pool_conv1x1_wgrad_kernel)
-    for arch, configs in (("sm90", WGRAD_CONFIGS_SM90), ("sm80", WGRAD_CONFIGS_SM80))
+    for arch, configs in (("sm90", WGRAD_CONFIGS_SM90), ("sm80", WGRAD_CONFIGS_SM80), ("fma", WGRAD_CONFIGS_FMA))
 }
 _DGRAD_TUNED = {
     arch: autotune(configs=configs, key=["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED",
@@ -400,7 +411,7 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
         _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
-            _FWD_TUNED[device_arch(x.device)][
+            _FWD_TUNED[config_list(x, precision)][
                 lambda meta: (cdiv(p, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
             ](*args, INPUT_PRECISION=precision)
     return out
@@ -466,7 +477,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
-            _WGRAD_TUNED[device_arch(dev)][
+            _WGRAD_TUNED[config_list(x, precision)][
                 lambda meta: (cdiv(cout, meta["BLOCK_O"]), cdiv(c, meta["BLOCK_C"]), splits)
             ](*wgrad_args, INPUT_PRECISION=precision)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
