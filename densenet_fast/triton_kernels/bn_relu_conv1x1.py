@@ -45,12 +45,16 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 
 # Small candidate lists: Cout = bn_size * growth (48..128 for DenseNet-BC/121), K = C_l (tens to
 # ~1000), M = N*H*W large. Hopper has more shared memory, so deeper pipelines and 128-wide tiles.
+# The defaults run their 128-row tile on 8 warps: on 4 it needs more than 255 registers per thread
+# and spilled in NCHW (sm_90, DenseNet-121 layer: 8-104 bytes of stack; sm_80: 56), on 8 none in
+# any dtype or layout (scripts/triton_aot_check.py), with the same warps per SM.
 CONFIGS_SM90: List[triton.Config] = [
-    _cfg(128, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 4),
+    _cfg(128, 64, 32, 8, 4), _cfg(128, 128, 32, 8, 3), _cfg(64, 64, 64, 4, 4),
     _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 32, 4, 4), _cfg(256, 64, 32, 8, 3),
+    _cfg(128, 64, 32, 4, 4),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_SM80: List[triton.Config] = [
-    _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3),
+    _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 4), _cfg(128, 128, 32, 8, 3),
     _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 32, 4, 3),
 ]
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where

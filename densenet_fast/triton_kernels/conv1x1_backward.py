@@ -68,22 +68,28 @@ def _cfg(bm: int, bc: int, warps: int, stages: int) -> triton.Config:
 # Pass 1 holds a BLOCK_B x BLOCK_C float32 weight-gradient accumulator, the W block and a
 # BLOCK_M x BLOCK_B dBt tile: configs whose BLOCK_B * BLOCK_C exceeds PASS1_MAX_BC, or whose
 # estimated shared memory (_smem_estimate) exceeds the device's, are dropped for the given
-# bottleneck width (B = 48..128 for DenseNet-BC/121, 192 for densenet161) and dtype.
+# bottleneck width (B = 48..128 for DenseNet-BC/121, 192 for densenet161) and dtype. The two
+# passes' defaults run 32-row tiles on 8 warps: 64 rows on 4 warps spilled 8-824 bytes of stack
+# per thread with triton 3.8 and up to 2,088 with 3.6 (sm_90, DenseNet-121 and -BC layers), 64
+# rows on 8 warps none with 3.8 but 280-400 with 3.6 in NCHW, 32 rows on 8 none with either, in
+# every dtype and layout (scripts/triton_aot_check.py).
 CONFIGS_REDUCE_SM90: List[triton.Config] = [
-    _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 32, 4, 3),
+    _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 32, 4, 3),
     _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 32, 4, 2),
+    _cfg(64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_REDUCE_SM80: List[triton.Config] = [
-    _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3), _cfg(32, 64, 4, 3),
+    _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3), _cfg(32, 64, 4, 3),
     _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2),
 ]
 # Pass 2 holds the W block and dz tile only; it streams x in and grad_x_acc in and out.
 CONFIGS_DX_SM90: List[triton.Config] = [
-    _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
+    _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
     _cfg(256, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(64, 32, 4, 2),
+    _cfg(64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_DX_SM80: List[triton.Config] = [
-    _cfg(64, 64, 4, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 128, 8, 2),
+    _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 128, 8, 2),
     _cfg(64, 32, 4, 4), _cfg(64, 32, 4, 2),
 ]
 PASS1_MAX_BC = 8192

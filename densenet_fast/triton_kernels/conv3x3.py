@@ -67,32 +67,39 @@ def _cfg(names: Tuple[str, str], a: int, b: int, warps: int, stages: int) -> tri
 
 # Small candidate lists. The dense layer's sizes: K = growth rate (12, 32: the narrow GEMM side,
 # chosen on the host as one power-of-two tile, not tuned), B = bn_size * K (48, 128), M = N*H*W
-# large. Hopper has more shared memory: deeper pipelines and 256-row tiles.
+# large. Hopper has more shared memory: deeper pipelines and 256-row tiles. The forward and dgrad
+# defaults run their 128-row tiles on 8 warps: on 4 they spilled in NCHW (sm_90, DenseNet-121
+# layer, float32 TF32: 584 and 1,016 bytes of stack per thread, fp16/bf16 288-1,112), on 8 they
+# use none on sm_90 but 32 bytes in the fp16 dgrad (scripts/triton_aot_check.py). The wgrad's
+# 64-row default runs on 8 warps too (on 4, triton 3.6 spilled 144 bytes in float32 TF32, NCHW).
 _FWD = ("BLOCK_M", "BLOCK_K")  # rows x input channels per tap
 CONFIGS_FWD_SM90: List[triton.Config] = [
-    _cfg(_FWD, 128, 32, 4, 3), _cfg(_FWD, 128, 64, 4, 3), _cfg(_FWD, 64, 32, 4, 4),
+    _cfg(_FWD, 128, 32, 8, 3), _cfg(_FWD, 128, 64, 4, 3), _cfg(_FWD, 64, 32, 4, 4),
     _cfg(_FWD, 64, 64, 4, 4), _cfg(_FWD, 256, 32, 8, 3),
+    _cfg(_FWD, 128, 32, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_FWD_SM80: List[triton.Config] = [
-    _cfg(_FWD, 128, 32, 4, 3), _cfg(_FWD, 64, 32, 4, 4), _cfg(_FWD, 128, 64, 8, 3),
+    _cfg(_FWD, 128, 32, 8, 3), _cfg(_FWD, 64, 32, 4, 4), _cfg(_FWD, 128, 64, 8, 3),
     _cfg(_FWD, 64, 64, 4, 3),
 ]
 _DGRAD = ("BLOCK_M", "BLOCK_N")  # rows x bottleneck channels
 CONFIGS_DGRAD_SM90: List[triton.Config] = [
-    _cfg(_DGRAD, 128, 64, 4, 3), _cfg(_DGRAD, 128, 128, 8, 3), _cfg(_DGRAD, 64, 64, 4, 4),
+    _cfg(_DGRAD, 128, 64, 8, 3), _cfg(_DGRAD, 128, 128, 8, 3), _cfg(_DGRAD, 64, 64, 4, 4),
     _cfg(_DGRAD, 64, 128, 4, 3), _cfg(_DGRAD, 256, 64, 8, 3),
+    _cfg(_DGRAD, 128, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_DGRAD_SM80: List[triton.Config] = [
-    _cfg(_DGRAD, 128, 64, 4, 3), _cfg(_DGRAD, 64, 64, 4, 4), _cfg(_DGRAD, 128, 128, 8, 3),
+    _cfg(_DGRAD, 128, 64, 8, 3), _cfg(_DGRAD, 64, 64, 4, 4), _cfg(_DGRAD, 128, 128, 8, 3),
     _cfg(_DGRAD, 64, 128, 4, 3),
 ]
 _WGRAD = ("BLOCK_M", "BLOCK_C")  # reduction rows x bottleneck channels
 CONFIGS_WGRAD_SM90: List[triton.Config] = [
-    _cfg(_WGRAD, 64, 64, 4, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 8, 3),
+    _cfg(_WGRAD, 64, 64, 8, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 8, 3),
     _cfg(_WGRAD, 128, 128, 8, 3),
+    _cfg(_WGRAD, 64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
 ]
 CONFIGS_WGRAD_SM80: List[triton.Config] = [
-    _cfg(_WGRAD, 64, 64, 4, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 4, 3),
+    _cfg(_WGRAD, 64, 64, 8, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 4, 3),
 ]
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined configs above spill (sm_90, DenseNet-121 layer, NCHW: 968 / 992 / 120 bytes of

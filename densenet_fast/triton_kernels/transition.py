@@ -74,21 +74,24 @@ _WGRAD = ("BLOCK_O", "BLOCK_C", "BLOCK_P")   # Cout, C, pooled rows (the reducti
 # Transitions: C = 128..1024 input channels, Cout = C / 2 (compression 0.5), P = N*H*W/4 rows.
 # The forward A load is 4 pixel loads plus BN-ReLU per element, so BLOCK_K stays at 32-64; the
 # dgrad epilogue reads 4 x tiles and writes 4 dx tiles, so its tiles stay at <= 128x128.
-# Hopper has more shared memory: deeper pipelines.
+# Hopper has more shared memory: deeper pipelines. The forward and dgrad defaults run on 8 warps:
+# on 4 they spilled in NCHW (sm_90, DenseNet-121's first transition: 8-104 and 128-416 bytes of
+# stack per thread), on 8 none (scripts/triton_aot_check.py); the dgrad's 64-row tile kept 32
+# bytes with triton 3.6, its 32-row default none.
 FWD_CONFIGS_SM90: List[triton.Config] = [
-    _cfg(_FWD, (128, 64, 32), 4, 3), _cfg(_FWD, (128, 128, 32), 8, 3), _cfg(_FWD, (64, 64, 32), 4, 4),
+    _cfg(_FWD, (128, 64, 32), 8, 3), _cfg(_FWD, (128, 128, 32), 8, 3), _cfg(_FWD, (64, 64, 32), 4, 4),
     _cfg(_FWD, (64, 128, 32), 4, 3), _cfg(_FWD, (128, 64, 64), 8, 3), _cfg(_FWD, (256, 64, 32), 8, 3),
 ]
 FWD_CONFIGS_SM80: List[triton.Config] = [
-    _cfg(_FWD, (128, 64, 32), 4, 3), _cfg(_FWD, (64, 64, 32), 4, 4), _cfg(_FWD, (128, 128, 32), 8, 2),
+    _cfg(_FWD, (128, 64, 32), 8, 3), _cfg(_FWD, (64, 64, 32), 4, 4), _cfg(_FWD, (128, 128, 32), 8, 2),
     _cfg(_FWD, (64, 128, 32), 4, 3), _cfg(_FWD, (64, 64, 64), 4, 3),
 ]
 DGRAD_CONFIGS_SM90: List[triton.Config] = [
-    _cfg(_DGRAD, (64, 64, 32), 4, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 3),
+    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 3),
     _cfg(_DGRAD, (128, 128, 32), 8, 3), _cfg(_DGRAD, (64, 64, 64), 4, 3), _cfg(_DGRAD, (32, 64, 32), 4, 4),
 ]
 DGRAD_CONFIGS_SM80: List[triton.Config] = [
-    _cfg(_DGRAD, (64, 64, 32), 4, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 2),
+    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 2),
     _cfg(_DGRAD, (64, 64, 64), 4, 3), _cfg(_DGRAD, (32, 64, 32), 4, 3),
 ]
 WGRAD_CONFIGS_SM90: List[triton.Config] = [
@@ -102,7 +105,7 @@ WGRAD_CONFIGS_SM80: List[triton.Config] = [
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined forward and wgrad configs spill (sm_90, DenseNet-121's first transition, NCHW: 384
 # and 672 bytes of stack per thread for the defaults; scripts/triton_aot_check.py). These single
-# stage tiles compile with none in either layout. (The dgrad defaults spill 0-8 bytes there.)
+# stage tiles compile with none in either layout (the dgrad default, on 8 warps, has none either).
 FWD_CONFIGS_FMA: List[triton.Config] = [  # (128, 64, 32) on 8 warps keeps 16 bytes with triton 3.6
     _cfg(_FWD, (64, 64, 32), 8, 1), _cfg(_FWD, (128, 64, 32), 8, 1), _cfg(_FWD, (64, 64, 32), 4, 1),
 ]
