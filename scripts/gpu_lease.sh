@@ -12,14 +12,15 @@
 #                                     (C++ loop eager and graphed, then the per-layer path), the
 #                                     triton defaults on DenseNet-121 (eager, CUDA graph), then the
 #                                     other providers
-#   bash scripts/gpu_lease.sh more    per-op GB/s, the triton backend autotuned, torch.compile
-#                                     providers, bf16 channels_last
+#   bash scripts/gpu_lease.sh more    per-op GB/s, the triton backend autotuned (each tuning's
+#                                     timings in autotune.jsonl), torch.compile providers, bf16
+#                                     channels_last
 #
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
-# Logs go to $OUT (at most 8 files come back from the device tool): env.txt, build.log,
-# tests.log, bench.csv, bench-default-configs.csv, bench-cuda-layers.csv, ops.csv (and the
-# caller's session.log: 8). Set DENSENET_FAST_GIT_SHA when the
-# tree has no .git.
+# Logs go to $OUT (at most 8 files come back from the device tool): check writes env.txt,
+# build.log, tests.log, bench.csv, bench-default-configs.csv, bench-cuda-layers.csv (and the
+# caller's session.log: 7); more writes ops.csv, bench.csv, autotune.jsonl. Set
+# DENSENET_FAST_GIT_SHA when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-check}
@@ -150,7 +151,10 @@ if [ "$STAGE" = more ]; then
   stamp "per-op bandwidth"
   timeout -k 5 "$(limit 90)" $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -40
   stamp "triton autotuned (DenseNet-BC-100 fp32)"
-  bench bench.csv 150 --model densenet_bc_100_12 --batch 64 --providers naive,triton,triton+graph
+  # Every tuning's per-config timings (the 8-warp defaults against the old 4-warp ones, NOTES-gpu.md)
+  DENSENET_FAST_TRITON_AUTOTUNE_LOG="$OUT/autotune.jsonl" bench bench.csv 150 --model densenet_bc_100_12 --batch 64 \
+    --providers naive,triton,triton+graph
+  [ -f "$OUT/autotune.jsonl" ] && echo "autotune.jsonl: $(wc -l <"$OUT/autotune.jsonl") tunings logged"
   stamp "torch.compile (DenseNet-BC-100 fp32)"
   bench bench.csv 200 --model densenet_bc_100_12 --batch 64 --providers naive,compile,torch+compile,triton+compile
   stamp "bf16 channels_last"

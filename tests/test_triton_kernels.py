@@ -34,6 +34,9 @@ the reference run in the input dtype:
 
 from __future__ import annotations
 
+import json
+import types
+
 import pytest
 import torch
 
@@ -276,3 +279,35 @@ def test_bn_relu_conv1x1_autotuned_block_sizes(layout, dtype):
     stats_x = _buffer((8, 400, 32, 32), layout, dtype, seed=10, loc=1000.0)[:, 13:372]
     mean, var = channel_stats_triton(stats_x)
     _assert_stats(mean, var, stats_x, f"channel_stats large {layout} {dtype}")
+
+
+class _FakeTuner:
+    """What _logged uses of triton's Autotuner: run, cache, configs_timings, base_fn."""
+
+    def __init__(self, timed=True):
+        self.cache, self.timed, self.runs = {}, timed, 0
+        self.base_fn = types.SimpleNamespace(__name__="_fake_kernel")
+
+    def run(self, m, **kwargs):
+        self.runs += 1
+        if (m,) not in self.cache:
+            if self.timed:
+                self.configs_timings = {"BLOCK_M: 64, num_warps: 8": 0.5, "BLOCK_M: 64, num_warps: 4": 0.75}
+            self.cache[(m,)] = "BLOCK_M: 64, num_warps: 8"
+        return m * 2
+
+
+def test_autotune_log_appends_one_line_per_new_tuning(tmp_path):
+    from densenet_fast.triton_kernels import _logged
+    path = tmp_path / "autotune.jsonl"
+    tuner = _logged(_FakeTuner(), str(path))
+    assert [tuner.run(3), tuner.run(3), tuner.run(5)] == [6, 6, 10] and tuner.runs == 3
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["key"] for r in lines] == [["3"], ["5"]]  # the second run of key 3 used the tuner's cache
+    assert lines[0] == {"kernel": "_fake_kernel", "key": ["3"], "best": "BLOCK_M: 64, num_warps: 8",
+                        "ms": {"BLOCK_M: 64, num_warps: 8": 0.5, "BLOCK_M: 64, num_warps: 4": 0.75}}
+    # a choice made without timing (one config left after pruning): no timings, not the last tuning's
+    untimed = _logged(_FakeTuner(timed=False), str(path))
+    untimed.configs_timings = {"stale": 1.0}
+    untimed.run(7)
+    assert json.loads(path.read_text().splitlines()[-1])["ms"] is None

@@ -117,14 +117,44 @@ def _time_config(kernel_call, quantiles):
     return do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
+# DENSENET_FAST_TRITON_AUTOTUNE_LOG=PATH: each autotuning's timings are appended to PATH as a
+# JSON line {"kernel", "key", "best", "ms": {config: time}} (a GPU lease's record of which configs
+# win; a choice read from triton's disk cache comes with the timings stored there, one left alone
+# by the pruning with "ms": null).
+AUTOTUNE_LOG = os.environ.get("DENSENET_FAST_TRITON_AUTOTUNE_LOG", "")
+
+
+def _logged(tuner, path: str):
+    """Give one triton Autotuner a run that appends each new tuning's timings to `path`."""
+    import json
+
+    def run(*args, **kwargs):
+        seen = set(tuner.cache)
+        tuner.configs_timings = None  # set again only by a tuning that times the configs
+        out = type(tuner).run(tuner, *args, **kwargs)  # the class's run, as patched (aot.py) or not
+        timings = tuner.configs_timings
+        for key in set(tuner.cache) - seen:
+            record = {"kernel": tuner.base_fn.__name__, "key": [str(k) for k in key], "best": str(tuner.cache[key]),
+                      "ms": None if timings is None else {str(c): t for c, t in timings.items()}}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return out
+    tuner.run = run
+    return tuner
+
+
 def autotune(configs, key, **kwargs):
     """triton.autotune over `configs`, or over configs[:1] only when AUTOTUNE is off.
 
     On a GPU each configuration is timed by `_time_config`, and the choice per key is kept in
     triton's on-disk cache (cache_results), so a second process with the same kernels and shapes
-    (the next training run, the benchmark after the tests) does not time them again."""
+    (the next training run, the benchmark after the tests) does not time them again. With
+    AUTOTUNE_LOG set, each tuning's timings are logged (_logged)."""
     import triton as _triton
     if not INTERPRET:
         kwargs.setdefault("do_bench", _time_config)
         kwargs.setdefault("cache_results", True)
-    return _triton.autotune(configs=list(configs) if AUTOTUNE else list(configs)[:1], key=key, **kwargs)
+    decorate = _triton.autotune(configs=list(configs) if AUTOTUNE else list(configs)[:1], key=key, **kwargs)
+    if not AUTOTUNE_LOG:
+        return decorate
+    return lambda fn: _logged(decorate(fn), AUTOTUNE_LOG)
