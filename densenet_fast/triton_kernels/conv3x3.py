@@ -511,7 +511,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     if INTERPRET:
         block_m = INTERPRET_DGRAD["BLOCK_M"]
         parts = cdiv(m, block_m)
-        ws = torch.empty((parts, 2 * b), dtype=torch.float32, device=x.device)
+        ws = torch.empty((parts, 2, b), dtype=torch.float32, device=x.device)  # rows of (dbeta, dgamma)
         grid = (parts, cdiv(b, INTERPRET_DGRAD["BLOCK_N"]))
         _conv3x3_dgrad_kernel[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx,
                                     INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
@@ -519,15 +519,14 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     else:
         tuned = _TUNED_DGRAD[config_list(x, precision)]
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)  # see _forward_into
-        ws = torch.empty((cdiv(m, min_block_m), 2 * b), dtype=torch.float32, device=x.device)
+        ws = torch.empty((cdiv(m, min_block_m), 2, b), dtype=torch.float32, device=x.device)
 
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), cdiv(b, meta["BLOCK_N"]))
 
         tuned[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision, BLOCK_K=block_k)
         parts = cdiv(m, tuned.best_config.kwargs["BLOCK_M"])
-    sums = ws[:parts].sum(dim=0)  # one reduction for both BN sums
-    grad_beta, grad_gamma = sums[:b], sums[b:]
+    grad_beta, grad_gamma = ws[:parts].sum(dim=0).unbind(0)  # one reduction for both BN sums
 
     # 2. training mode: the BN backward, elementwise
     if batch_stats:
@@ -548,7 +547,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     if INTERPRET:
         rows_per_prog = _wgrad_rows_per_prog(x, m, 0)
         parts = cdiv(m, rows_per_prog)
-        ws_w = torch.empty((parts, kout, b, 9), dtype=torch.float32, device=x.device)
+        ws_w = torch.empty((parts, kout, b, 3, 3), dtype=torch.float32, device=x.device)
         grid = (parts, 9 * o_blocks, cdiv(b, INTERPRET_WGRAD["BLOCK_C"]))
         _conv3x3_wgrad_kernel[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
@@ -558,14 +557,14 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
         parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).
-        ws_w = torch.empty((parts, kout, b, 9), dtype=torch.float32, device=x.device)
+        ws_w = torch.empty((parts, kout, b, 3, 3), dtype=torch.float32, device=x.device)
 
         def grid(meta):
             return (parts, 9 * o_blocks, cdiv(b, meta["BLOCK_C"]))
 
         tuned[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog, *w_sizes,
                     INPUT_PRECISION=precision, BLOCK_O=block_o)
-    grad_weight = ws_w.sum(dim=0).view(kout, b, 3, 3).to(weight.dtype)
+    grad_weight = ws_w.sum(dim=0).to(weight.dtype)  # (K, B, 3, 3): the kernels write (P, K, B, 9) rows
     return grad_x, grad_gamma, grad_beta, grad_weight
 
 
