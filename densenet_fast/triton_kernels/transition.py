@@ -54,7 +54,8 @@ from . import INTERPRET, autotune, cdiv, config_list, device_arch, device_sms
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
-from .channel_stats import SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout
+from .channel_stats import (SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout,
+                            is_1x1_weight)
 
 __all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"]
 
@@ -340,21 +341,18 @@ def _check_x(x: Tensor) -> None:
                          f"got {x.shape[2]}x{x.shape[3]}")
 
 
-def _check_weight(weight: Tensor, x: Tensor) -> Tensor:
-    """Returns weight viewed as (Cout, C)."""
+def _check_weight(weight: Tensor, x: Tensor) -> None:
+    """The kernels read W[o, c] at o * stride(0) + c * stride(1), a Conv2d weight without a view."""
     c = x.shape[1]
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a Tensor, got {type(weight).__name__}")
-    if weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1):
-        weight = weight.view(weight.shape[0], weight.shape[1])  # a Conv2d weight (Cout, C, 1, 1)
-    if weight.dim() != 2 or weight.shape[1] != c or weight.shape[0] == 0:
+    if not is_1x1_weight(weight, c):
         raise ValueError(f"weight must have shape (Cout, {c}) or (Cout, {c}, 1, 1) (its input channels "
                          f"must match x's {c}), got {list(weight.shape)}")
     if weight.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weight must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.device != x.device:
         raise ValueError(f"weight must be on x's device {x.device}, got {weight.device}")
-    return weight
 
 
 def _check_pooled(t: Tensor, name: str, x: Tensor, cout: int, dtypes: Tuple[torch.dtype, ...]) -> None:
@@ -397,9 +395,9 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     """
     _check_x(x)
     check_channel_vectors(x, scale=scale, shift=shift)
-    w2 = _check_weight(weight, x)
+    _check_weight(weight, x)
     n, c, h, w = x.shape
-    cout = w2.shape[0]
+    cout = weight.shape[0]
     if out is None:
         out = _empty_output(x, cout)
     else:
@@ -407,8 +405,8 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     ho, wo = h // 2, w // 2
     p = n * ho * wo
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
-    args = (x, scale.contiguous(), shift.contiguous(), w2, out,
-            p, c, cout, ho * wo, wo, *x.stride(), *w2.stride(), *out.stride())
+    args = (x, scale.contiguous(), shift.contiguous(), weight, out,
+            p, c, cout, ho * wo, wo, *x.stride(), *weight.stride()[:2], *out.stride())
     if INTERPRET:
         grid = (cdiv(p, INTERPRET_FWD["BLOCK_M"]), cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
         _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
@@ -455,9 +453,9 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     Beyond grad_x, only O(C * (Cout + P / BLOCK)) float32 workspace is allocated.
     """
     _check_x(x)
-    w2 = _check_weight(weight, x)
+    _check_weight(weight, x)
     check_channel_vectors(x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
-    cout = w2.shape[0]
+    cout = weight.shape[0]
     _check_pooled(grad_out, "grad_out", x, cout, tuple(dict.fromkeys((x.dtype, torch.float32))))
     if not isinstance(batch_stats, bool):
         raise TypeError(f"batch_stats must be a bool, got {type(batch_stats).__name__}")
@@ -502,8 +500,8 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
 
     def dgrad(compute_sums: bool, write_dx: bool, centered: bool) -> int:
         """Launches one pass; returns its BLOCK_P (rows per partial-sum row)."""
-        args = (grad_out, x, w2, scale, shift, mean, invstd, k1, k2, grad_x, ws_dy, ws_dyx,
-                p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *w2.stride(), *grad_x.stride())
+        args = (grad_out, x, weight, scale, shift, mean, invstd, k1, k2, grad_x, ws_dy, ws_dyx,
+                p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *weight.stride()[:2], *grad_x.stride())
         flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision)
         if tuned is None:
             grid = (cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
