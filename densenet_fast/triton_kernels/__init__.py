@@ -40,8 +40,8 @@ else:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "cdiv", "config_list", "device_arch", "device_sms",
-           "device_smem_optin", "next_power_of_2"]
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "autotune", "autotune_lists", "cdiv", "config_list",
+           "device_arch", "device_sms", "device_smem_optin", "next_power_of_2"]
 
 
 # The launchers' host-side integer arithmetic.  triton.cdiv and triton.next_power_of_2 are
@@ -158,3 +158,10 @@ def autotune(configs, key, **kwargs):
     if not AUTOTUNE_LOG:
         return decorate
     return lambda fn: _logged(decorate(fn), AUTOTUNE_LOG)
+
+
+def autotune_lists(kernel, key, sm90, sm80, fma=None):
+    """{"sm90": ..., "sm80": ..., "fma": ...}: `kernel` autotuned over each config list, indexed as
+    config_list names the lists (without an fma list, index by device_arch)."""
+    lists = {"sm90": sm90, "sm80": sm80, **({} if fma is None else {"fma": fma})}
+    return {name: autotune(configs=configs, key=key)(kernel) for name, configs in lists.items()}

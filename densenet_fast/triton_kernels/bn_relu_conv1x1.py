@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, config_list, next_power_of_2
+from . import INTERPRET, autotune_lists, cdiv, config_list, next_power_of_2
 from ..ops.precision import dot_precision
 from .indexing import row_nhw
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_1x1_weight,
@@ -101,12 +101,10 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
         store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, pid_m * COUT + cols)
 
 
-_TUNED = {
-    # K (the layer's prefix width C_l) changes with every layer: keyed on its power-of-two bucket
-    # instead, so a block autotunes a handful of times rather than once per layer.
-    arch: autotune(configs=configs, key=["M", "K_BUCKET", "COUT", "INPUT_PRECISION"])(_bn_relu_conv1x1_kernel)
-    for arch, configs in (("sm90", CONFIGS_SM90), ("sm80", CONFIGS_SM80), ("fma", CONFIGS_FMA))
-}
+# K (the layer's prefix width C_l) changes with every layer: keyed on its power-of-two bucket
+# instead, so a block autotunes a handful of times rather than once per layer.
+_TUNED = autotune_lists(_bn_relu_conv1x1_kernel, ["M", "K_BUCKET", "COUT", "INPUT_PRECISION"],
+                        CONFIGS_SM90, CONFIGS_SM80, CONFIGS_FMA)
 
 
 def _check_inputs(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor) -> None:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, config_list, device_sms, next_power_of_2
+from . import INTERPRET, autotune_lists, cdiv, config_list, device_sms, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -306,21 +306,17 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
     tl.store(ws_ptr + ws_off, acc, mask=cmask[:, None] & omask[None, :])
 
 
-def _tuned(kernel, configs_sm90, configs_sm80, configs_fma, key):
-    """{"sm90", "sm80", "fma"}: the autotuned kernel over each list (config_list picks one)."""
-    return {name: autotune(configs=configs, key=key)(kernel)
-            for name, configs in (("sm90", configs_sm90), ("sm80", configs_sm80), ("fma", configs_fma))}
-
-
 # Keys: the sizes, the layout (sx_c is 1 for channels_last data) and the precision; triton adds
 # the tensors' dtypes itself.
-_TUNED_FWD = _tuned(_bn_relu_conv3x3_fwd_kernel, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80, CONFIGS_FWD_FMA,
-                    ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"])
-_TUNED_DGRAD = _tuned(_conv3x3_dgrad_kernel, CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA,
-                      ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"])
-_TUNED_WGRAD = _tuned(_conv3x3_wgrad_kernel, CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA,
-                      ["M", "B", "KOUT", "H", "W", "ROWS_PER_PROG", "sx_c", "sg_c", "INPUT_PRECISION",
-                       "BLOCK_O"])
+_TUNED_FWD = autotune_lists(_bn_relu_conv3x3_fwd_kernel,
+                            ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"],
+                            CONFIGS_FWD_SM90, CONFIGS_FWD_SM80, CONFIGS_FWD_FMA)
+_TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
+                              ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"],
+                              CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA)
+_TUNED_WGRAD = autotune_lists(_conv3x3_wgrad_kernel, ["M", "B", "KOUT", "H", "W", "ROWS_PER_PROG", "sx_c", "sg_c",
+                                                      "INPUT_PRECISION", "BLOCK_O"],
+                              CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA)
 
 
 def _narrow_tile(k: int) -> int:

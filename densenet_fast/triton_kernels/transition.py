@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, config_list, device_arch, device_sms
+from . import INTERPRET, autotune_lists, cdiv, config_list, device_arch, device_sms
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -88,11 +88,13 @@ FWD_CONFIGS_SM80: List[triton.Config] = [
     _cfg(_FWD, (64, 128, 32), 4, 3), _cfg(_FWD, (64, 64, 64), 4, 3),
 ]
 DGRAD_CONFIGS_SM90: List[triton.Config] = [
-    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 3),
+    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3),
+    _cfg(_DGRAD, (64, 128, 32), 8, 3),
     _cfg(_DGRAD, (128, 128, 32), 8, 3), _cfg(_DGRAD, (64, 64, 64), 4, 3), _cfg(_DGRAD, (32, 64, 32), 4, 4),
 ]
 DGRAD_CONFIGS_SM80: List[triton.Config] = [
-    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3), _cfg(_DGRAD, (64, 128, 32), 8, 2),
+    _cfg(_DGRAD, (32, 64, 32), 8, 3), _cfg(_DGRAD, (64, 64, 32), 8, 3), _cfg(_DGRAD, (128, 64, 32), 8, 3),
+    _cfg(_DGRAD, (64, 128, 32), 8, 2),
     _cfg(_DGRAD, (64, 64, 64), 4, 3), _cfg(_DGRAD, (32, 64, 32), 4, 3),
 ]
 WGRAD_CONFIGS_SM90: List[triton.Config] = [
@@ -314,19 +316,13 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
              dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-_FWD_TUNED = {
-    arch: autotune(configs=configs, key=["P", "K", "COUT", "INPUT_PRECISION"])(_bn_relu_pool_conv1x1_kernel)
-    for arch, configs in (("sm90", FWD_CONFIGS_SM90), ("sm80", FWD_CONFIGS_SM80), ("fma", FWD_CONFIGS_FMA))
-}
-_WGRAD_TUNED = {
-    arch: autotune(configs=configs, key=["P", "C", "COUT", "INPUT_PRECISION"])(_pool_conv1x1_wgrad_kernel)
-    for arch, configs in (("sm90", WGRAD_CONFIGS_SM90), ("sm80", WGRAD_CONFIGS_SM80), ("fma", WGRAD_CONFIGS_FMA))
-}
-_DGRAD_TUNED = {
-    arch: autotune(configs=configs, key=["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED",
-                                                "INPUT_PRECISION"])(_pool_conv1x1_dgrad_kernel)
-    for arch, configs in (("sm90", DGRAD_CONFIGS_SM90), ("sm80", DGRAD_CONFIGS_SM80))
-}
+_FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION"],
+                            FWD_CONFIGS_SM90, FWD_CONFIGS_SM80, FWD_CONFIGS_FMA)
+_WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION"],
+                              WGRAD_CONFIGS_SM90, WGRAD_CONFIGS_SM80, WGRAD_CONFIGS_FMA)
+_DGRAD_TUNED = autotune_lists(_pool_conv1x1_dgrad_kernel,  # no fma list: indexed by device_arch
+                              ["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED", "INPUT_PRECISION"],
+                              DGRAD_CONFIGS_SM90, DGRAD_CONFIGS_SM80)
 
 
 # --------------------------------------------------------------------------------------------
