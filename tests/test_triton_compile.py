@@ -29,18 +29,23 @@ SCRIPT = os.path.join(ROOT, "scripts", "triton_aot_check.py")
 CANNOT_COMPILE = 2  # the script's exit status when triton cannot AOT-compile here (e.g. no ptxas)
 
 
-def test_default_configs_compile_for_sm90_fp16(tmp_path):
+def _aot_check(tmp_path, *args):
+    """Run scripts/triton_aot_check.py for sm90 with `args` (skips where triton cannot compile
+    ahead of time); returns (its results, the tail of its output, its exit status)."""
     out = tmp_path / "aot.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, SCRIPT, "--arch", "sm90", "--dtypes", "fp16", "--default-only",
-           "--one-per-kernel", "--quiet", "--jobs", "2", "--json", str(out)]
+    cmd = [sys.executable, SCRIPT, "--arch", "sm90", *args, "--quiet", "--jobs", "2", "--json", str(out)]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     log = proc.stdout[-6000:] + proc.stderr[-3000:]
     if proc.returncode == CANNOT_COMPILE:
         why = [line for line in proc.stdout.splitlines() if line.startswith("cannot AOT-compile here")]
         pytest.skip(why[-1] if why else f"triton cannot compile ahead of time on this machine:\n{log}")
     assert out.exists(), f"the AOT check did not finish (exit {proc.returncode}):\n{log}"
-    results = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())["results"], log, proc.returncode
+
+
+def test_default_configs_compile_for_sm90_fp16(tmp_path):
+    results, log, returncode = _aot_check(tmp_path, "--dtypes", "fp16", "--default-only", "--one-per-kernel")
     kernels = {r["kernel"] for r in results}
     # Every kernel of the package, launched by the launchers on DenseNet-121-sized problems.
     assert len(kernels) >= 14, f"only {sorted(kernels)} were compiled:\n{log}"
@@ -48,7 +53,7 @@ def test_default_configs_compile_for_sm90_fp16(tmp_path):
     assert not failed, "kernels that do not compile for sm90:\n" + "\n".join(failed)
     over = [f"{r['kernel']} [{r['config']}]: {r['shared']} > {r['limit']} bytes" for r in results if not r["fits"]]
     assert not over, "default configs that need more shared memory than sm90 has:\n" + "\n".join(over)
-    assert proc.returncode == 0, log
+    assert returncode == 0, log
 
 
 GEMM_KERNELS = ("_bn_relu_conv1x1_kernel", "_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel",
@@ -62,16 +67,8 @@ def test_float32_gemm_defaults_do_not_spill(tmp_path):
     4 warps (they run 8 now); with TF32 off, tl.dot lowers to FMAs, where the pipelined tiles
     spilled up to 13 KB (the "fma" config lists). Compiled for sm90 on the DenseNet-121 problems in
     both layouts, no default may use stack (~30 s on two cores)."""
-    out = tmp_path / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, SCRIPT, "--arch", "sm90", "--dtypes", "fp32", "--default-only", "--modes", "specialized",
-           "--kernel", ",".join(GEMM_KERNELS), "--quiet", "--jobs", "2", "--json", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    log = proc.stdout[-6000:] + proc.stderr[-3000:]
-    if proc.returncode == CANNOT_COMPILE:
-        pytest.skip(f"triton cannot compile ahead of time on this machine:\n{log}")
-    assert out.exists(), f"the AOT check did not finish (exit {proc.returncode}):\n{log}"
-    results = json.loads(out.read_text())["results"]
+    results, log, _ = _aot_check(tmp_path, "--dtypes", "fp32", "--default-only", "--modes", "specialized",
+                                 "--kernel", ",".join(GEMM_KERNELS))
     for precision in ("tf32", "ieee"):
         assert {r["kernel"] for r in results if precision in r["case"]} == set(GEMM_KERNELS), (precision, log)
     assert {"NCHW" in r["case"] for r in results} == {True, False}, "both layouts"
