@@ -277,7 +277,7 @@ def _tuned(pass_name: str, configs_name: str, block_b: int, elem: int, smem: int
         restore = ["gx_ptr"]
     fits = [c for c in configs
             if block_b * c.kwargs["BLOCK_C"] <= limit and _smem_estimate(pass_name, c, block_b, elem) <= smem]
-    safe = configs[-1] if configs_name == "fma" else SAFE_CONFIG
+    safe = configs[-1] if configs_name == "fma" else SAFE_CONFIG  # an fma list's last tile is its smallest
     if all(c is not safe for c in fits):
         fits.append(safe)
     return autotune(configs=fits, key=key, restore_value=restore)(kernel)
