@@ -138,7 +138,7 @@ class DenseBlock(nn.ModuleDict):
         return self.forward_with_stats(x)[0]
 
 
-class Transition(nn.Module):
+class Transition(nn.Sequential):
     """BN-ReLU-Conv1x1-AvgPool2x2 (torchvision's _Transition), computed as conv(pool(relu(bn(x)))).
 
     (N, C, H, W) -> (N, C_out, H // 2, W // 2).  forward(x, stats=None, out=None): `stats` is the
@@ -146,14 +146,19 @@ class Transition(nn.Module):
     statistics are computed here.  `out`: a (N, C_out, H // 2, W // 2) tensor to write the result
     into, typically next_block.new_buffer(...)[:, :C_out]; the result then shares its memory.
     relu(bn(x)) is never stored.
+
+    Like torchvision's _Transition it is an nn.Sequential of norm, relu, conv, pool: code that
+    walks a transition's children (segmentation encoders take their skip connection after its
+    ReLU that way) runs them one by one, with the plain modules' results.
     """
 
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.add_module("norm", nn.BatchNorm2d(num_input_features))
+        self.add_module("relu", nn.ReLU(inplace=True))
+        self.add_module("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1,
+                                          bias=False))
+        self.add_module("pool", nn.AvgPool2d(kernel_size=2, stride=2))
         self.backend = check_backend_name(backend)
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 

@@ -286,6 +286,46 @@ def test_convert_model_containing_blocks():
         assert_close(s_c[name].double(), s_o[name].double(), F64, f"after a step: {name}")
 
 
+class _SkipEncoder(torchvision.models.DenseNet):
+    """An encoder the way segmentation libraries build one on torchvision's DenseNet: no
+    classifier, the features run stage by stage, and each transition is walked child by child so
+    that the skip connection is taken after its ReLU (before the conv and the pooling)."""
+
+    def __init__(self):
+        super().__init__(4, (2, 2, 2), 6, 2, 0.0, 3, memory_efficient=False)
+        del self.classifier
+
+    def forward(self, x):
+        f = self.features
+        h = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+        skips = []
+        for i in (1, 2):
+            h = getattr(f, f"denseblock{i}")(h)
+            for child in getattr(f, f"transition{i}"):
+                h = child(h)
+                if isinstance(child, nn.ReLU):
+                    skips.append(h)
+        h = f.norm5(f.denseblock3(h))
+        return torch.cat([s.mean((2, 3)) for s in skips] + [h.mean((2, 3))], 1)
+
+
+def test_convert_encoder_that_walks_transitions():
+    """A converted transition is an nn.Sequential of norm, relu, conv, pool like torchvision's, so
+    an encoder that iterates over it gets the same skip features (and gradients, and running
+    statistics) as the torchvision original."""
+    torch.manual_seed(31)
+    enc = _SkipEncoder()
+    randomize_bn_(enc, 32).double()
+    ours = densenet_fast.convert(enc, backend="torch")
+    assert isinstance(ours.features.transition1, densenet_fast.Transition)
+    assert [n for n, _ in ours.features.transition1.named_children()] == ["norm", "relu", "conv", "pool"]
+    assert isinstance(ours.features.denseblock2, densenet_fast.DenseBlock)
+    x = seeded_input((2, 3, 33, 30), 33, F64)
+    s_c, s_o = _check_same_training_step(ours, enc, x, "converted skip encoder")
+    for name in s_o:
+        assert_close(s_c[name].double(), s_o[name].double(), F64, f"after a step: {name}")
+
+
 def test_convert_copies_mode_momentum_eps():
     torch.manual_seed(18)
     tv = torchvision_densenet(4, (2, 2), 6, 2, num_classes=3, small_inputs=True)
