@@ -3,6 +3,8 @@ and convert().  Tolerances: tolerances.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -77,6 +79,68 @@ def test_densenet121_loads_torchvision_weights_and_matches():
     projection_loss(out_t, 3).backward()
     projection_loss(out_o, 3).backward()
     assert_close(xo.grad, xt.grad, F64, "densenet121 input grad")
+
+
+def _as_torchvision_checkpoint(state, counters=False):
+    """A state_dict in the format of torchvision's published DenseNet checkpoints: the dense
+    layers store norm1/relu1/conv1/norm2/... as norm.1/relu.1/conv.1/norm.2/..., and no BN has
+    num_batches_tracked (counters=True keeps them, renamed too)."""
+    out = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v.clone() for k, v in state.items()
+           if counters or not k.endswith("num_batches_tracked")}
+    assert sum(".norm.1." in k for k in out) > 0, "the checkpoint naming was not applied"
+    return out
+
+
+@pytest.mark.parametrize("name, weights", [
+    ("densenet121", "DEFAULT"), ("densenet121", "IMAGENET1K_V1"), ("densenet121", "DenseNet121_Weights.IMAGENET1K_V1"),
+    ("densenet121", "member"), ("densenet121", "counters"), ("densenet161", "DEFAULT"), ("densenet169", "DEFAULT"),
+    ("densenet201", "DEFAULT")])
+def test_builders_load_torchvision_weights(monkeypatch, name, weights):
+    """densenet121(weights=...) does what torchvision's builder does, without a download here:
+    the weights enum's get_state_dict serves a torchvision model's state_dict in the published
+    checkpoints' legacy naming, and the built model must hold exactly those tensors."""
+    enum = getattr(torchvision.models, name.replace("densenet", "DenseNet") + "_Weights")
+    torch.manual_seed(40)
+    tv = getattr(torchvision.models, name)()
+    randomize_bn_(tv, 41)
+    with torch.no_grad():
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.num_batches_tracked.fill_(7 if weights == "counters" else 0)
+    served = []
+
+    def get_state_dict(self, *args, **kwargs):
+        served.append((self, args, kwargs))
+        return _as_torchvision_checkpoint(tv.state_dict(), counters=weights == "counters")
+    monkeypatch.setattr(enum, "get_state_dict", get_state_dict)
+    arg = {"member": enum.IMAGENET1K_V1, "counters": "DEFAULT"}.get(weights, weights)
+    ours = getattr(densenet_fast, name)(weights=arg, progress=False, backend="torch")
+    assert served == [(enum.IMAGENET1K_V1, (), {"progress": False, "check_hash": True})]
+    assert isinstance(ours, densenet_fast.DenseNet) and ours.memory_efficient
+    assert ours.classifier.out_features == 1000
+    got = ours.state_dict()
+    assert set(got) == set(tv.state_dict())
+    for key, value in tv.state_dict().items():
+        assert torch.equal(got[key], value), f"{name}(weights={weights}): {key} differs from the checkpoint"
+    if name == "densenet121" and weights == "DEFAULT":
+        tv.eval()
+        ours.eval()
+        x = seeded_input((2, 3, 32, 32), 42)
+        assert_close(ours(x), tv(x), torch.float32, f"{name}(weights=...) logits")
+
+
+def test_builder_weights_errors():
+    """Bad weights arguments fail before any download, naming what was expected."""
+    with pytest.raises(ValueError, match="num_classes=10"):
+        densenet_fast.densenet121(weights="DEFAULT", num_classes=10)
+    with pytest.raises(ValueError, match=r"DenseNet121_Weights member or one of \['DEFAULT', 'IMAGENET1K_V1'\]"):
+        densenet_fast.densenet121(weights="IMAGENET1K_V9")
+    with pytest.raises(TypeError, match="DenseNet121_Weights member or its name, got DenseNet169_Weights"):
+        densenet_fast.densenet121(weights=torchvision.models.DenseNet169_Weights.DEFAULT)
+    with pytest.raises(ValueError, match="no pretrained DenseNet-264"):
+        densenet_fast.densenet264(weights="DEFAULT")
+    with pytest.raises(ValueError, match="num_classes=10"):
+        get_model("densenet169", weights="DEFAULT", num_classes=10)
 
 
 def test_densenet264_config():

@@ -9,7 +9,8 @@ still works and returns norm5's output, as torchvision's does.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import re
+from typing import Any, Dict, Sequence
 
 import torch
 import torch.nn as nn
@@ -111,28 +112,90 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(pooled, 1))
 
 
-def densenet121(**kwargs: Any) -> DenseNet:
-    """DenseNet-121 (growth 32, blocks 6-12-24-16, 64 stem features), torchvision-compatible."""
-    return DenseNet(32, (6, 12, 24, 16), 64, **kwargs)
+# torchvision's checkpoints predate its current module names: a dense layer's "norm1" is stored
+# as "norm.1" there (and so on for relu/conv 1 and 2); they have no num_batches_tracked entries,
+# which BatchNorm's loading fills in.
+_LEGACY_LAYER_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def densenet161(**kwargs: Any) -> DenseNet:
-    """DenseNet-161 (growth 48, blocks 6-12-36-24, 96 stem features), torchvision-compatible."""
-    return DenseNet(48, (6, 12, 36, 24), 96, **kwargs)
+def _torchvision_weights(builder: str, weights: Any) -> Any:
+    """weights as a member of torchvision's enum for `builder` (e.g. DenseNet121_Weights): a
+    member, its name ("IMAGENET1K_V1", "DEFAULT") or its full name ("DenseNet121_Weights.DEFAULT")."""
+    try:
+        import torchvision.models as tvm
+    except ImportError as exc:
+        raise ImportError(f"{builder}(weights=...): torchvision's pretrained weights need torchvision "
+                          f"installed ({exc})") from exc
+    enum = getattr(tvm, builder.replace("densenet", "DenseNet") + "_Weights")
+    if isinstance(weights, str):
+        name = weights.split(".", 1)[1] if weights.startswith(enum.__name__ + ".") else weights
+        if name not in enum.__members__:
+            raise ValueError(f"{builder}: weights must be None, a {enum.__name__} member or one of "
+                             f"{sorted(enum.__members__)}, got {weights!r}")
+        return enum[name]
+    if not isinstance(weights, enum):
+        raise TypeError(f"{builder}: weights must be None, a {enum.__name__} member or its name, got "
+                        f"{type(weights).__name__} {weights!r}")
+    return weights
 
 
-def densenet169(**kwargs: Any) -> DenseNet:
-    """DenseNet-169 (growth 32, blocks 6-12-32-32, 64 stem features), torchvision-compatible."""
-    return DenseNet(32, (6, 12, 32, 32), 64, **kwargs)
+def _densenet(builder: str, growth_rate: int, block_config: Sequence[int], num_init_features: int,
+              weights: Any, progress: bool, kwargs: Dict[str, Any]) -> DenseNet:
+    """torchvision's builder logic: with weights, num_classes defaults to (and must equal) the
+    weights' category count, and the checkpoint is loaded after its legacy keys are renamed."""
+    if weights is not None:
+        weights = _torchvision_weights(builder, weights)
+        classes = len(weights.meta["categories"])
+        if kwargs.setdefault("num_classes", classes) != classes:
+            raise ValueError(f"{builder}: {weights} classify {classes} categories, got num_classes="
+                             f"{kwargs['num_classes']} (leave it out, or load the weights and replace the "
+                             "classifier)")
+    model = DenseNet(growth_rate, block_config, num_init_features, **kwargs)
+    if weights is not None:
+        state = weights.get_state_dict(progress=progress, check_hash=True)
+        renamed = {}
+        for key, value in state.items():
+            legacy = _LEGACY_LAYER_KEY.match(key)
+            renamed[legacy.group(1) + legacy.group(2) if legacy else key] = value
+        model.load_state_dict(renamed)
+    return model
 
 
-def densenet201(**kwargs: Any) -> DenseNet:
-    """DenseNet-201 (growth 32, blocks 6-12-48-32, 64 stem features), torchvision-compatible."""
-    return DenseNet(32, (6, 12, 48, 32), 64, **kwargs)
+def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (growth 32, blocks 6-12-24-16, 64 stem features), torchvision-compatible.
+
+    weights: None, or torchvision's DenseNet121_Weights (a member or its name, e.g. "DEFAULT"):
+    downloaded by torchvision (progress: show a progress bar) and loaded, as
+    torchvision.models.densenet121(weights=...) does.
+    """
+    return _densenet("densenet121", 32, (6, 12, 24, 16), 64, weights, progress, kwargs)
 
 
-def densenet264(**kwargs: Any) -> DenseNet:
-    """DenseNet-264 (growth 32, blocks 6-12-64-48, 64 stem features; Huang et al. Table 1)."""
+def densenet161(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (growth 48, blocks 6-12-36-24, 96 stem features), torchvision-compatible;
+    weights: torchvision's DenseNet161_Weights (see densenet121)."""
+    return _densenet("densenet161", 48, (6, 12, 36, 24), 96, weights, progress, kwargs)
+
+
+def densenet169(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (growth 32, blocks 6-12-32-32, 64 stem features), torchvision-compatible;
+    weights: torchvision's DenseNet169_Weights (see densenet121)."""
+    return _densenet("densenet169", 32, (6, 12, 32, 32), 64, weights, progress, kwargs)
+
+
+def densenet201(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (growth 32, blocks 6-12-48-32, 64 stem features), torchvision-compatible;
+    weights: torchvision's DenseNet201_Weights (see densenet121)."""
+    return _densenet("densenet201", 32, (6, 12, 48, 32), 64, weights, progress, kwargs)
+
+
+def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-264 (growth 32, blocks 6-12-64-48, 64 stem features; Huang et al. Table 1).
+    torchvision publishes no weights for it: weights must be None."""
+    if weights is not None:
+        raise ValueError(f"densenet264: torchvision has no pretrained DenseNet-264, weights must be None, "
+                         f"got {weights!r}")
     return DenseNet(32, (6, 12, 64, 48), 64, **kwargs)
 
 
