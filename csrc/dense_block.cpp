@@ -228,8 +228,21 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
     const at::Tensor* s = &saved[kSavedPerLayer * l];
     const Affine a1{mean1[l], s[0], s[1], s[2]};
     const Affine a2{mean2[l], s[3], s[4], s[5]};
-    at::Tensor bt = bottlenecks.empty() ? bottleneck(launch, fbuf, cl, a1.scale, a1.shift, w1, steps[l])
-                                        : bottlenecks[l];
+    const int64_t step = steps[l];
+    // z1 = relu(bn1(F[:, :cl])) of the recompute, kept for the 1x1 conv's backward below when the
+    // prefix is one chunk and holding it costs no extra transient memory: the 3x3 backward holds
+    // ~3 B-channel tensors (Bt, z2 or dBt, dz2), the chunk loop B + 2 cl (dBt, z1, dz1), so
+    // cl + 3 B <= B + 2 cl, i.e. 2 B <= cl (CudaBlockKernels.recompute_bottleneck's rule).
+    at::Tensor z1, bt;
+    if (!bottlenecks.empty()) {
+      bt = bottlenecks[l];
+    } else if (step >= cl && 2 * w1.size(0) <= cl) {
+      z1 = scratch_like(fbuf, cl);
+      launch.bn_relu_out(fbuf.narrow(1, 0, cl), a1.scale, a1.shift, z1);
+      bt = conv1x1(z1, w1, at::Tensor(), false);
+    } else {
+      bt = bottleneck(launch, fbuf, cl, a1.scale, a1.shift, w1, step);
+    }
     // CudaBlockKernels.layer_output_backward
     at::Tensor d_out = cast(gbuf.narrow(1, cl, k), bt.scalar_type());
     at::Tensor z2 = bn_relu(launch, bt, a2);
@@ -242,17 +255,16 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
                                     d_bt, false);
     d_z2.reset();
     bt.reset();
-    // CudaBlockKernels.bottleneck_backward: chunk by chunk, z rebuilt into one scratch and the
-    // chunk's input gradient added straight into G[:, a:e]
-    const int64_t step = steps[l];
-    at::Tensor scratch = scratch_like(fbuf, std::min(step, cl));
+    // CudaBlockKernels.bottleneck_backward: chunk by chunk, z rebuilt into one scratch (or the kept
+    // z1) and the chunk's input gradient added straight into G[:, a:e]
+    at::Tensor scratch = z1.defined() ? z1 : scratch_like(fbuf, std::min(step, cl));
     std::vector<at::Tensor> d_w1, d_g1, d_b1;
     for (int64_t a = 0; a < cl; a += step) {
       const int64_t len = std::min(cl, a + step) - a;
       const at::Tensor xc = fbuf.narrow(1, a, len);
       at::Tensor z = scratch.narrow(1, 0, len);
       const at::Tensor scale = a1.scale.narrow(0, a, len), shift = a1.shift.narrow(0, a, len);
-      launch.bn_relu_out(xc, scale, shift, z);
+      if (!z1.defined()) launch.bn_relu_out(xc, scale, shift, z);
       auto [d_z, d_wc] = conv1x1_backward(d_bt, z, w1.narrow(1, a, len));
       auto [d_gc, d_bc] = bn_backward(launch, d_z, xc, a1.mean.narrow(0, a, len), a1.invstd.narrow(0, a, len), scale,
                                       shift, batch1[l] != 0, count, gbuf.narrow(1, a, len), true);

@@ -19,6 +19,7 @@ import densenet_fast
 from densenet_fast import reference
 from builders import (copy_weights, efficient_densenet, param_grads, projection_loss, randomize_bn_, seeded_input,
                       states)
+from helpers import DispatchLog
 from tolerances import assert_close, assert_model_within_naive_error, assert_within_naive_error
 
 F64 = torch.float64
@@ -529,6 +530,31 @@ def test_bn_affine_memo():
     assert_close(got[2], w * invstd, torch.float32, "scale of inference tensors")
 
 
+@pytest.mark.parametrize("bn_size, kept", [(1, 3), (4, 0)], ids=["narrow-bottleneck", "wide-bottleneck"])
+def test_backward_reuses_the_recomputed_prefix(bn_size, kept):
+    """With the bottleneck recomputed and the prefix in one chunk, the backward keeps
+    relu(bn1(F[:, :cl])) from the recompute for the 1x1 conv's backward (one BN pass over the
+    prefix fewer) exactly where that raises no transient peak, 4 * B <= 3 * cl: here every layer
+    for B = 8 (cl = 24, 32, 40), none for B = 32.  Counted as batch-norm applications in the
+    backward (3 per layer without the reuse); the gradients must match the naive block either way."""
+    torch.manual_seed(3)
+    block = randomize_bn_(densenet_fast.DenseBlock(3, 24, bn_size, 8, backend="torch"), 4).double()
+    naive = reference.DenseBlock(3, 24, bn_size, 8, 0.0).double()
+    copy_weights(block, naive)
+    x = seeded_input((2, 24, 5, 6), 5, torch.float64)
+    xo, xn = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_o, out_n = block(xo), naive(xn)
+    with DispatchLog() as log:
+        projection_loss(out_o, 6).backward()
+    projection_loss(out_n, 6).backward()
+    passes = log.entries.count("aten::native_batch_norm")
+    assert passes == 3 * 3 - kept, f"{passes} batch-norm passes in the backward"
+    assert_close(xo.grad, xn.grad, torch.float64, "input grad")
+    g_o, g_n = param_grads(block), param_grads(naive)
+    for name in g_n:
+        assert_close(g_o[name], g_n[name], torch.float64, f"grad {name}")
+
+
 def test_auto_chunks_are_never_narrower_than_the_bottleneck(monkeypatch):
     """With the automatic chunking, every 1x1-conv chunk (forward, recompute and backward) is at
     least the bottleneck's width (bn_size * k) or the whole prefix: large images must not cut the
@@ -543,12 +569,16 @@ def test_auto_chunks_are_never_narrower_than_the_bottleneck(monkeypatch):
             self.steps = []
 
         def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
-            self.steps.append(("forward", cl, w1.shape[0], step))
+            self.steps.append(("bottleneck", cl, w1.shape[0], step))
             return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
 
-        def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+        def recompute_bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step):
+            self.steps.append(("recompute", cl, w1.shape[0], step))
+            return super().recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
+
+        def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1=None):
             self.steps.append(("backward", cl, w1.shape[0], step))
-            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1)
 
     torch.manual_seed(0)
     block = randomize_bn_(densenet_fast.DenseBlock(3, 24, 4, 8, backend="torch"), 1)  # bottleneck 32
@@ -561,7 +591,9 @@ def test_auto_chunks_are_never_narrower_than_the_bottleneck(monkeypatch):
         fbuf, _, _ = db.run_dense_block(xi, list(block.values()), kernels)
         fbuf.backward(torch.randn(fbuf.shape, generator=torch.Generator().manual_seed(2)))
         results.append((fbuf.detach(), xi.grad))
-        assert len(kernels.steps) == 9  # 3 forwards, 3 recomputed in backward, 3 backwards
+        phases = [p for p, _, _, _ in kernels.steps]
+        # 3 forwards (+ the recomputes that do not keep z1 go through bottleneck), 3 recomputes, 3 backwards
+        assert phases.count("recompute") == 3 and phases.count("backward") == 3 and phases.count("bottleneck") >= 3
         for phase, cl, width, step in kernels.steps:
             assert step >= min(cl, width), f"{phase} of the {cl}-channel layer: {step}-channel chunks"
     assert_close(results[0][0], results[1][0], torch.float32, "block output, small budget")

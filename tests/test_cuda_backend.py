@@ -23,7 +23,7 @@ import densenet_fast
 from densenet_fast import _ext, reference
 from builders import param_grads, randomize_bn_, seeded_input
 from helpers import DispatchLog
-from tolerances import assert_model_within_naive_error, assert_within_naive_error
+from tolerances import assert_close, assert_model_within_naive_error, assert_within_naive_error
 
 if not _ext.HAS_C or not hasattr(torch.ops.densenet_fast, "bn_relu_out"):
     pytest.skip(f"the extension with the fused BN ops is not built ({_ext.IMPORT_ERROR})", allow_module_level=True)
@@ -50,21 +50,25 @@ def _run_naive(block, x, r):
 # chunk 4 splits the 7 + 5l channel prefixes unevenly: the scratch chunk is reused with a short
 # last chunk, and G[:, a:e] is accumulated chunk by chunk.  "whole": the layer loop in C++
 # (dense_block_forward/backward); "per-layer": CudaBlockKernels' Python methods.
+# "narrow": bottleneck 4 against prefixes of 12-20 channels, so with one chunk the backward keeps
+# the recompute's relu(bn1(prefix)) for the 1x1 conv's backward (2 B <= cl); "wide" never does.
+@pytest.mark.parametrize("cfg", [(3, 7, 3, 5), (3, 12, 1, 4)], ids=["wide", "narrow"])
 @pytest.mark.parametrize("whole", [True, False], ids=["whole", "per-layer"])
 @pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunk4"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_cuda_block_kernels_match_naive(mode, channels_last, chunk, whole):
+def test_cuda_block_kernels_match_naive(mode, channels_last, chunk, whole, cfg):
+    layers, c0, bn_size, k = cfg
     torch.manual_seed(0)
-    ours = densenet_fast.DenseBlock(3, 7, 3, 5, backend="torch")
+    ours = densenet_fast.DenseBlock(layers, c0, bn_size, k, backend="torch")
     randomize_bn_(ours, 1)
-    naive = reference.DenseBlock(3, 7, 3, 5, 0.0)
+    naive = reference.DenseBlock(layers, c0, bn_size, k, 0.0)
     naive.load_state_dict(ours.state_dict())
     exact = copy.deepcopy(naive).double()
     for m in (ours, naive, exact):
         m.train(mode == "train")
-    x = seeded_input((2, 7, 9, 7), 2, torch.float32, channels_last, scale=1.5, offset=0.4)
-    r = torch.randn(2, 22, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x = seeded_input((2, c0, 9, 7), 2, torch.float32, channels_last, scale=1.5, offset=0.4)
+    r = torch.randn(2, c0 + layers * k, 9, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     fast = _run_ours(ours, x, chunk, r, whole)
     slow = _run_naive(naive, x, r)
     ref = _run_naive(exact, x.double(), r)
@@ -197,6 +201,30 @@ def _assert_same(a, b):
 # while norm2 trains, and the reverse in layer 1; save_bottleneck keeps Bt instead of recomputing.
 # On a GPU (IEEE float32, so that both paths' GEMMs and convolutions round alike) the same check
 # runs the CUDA kernels of the ops and the loop with CUDA tensors.
+@pytest.mark.parametrize("bn_size, kept", [(1, 3), (3, 0)], ids=["narrow", "wide"])
+def test_per_layer_backward_reuses_the_recomputed_prefix(bn_size, kept):
+    """CudaBlockKernels' backward keeps the recompute's scale-shift-ReLU of the prefix for the 1x1
+    conv's backward where 2 B <= cl (one chunk): B = 4 keeps it in all three layers (cl = 12, 16,
+    20), B = 12 in none.  Counted as bn_relu_out launches in the backward: recompute, z2 and the
+    chunk loop, 3 per layer without the reuse."""
+    torch.manual_seed(7)
+    block = randomize_bn_(densenet_fast.DenseBlock(3, 12, bn_size, 4, backend="torch"), 8)
+    naive = reference.DenseBlock(3, 12, bn_size, 4, 0.0)
+    naive.load_state_dict(block.state_dict())
+    x = seeded_input((2, 12, 6, 5), 9, torch.float32)
+    xi = x.clone().requires_grad_(True)
+    f, _, _ = run_dense_block(xi, list(block.values()), CudaBlockKernels(whole=False))
+    r = torch.randn(f.shape, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    with DispatchLog() as log:
+        (f.double() * r).sum().backward()
+    launches = log.entries.count("densenet_fast::bn_relu_out")
+    assert launches == 3 * 3 - kept, f"{launches} bn_relu_out launches in the backward"
+    slow = _run_naive(naive, x, r)
+    assert_close(xi.grad, slow[1], torch.float32, "input grad")
+    for name, grad in param_grads(block).items():
+        assert_close(grad, slow[2][name], torch.float32, f"grad {name}")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not (torch.cuda.is_available() and _ext.has_cuda_kernels()), reason="needs a GPU and the extension's CUDA kernels"))])
 @pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "save-bottleneck"])

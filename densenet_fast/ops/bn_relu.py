@@ -43,6 +43,8 @@ class NormStats:
     memo: Dict[Any, Tuple[Tensor, ...]] = field(default_factory=dict, repr=False, compare=False)
 
     def slice(self, c0: int, c1: int) -> "NormStats":
+        if c0 == 0 and c1 == self.mean.shape[0]:
+            return self  # the whole range (a block's single chunk): no slices, and the memo is shared
         return NormStats(self.mean[c0:c1], self.var[c0:c1], self.batch, self.count, self.group)
 
 
@@ -207,8 +209,8 @@ def batch_stats(x: Tensor, stats_fn=None) -> Tuple[Tensor, Tensor]:
     """
     if stats_fn is not None:
         return stats_fn(x)
-    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not is_fake(x):
-        return torch.batch_norm_update_stats(x.to(stats_dtype(x.dtype)), None, None, 0.0)
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and (_plainly_real(x) or not is_fake(x)):
+        return torch.batch_norm_update_stats(_as_dtype(x, stats_dtype(x.dtype)), None, None, 0.0)
     # No meta/fake kernel exists for it (memory planning, tracing): the var_mean path.
     return channel_stats_torch(x)
 
@@ -234,8 +236,14 @@ def bn_relu(x: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: floa
     when the mean is large against the spread (x * scale and shift both ~ mean * scale).
     """
     sdt = stats.mean.dtype  # a model cast to bf16/fp16 still normalises with fp32 statistics
-    y = F.batch_norm(x, stats.mean, stats.var, weight.to(sdt), bias.to(sdt), False, 0.0, eps)
+    y = F.batch_norm(x, stats.mean, stats.var, _as_dtype(weight, sdt), _as_dtype(bias, sdt), False, 0.0, eps)
     return y.relu_()
+
+
+def _as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t.to(dtype) without the call when t has it already (~1 us of host time each, several per
+    layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def bn_relu_backward(grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, weight: Tensor,
@@ -252,14 +260,14 @@ def bn_relu_backward(grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, wei
     x = _packed_on_cpu(x)
     if stats.batch and stats.group is not None:
         return _synced_bn_backward(grad_y, x, stats, weight, eps)
-    w = weight.to(stats.mean.dtype)
+    w = _as_dtype(weight, stats.mean.dtype)
     invstd = torch.rsqrt(stats.var + eps)
     # save_mean / save_invstd are passed in eval too: CUDA's kernel asserts they are defined on
     # its channels_last path ("save_mean should always be defined", seen on an H200, torch 2.11)
     running = (None, None) if stats.batch else (stats.mean, stats.var)
     gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, *running, stats.mean, invstd, stats.batch, eps,
                                                  [True, True, True])
-    return gx, gw.to(weight.dtype), gb.to(weight.dtype)
+    return gx, _as_dtype(gw, weight.dtype), _as_dtype(gb, weight.dtype)
 
 
 def sync_stats(mean: Tensor, var: Tensor, count: int, group: Any) -> Tuple[Tensor, Tensor, int]:

@@ -196,6 +196,17 @@ class CudaBlockKernels(FusedBlockKernels):
             bt = conv1x1(z, w1[:, a:e], out=bt, accumulate=bt is not None)
         return bt, (self.channel_stats(bt) if want_stats else None)
 
+    def recompute_bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step):
+        """As BlockKernels.recompute_bottleneck, with this backend's rule for keeping z1: the 3x3
+        backward holds ~3 B-channel tensors (Bt, z2 or dBt, dz2), bottleneck_backward B + 2 cl
+        (dBt, z1, dz1; the BN backward adds into G in place), so z1 is kept when 2 B <= cl."""
+        if not self._fused(fbuf) or step < cl or 2 * w1.shape[0] > cl:
+            return super().recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
+        _, _, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
+        z1 = _scratch_like(fbuf, cl)
+        _ops().bn_relu_out(fbuf[:, :cl], scale, shift, z1)
+        return conv1x1(z1, w1), z1
+
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst, stats_out=None):
         if not self._fused(bt):
             return super().layer_output(bt, stats2, g2, b2, eps, w2, dst, stats_out)
@@ -219,24 +230,26 @@ class CudaBlockKernels(FusedBlockKernels):
         d_g2, d_b2 = _bn_backward(d_z2, bt, mean, invstd, scale, shift, stats2.batch, count, d_bt, False)
         return d_bt, d_g2.to(g2.dtype), d_b2.to(b2.dtype), d_w2
 
-    def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+    def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1=None):
         if not self._fused(fbuf):
-            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1)
         mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
         count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
-        scratch = _scratch_like(fbuf, min(step, cl))
+        scratch = _scratch_like(fbuf, min(step, cl)) if z1 is None else z1
         parts = []  # (d_w1, d_g1, d_b1) of each chunk: one chunk needs no copy, several one cat each
         for a in range(0, cl, step):
             e = min(cl, a + step)
             xc = fbuf[:, a:e]
             z = scratch[:, : e - a]
-            _ops().bn_relu_out(xc, scale[a:e], shift[a:e], z)
+            if z1 is None:
+                _ops().bn_relu_out(xc, scale[a:e], shift[a:e], z)
             d_z, d_wc = conv1x1_backward(d_bt, z, w1[:, a:e])
             d_gc, d_bc = _bn_backward(d_z, xc, mean[a:e], invstd[a:e], scale[a:e], shift[a:e], stats1.batch, count,
                                       grad_acc[:, a:e], True)
             parts.append((d_wc, d_gc, d_bc))
             del d_z
-        d_w1, d_g1, d_b1 = parts[0] if len(parts) == 1 else [torch.cat(p, dim=i) for p, i in zip(zip(*parts), (1, 0, 0))]
+        d_w1, d_g1, d_b1 = parts[0] if len(parts) == 1 else [torch.cat(p, dim=i)
+                                                              for p, i in zip(zip(*parts), (1, 0, 0))]
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
 
     def bn_relu_chunk(self, x, stats, weight, bias, eps):

@@ -102,15 +102,40 @@ class BlockKernels:
         d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, stats2, g2, eps)
         return d_bt, d_g2, d_b2, d_w2
 
+    def recompute_bottleneck(self, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor, eps: float,
+                             w1: Tensor, step: int) -> Tuple[Tensor, Optional[Tensor]]:
+        """The backward's Bt (save_bottleneck=False), and z1 = relu(bn1(F[:, :cl])) when
+        bottleneck_backward may reuse it instead of rebuilding it (else None).
+
+        z1 is kept when the prefix is one chunk and holding it through layer_output_backward does
+        not raise the layer's transient peak: that phase holds about 5 B-channel tensors (Bt, z2,
+        dz2, the masked gradient, dBt), bottleneck_backward about B + 4 cl (dBt; z1, dz1, the
+        masked gradient, dx), so keeping z1 costs nothing extra while cl + 5 B <= B + 4 cl, i.e.
+        4 B <= 3 cl.  It saves one BN-ReLU pass over the prefix per layer.
+        """
+        if step >= cl and 4 * w1.shape[0] <= 3 * cl:
+            z1 = bn_relu(fbuf[:, :cl], stats1, g1, b1, eps)
+            return conv1x1(z1, w1), z1
+        return self.bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, False)[0], None
+
     def bottleneck_backward(self, d_bt: Tensor, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor,
-                            eps: float, w1: Tensor, step: int, grad_acc: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+                            eps: float, w1: Tensor, step: int, grad_acc: Tensor, z1: Optional[Tensor] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
         """Gradients of bottleneck: grad_acc (the slice G[:, :cl]) += dLoss/dF[:, :cl]; returns
-        (d_w1, d_g1, d_b1).
+        (d_w1, d_g1, d_b1).  z1: relu(bn1(F[:, :cl])) from recompute_bottleneck, or None.
 
         dgrad and wgrad of a 1x1 conv split exactly by input channel, and so does BN backward
         (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and added
         into G, so no C_l-channel intermediate ever exists.
         """
+        if step >= cl:  # one chunk: its gradients are the whole ones, no copies into a result
+            if z1 is None:
+                z1 = bn_relu(fbuf[:, :cl], stats1, g1, b1, eps)
+            d_z1, d_w1 = conv1x1_backward(d_bt, z1, w1)
+            d_x, d_g1, d_b1 = bn_relu_backward(d_z1, fbuf[:, :cl], z1, stats1, g1, eps)
+            del z1, d_z1
+            grad_acc.add_(d_x)
+            return d_w1, d_g1, d_b1
         d_w1 = torch.empty_like(w1)
         d_g1 = torch.empty_like(g1)
         d_b1 = torch.empty_like(b1)
@@ -202,6 +227,11 @@ class FusedBlockKernels(BlockKernels):
 
     def _fused(self, x: Tensor) -> bool:
         return x.dtype in KERNEL_DTYPES and self.group is None
+
+    def recompute_bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step):
+        if not self._fused(fbuf):
+            return super().recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
+        return self.bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, False)[0], None
 
 
 @dataclass
@@ -313,6 +343,8 @@ def bn_relu_conv1x1(fbuf: Tensor, cl: int, stats: NormStats, weight: Tensor, bia
     fbuf: (N, C, H, W) block buffer; conv_weight: (B, cl, 1, 1).  Returns Bt (N, B, H, W) in F's
     layout.  Only one chunk of relu(bn(.)) exists at a time.
     """
+    if step >= cl:  # one chunk: the whole prefix, with no slices of the parameters
+        return conv1x1(bn_relu(fbuf[:, :cl], stats, weight, bias, eps), conv_weight)
     out = None
     for a in range(0, cl, step):
         e = min(cl, a + step)
@@ -427,9 +459,9 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
         stats1 = rec.stats1 if rec.stats1 is not None else \
             NormStats(mean[:cl], var[:cl], True, spec.count, spec.kernels.group)
         step = chunk_size(spec.chunk_channels, count, cl, w1.shape[0])
-        bt = rec.bottleneck
+        bt, z1 = rec.bottleneck, None
         if bt is None:
-            bt, _ = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, eps1, w1, step, False)
+            bt, z1 = spec.kernels.recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps1, w1, step)
         d_out = gbuf[:, cl:cl + k]
         if rec.seed is not None:
             d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
@@ -437,8 +469,8 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
                                                                     layer.norm2.eps, w2)
         del d_out, bt
         d_w1, d_g1, d_b1 = spec.kernels.bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps1, w1, step,
-                                                            gbuf[:, :cl])
-        del d_bt
+                                                            gbuf[:, :cl], z1)
+        del d_bt, z1
         grads[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)] = [d_g1, d_b1, d_w1, d_g2, d_b2, d_w2]
     return gbuf[:, :c0], grads
 

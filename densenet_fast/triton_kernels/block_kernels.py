@@ -116,9 +116,9 @@ class TritonBlockKernels(FusedBlockKernels):
             d_bt, d_g2, d_b2, d_w2 = bn_relu_conv3x3_backward_triton(*args, scale=scale, shift=shift)
         return d_bt, d_g2.to(g2.dtype), d_b2.to(b2.dtype), d_w2
 
-    def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+    def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1=None):
         if not self._fused(fbuf) or grad_acc.dtype != torch.float32:
-            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+            return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1)
         mean, invstd, scale, shift = _affine(stats1, g1, b1, eps)  # the forward's, kept on stats1
         args = (d_bt, fbuf[:, :cl], w1, mean, invstd, g1.float(), b1.float(), stats1.batch, grad_acc)
         if _compiling():
