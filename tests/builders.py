@@ -5,6 +5,7 @@ densenet_fast.reference); this only wires models together.
 
 from __future__ import annotations
 
+import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
@@ -117,3 +118,13 @@ def seeded_buffer(shape: Sequence[int], layout: str, dtype: torch.dtype, seed: i
     if layout == "channels_last":
         buf = buf.to(memory_format=torch.channels_last)
     return buf.to(device)
+
+
+def as_torchvision_checkpoint(state: Dict[str, Tensor], counters: bool = False) -> Dict[str, Tensor]:
+    """A state_dict in the format of torchvision's published DenseNet checkpoints: the dense
+    layers store norm1/relu1/conv1/norm2/... as norm.1/relu.1/conv.1/norm.2/..., and no BN has
+    num_batches_tracked (counters=True keeps them, renamed too)."""
+    out = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v.clone() for k, v in state.items()
+           if counters or not k.endswith("num_batches_tracked")}
+    assert sum(".norm.1." in k for k in out) > 0, "the checkpoint naming was not applied"
+    return out

@@ -3,8 +3,6 @@ and convert().  Tolerances: tolerances.py."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 import torch.nn as nn
@@ -15,8 +13,8 @@ import torchvision.models.densenet as tvd
 import densenet_fast
 from densenet_fast import reference
 from densenet_fast.models import get_model
-from builders import (copy_weights, efficient_densenet, param_grads, projection_loss, randomize_bn_, seeded_input,
-                      states, torchvision_densenet)
+from builders import (as_torchvision_checkpoint, copy_weights, efficient_densenet, param_grads, projection_loss,
+                      randomize_bn_, seeded_input, states, torchvision_densenet)
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -81,16 +79,6 @@ def test_densenet121_loads_torchvision_weights_and_matches():
     assert_close(xo.grad, xt.grad, F64, "densenet121 input grad")
 
 
-def _as_torchvision_checkpoint(state, counters=False):
-    """A state_dict in the format of torchvision's published DenseNet checkpoints: the dense
-    layers store norm1/relu1/conv1/norm2/... as norm.1/relu.1/conv.1/norm.2/..., and no BN has
-    num_batches_tracked (counters=True keeps them, renamed too)."""
-    out = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v.clone() for k, v in state.items()
-           if counters or not k.endswith("num_batches_tracked")}
-    assert sum(".norm.1." in k for k in out) > 0, "the checkpoint naming was not applied"
-    return out
-
-
 @pytest.mark.parametrize("name, weights", [
     ("densenet121", "DEFAULT"), ("densenet121", "IMAGENET1K_V1"), ("densenet121", "DenseNet121_Weights.IMAGENET1K_V1"),
     ("densenet121", "member"), ("densenet121", "counters"), ("densenet161", "DEFAULT"), ("densenet169", "DEFAULT"),
@@ -111,7 +99,7 @@ def test_builders_load_torchvision_weights(monkeypatch, name, weights):
 
     def get_state_dict(self, *args, **kwargs):
         served.append((self, args, kwargs))
-        return _as_torchvision_checkpoint(tv.state_dict(), counters=weights == "counters")
+        return as_torchvision_checkpoint(tv.state_dict(), counters=weights == "counters")
     monkeypatch.setattr(enum, "get_state_dict", get_state_dict)
     arg = {"member": enum.IMAGENET1K_V1, "counters": "DEFAULT"}.get(weights, weights)
     ours = getattr(densenet_fast, name)(weights=arg, progress=False, backend="torch")

@@ -28,7 +28,7 @@ from densenet_fast import reference
 from densenet_fast.train import TrainError, parse_args, train
 from densenet_fast.train import distributed
 from densenet_fast.train.engine import Prepared, make_optimizer, prepare_model, train_epoch
-from builders import randomize_bn_
+from builders import as_torchvision_checkpoint, randomize_bn_
 from tolerances import assert_close
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,3 +335,67 @@ def test_bad_data_in_process(tmp_path, layout, expect):
         argv = ["--dataset", "cifar10", "--data-dir", str(tmp_path)]
     with pytest.raises(TrainError, match=re.escape(expect)):
         train(parse_args(argv + ["--device", "cpu", "--output-dir", str(tmp_path / "out")]))
+
+
+# ------------------------------------------------------------------------------------------------
+# --weights (fine-tuning from torchvision's pretrained weights)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_weights_start_from_torchvision_checkpoint(monkeypatch):
+    """--weights loads torchvision's checkpoint (served here by the weights enum, no download)
+    into the memory-efficient model and replaces the 1000-way classifier by a zero-bias one for
+    the dataset's classes; the rest of the model holds exactly the checkpoint's tensors."""
+    import torchvision
+    from densenet_fast.train.engine import build_model
+    from densenet_fast.train.options import resolve
+
+    tv = torchvision.models.densenet121()
+    randomize_bn_(tv, 51)
+    monkeypatch.setattr(torchvision.models.DenseNet121_Weights, "get_state_dict",
+                        lambda self, *a, **k: as_torchvision_checkpoint(tv.state_dict()))
+    args = resolve(parse_args(["--dataset", "synthetic", "--model", "densenet121", "--weights", "DEFAULT",
+                               "--device", "cpu"]))
+    model = build_model(args, 3, 10)
+    assert isinstance(model, densenet_fast.DenseNet) and model.memory_efficient
+    assert model.classifier.out_features == 10 and torch.count_nonzero(model.classifier.bias) == 0
+    got = model.state_dict()
+    for key, value in tv.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(got[key], value), key
+    same = build_model(resolve(parse_args(["--dataset", "synthetic", "--model", "densenet121", "--weights",
+                                           "DEFAULT", "--num-classes", "1000"])), 3, 1000)
+    assert torch.equal(same.classifier.weight, tv.classifier.weight), "1000 classes: the checkpoint's classifier"
+
+
+@pytest.mark.parametrize("argv, in_channels, expect", [
+    (["--model", "densenet121", "--weights", "IMAGENET1K_V9"], 3, "--weights IMAGENET1K_V9: densenet121: weights "
+                                                                   "must be None, a DenseNet121_Weights member"),
+    (["--model", "densenet_bc_40_12", "--weights", "DEFAULT"], 3, "not --model densenet_bc_40_12"),
+    (["--model", "densenet169", "--weights", "DEFAULT"], 1, "take 3-channel images, the dataset's have 1"),
+], ids=["unknown-name", "no-torchvision-weights", "one-channel"])
+def test_weights_errors(argv, in_channels, expect):
+    """Bad --weights requests fail on the meta check, before any download or work."""
+    from densenet_fast.train.engine import build_model
+    from densenet_fast.train.options import resolve
+
+    args = resolve(parse_args(["--dataset", "synthetic"] + argv))
+    with pytest.raises(TrainError, match=re.escape(expect)):
+        build_model(args, in_channels, 10, device=torch.device("meta"))
+
+
+def test_weights_are_a_trajectory_option(monkeypatch, tmp_path):
+    """A run fine-tuned from --weights records them: --resume without them is refused, naming the
+    option (the resumed run would not be the interrupted one)."""
+    import torchvision
+
+    tv = torchvision.models.densenet121()
+    monkeypatch.setattr(torchvision.models.DenseNet121_Weights, "get_state_dict",
+                        lambda self, *a, **k: as_torchvision_checkpoint(tv.state_dict()))
+    common = ["--dataset", "synthetic", "--model", "densenet121", "--train-samples", "8", "--test-samples", "4",
+              "--batch-size", "4", "--device", "cpu", "--no-progress", "--no-plot",
+              "--output-dir", str(tmp_path / "out")]
+    result = train(parse_args(common + ["--weights", "DEFAULT", "--epochs", "1"]))
+    assert result["model"].classifier.out_features == 10
+    with pytest.raises(TrainError, match=re.escape("--weights 'DEFAULT' -> None")):
+        train(parse_args(common + ["--epochs", "2", "--resume", str(result["checkpoint"])]))

@@ -119,7 +119,7 @@ _LEGACY_LAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
-def _torchvision_weights(builder: str, weights: Any) -> Any:
+def torchvision_weights(builder: str, weights: Any) -> Any:
     """weights as a member of torchvision's enum for `builder` (e.g. DenseNet121_Weights): a
     member, its name ("IMAGENET1K_V1", "DEFAULT") or its full name ("DenseNet121_Weights.DEFAULT")."""
     try:
@@ -145,7 +145,7 @@ def _densenet(builder: str, growth_rate: int, block_config: Sequence[int], num_i
     """torchvision's builder logic: with weights, num_classes defaults to (and must equal) the
     weights' category count, and the checkpoint is loaded after its legacy keys are renamed."""
     if weights is not None:
-        weights = _torchvision_weights(builder, weights)
+        weights = torchvision_weights(builder, weights)
         classes = len(weights.meta["categories"])
         if kwargs.setdefault("num_classes", classes) != classes:
             raise ValueError(f"{builder}: {weights} classify {classes} categories, got num_classes="

@@ -18,23 +18,56 @@ from torch.nn.parallel import DistributedDataParallel
 
 import densenet_fast
 
+from ..models.densenet import torchvision_weights
 from .distributed import DistEnv, all_reduce
 from .options import TrainError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRETRAINED_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201")  # torchvision publishes these
 
 
 def build_model(args, in_channels: int, num_classes: int, device: Optional[torch.device] = None) -> nn.Module:
     """The model named by args.model; TrainError for an unknown name or impossible configuration.
-    Build it on torch.device("meta") to check the name without allocating."""
+    Build it on torch.device("meta") to check the name (and args.weights) without allocating or
+    downloading anything.
+
+    args.weights (torchvision's pretrained weights): loaded into the model, whose classifier is
+    then replaced by a new nn.Linear (torchvision's initialisation: zero bias) when num_classes
+    differs from the weights' categories."""
+    weights = getattr(args, "weights", None)
+    kwargs = dict(memory_efficient=not args.naive, backend=args.backend, save_bottleneck=args.save_bottleneck,
+                  drop_rate=args.drop_rate)
+    if weights is not None:
+        if args.model not in PRETRAINED_MODELS:
+            raise TrainError(f"--weights: torchvision has pretrained weights for {', '.join(PRETRAINED_MODELS)}, "
+                             f"not --model {args.model}")
+        if in_channels != 3:
+            raise TrainError(f"--weights: torchvision's weights take 3-channel images, the dataset's have "
+                             f"{in_channels}")
+        try:
+            torchvision_weights(args.model, weights)
+        except (ValueError, TypeError, ImportError) as exc:
+            raise TrainError(f"--weights {weights}: {' '.join(str(exc).split())}") from None
+        if device is None or device.type != "meta":
+            return _pretrained(args.model, weights, num_classes, device, kwargs)
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            return densenet_fast.models.get_model(args.model, num_classes=num_classes,
-                                                  memory_efficient=not args.naive, backend=args.backend,
-                                                  save_bottleneck=args.save_bottleneck, drop_rate=args.drop_rate,
-                                                  in_channels=in_channels)
+            return densenet_fast.models.get_model(args.model, num_classes=num_classes, in_channels=in_channels,
+                                                  **kwargs)
     except (ValueError, TypeError) as exc:
         raise TrainError(f"--model {args.model}: {' '.join(str(exc).split())}") from None
+
+
+def _pretrained(name: str, weights: str, num_classes: int, device: Optional[torch.device], kwargs: dict
+                ) -> nn.Module:
+    try:
+        model = densenet_fast.models.get_model(name, weights=weights, **kwargs)
+    except OSError as exc:  # the download (urllib's errors are OSErrors)
+        raise TrainError(f"--weights {weights}: could not get torchvision's weights: {exc}") from None
+    if model.classifier.out_features != num_classes:
+        model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+        nn.init.constant_(model.classifier.bias, 0)
+    return model.to(device) if device is not None else model
 
 
 @dataclass

@@ -58,7 +58,7 @@ DATASET_DEFAULTS = {
 # refuses a run that changes any of them (the resumed run would not be the interrupted one).
 TRAJECTORY_OPTIONS = ("dataset", "model", "naive", "save_bottleneck", "drop_rate", "epochs", "batch_size", "lr",
                       "momentum", "weight_decay", "milestones", "seed", "accum_steps", "amp", "image_size",
-                      "num_classes", "train_samples", "test_samples", "channels_last", "sync_bn")
+                      "num_classes", "train_samples", "test_samples", "channels_last", "sync_bn", "weights")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -92,6 +92,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     model.add_argument("--save-bottleneck", action="store_true",
                        help="keep the bottleneck activations for a faster backward (more memory)")
     model.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each dense layer (default 0)")
+    model.add_argument("--weights", help="start from torchvision's pretrained weights (densenet121/161/169/201; "
+                                         "e.g. DEFAULT or IMAGENET1K_V1, downloaded by torchvision): fine-tuning. "
+                                         "The classifier is replaced by a new one when the dataset has another "
+                                         "number of classes than the weights; the images must have 3 channels")
 
     opt = parser.add_argument_group("optimisation (SGD, Nesterov momentum; lr divided by 10 at the milestones)")
     opt.add_argument("--epochs", type=int, help="default: " + ", ".join(f"{k} {v.epochs}" for k, v in d.items()))

@@ -33,7 +33,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     line printed on stdout (rank 0) is "final test accuracy: X", X a fraction with 4 decimals.
     """
     args = resolve(args)
-    build_model(args, 1, 2, device=torch.device("meta"))  # an unknown --model fails before any work
+    build_model(args, 3, 2, device=torch.device("meta"))  # an unknown --model or --weights fails before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     env, device = distributed.setup(args.device)
