@@ -11,7 +11,7 @@ from .backends import BACKENDS, available_backends
 from .convert import convert
 from .graphs import GraphedStep
 from .models import (DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc,
-                     get_model)
+                     densenet_cifar, get_model)
 from .modules import DenseBlock, DenseLayer, Transition
 from .sync import convert_sync_batchnorm
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DenseLayer", "DenseBlock", "Transition", "DenseNet",
-    "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc", "get_model",
+    "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc", "densenet_cifar",
+    "get_model",
     "convert", "convert_sync_batchnorm", "GraphedStep", "available_backends", "BACKENDS", "HAS_C", "reference", "__version__",
 ]

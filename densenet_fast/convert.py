@@ -20,13 +20,20 @@ import torch.nn as nn
 
 from .modules import DenseBlock, Transition
 from .models.densenet import DenseNet
+from .reference import has_bottleneck
 
 __all__ = ["convert"]
 
 
 def _is_dense_layer(m: nn.Module) -> bool:
-    return all(isinstance(getattr(m, n, None), nn.BatchNorm2d) for n in ("norm1", "norm2")) and \
-        all(isinstance(getattr(m, n, None), nn.Conv2d) for n in ("conv1", "conv2"))
+    """norm1/conv1/norm2/conv2 (bottleneck), or norm1 and a 3x3 conv1 alone (bn_size=0)."""
+    if all(isinstance(getattr(m, n, None), nn.BatchNorm2d) for n in ("norm1", "norm2")) and \
+            all(isinstance(getattr(m, n, None), nn.Conv2d) for n in ("conv1", "conv2")):
+        return True
+    conv1 = getattr(m, "conv1", None)
+    return (isinstance(getattr(m, "norm1", None), nn.BatchNorm2d) and isinstance(conv1, nn.Conv2d)
+            and conv1.kernel_size == (3, 3) and conv1.padding == (1, 1) and conv1.stride == (1, 1)
+            and conv1.bias is None and not hasattr(m, "norm2") and not hasattr(m, "conv2"))
 
 
 def _is_dense_block(m: nn.Module) -> bool:
@@ -73,9 +80,9 @@ def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
 def _block_config(block: nn.Module) -> dict:
     layers = list(block.children())
     first = layers[0]
-    k = first.conv2.out_channels
+    k = first.conv2.out_channels if has_bottleneck(first) else first.conv1.out_channels
     return dict(num_layers=len(layers), num_input_features=first.norm1.num_features,
-                bn_size=first.conv1.out_channels // k, growth_rate=k,
+                bn_size=first.conv1.out_channels // k if has_bottleneck(first) else 0, growth_rate=k,
                 drop_rate=float(getattr(first, "drop_rate", 0.0)))
 
 

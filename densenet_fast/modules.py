@@ -52,7 +52,9 @@ def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: b
 class DenseLayer(nn.Module):
     """One dense layer: new = conv3x3(relu(bn2(conv1x1(relu(bn1(x)))))) with dropout.
 
-    Same constructor and names as torchvision's _DenseLayer.  forward(x): x is (N, C_in, H, W) or
+    Same constructor and names as torchvision's _DenseLayer; bn_size=0 makes a layer without
+    bottleneck, new = conv3x3(relu(bn1(x))) (norm1, relu1 and a 3x3 conv1: the original DenseNet's
+    layer, FC-DenseNet's).  forward(x): x is (N, C_in, H, W) or
     a list of tensors whose channels add up to C_in (torchvision's calling convention); returns
     the growth_rate new channels (N, k, H, W).  Used alone it runs as a one-layer block (its input
     is copied into the block buffer); inside a DenseBlock the block drives it.

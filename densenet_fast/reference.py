@@ -122,8 +122,9 @@ def dense_block_ref(block: nn.Module, x: Tensor) -> Tensor:
         h = torch.cat(features, 1)
         h = F.relu(layer.norm1(h))
         h = layer.conv1(h)
-        h = F.relu(layer.norm2(h))
-        h = layer.conv2(h)
+        if has_bottleneck(layer):
+            h = F.relu(layer.norm2(h))
+            h = layer.conv2(h)
         if layer.drop_rate > 0:
             h = F.dropout(h, p=layer.drop_rate, training=layer.training)
         features.append(h)
@@ -135,9 +136,26 @@ def dense_block_ref(block: nn.Module, x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def has_bottleneck(layer: nn.Module) -> bool:
+    """Whether a dense layer is BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (DenseNet-B, torchvision's) rather
+    than the plain BN-ReLU-Conv3x3 of dense_layer_modules(bn_size=0)."""
+    return "conv2" in layer._modules
+
+
 def dense_layer_modules(num_input_features: int, growth_rate: int, bn_size: int) -> "OrderedDict[str, nn.Module]":
     """The submodules of a dense layer, named as torchvision names them (shared by the naive and
-    the efficient DenseLayer, so their state_dicts are interchangeable)."""
+    the efficient DenseLayer, so their state_dicts are interchangeable).
+
+    bn_size=0: no bottleneck, the original DenseNet's layer (Huang et al. 2017; also FC-DenseNet's):
+    norm1, relu1 and conv1, a 3x3 conv from the whole input to the growth_rate new channels."""
+    if isinstance(bn_size, bool) or not isinstance(bn_size, int) or bn_size < 0:
+        raise ValueError(f"bn_size must be an int >= 0 (0: no bottleneck), got {bn_size!r}")
+    if bn_size == 0:
+        return OrderedDict([
+            ("norm1", nn.BatchNorm2d(num_input_features)),
+            ("relu1", nn.ReLU(inplace=True)),
+            ("conv1", nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)),
+        ])
     width = bn_size * growth_rate
     return OrderedDict([
         ("norm1", nn.BatchNorm2d(num_input_features)),
@@ -150,7 +168,8 @@ def dense_layer_modules(num_input_features: int, growth_rate: int, bn_size: int)
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 on the concatenation of its inputs (torchvision's _DenseLayer).
+    """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 on the concatenation of its inputs (torchvision's _DenseLayer);
+    with bn_size=0, BN-ReLU-Conv3x3 (no bottleneck: bn_function's result is the new channels).
 
     forward(x): x is a tensor (N, C_in, H, W) or a list of tensors whose channels add up to C_in.
     Returns the k = growth_rate new channels (N, k, H, W).
@@ -178,7 +197,7 @@ class DenseLayer(nn.Module):
             bottleneck = cp.checkpoint(lambda *t: self.bn_function(list(t)), *prev, use_reentrant=False)
         else:
             bottleneck = self.bn_function(prev)
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck)))
+        new_features = self.conv2(self.relu2(self.norm2(bottleneck))) if has_bottleneck(self) else bottleneck
         if self.drop_rate > 0:
             new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
         return new_features

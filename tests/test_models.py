@@ -43,6 +43,21 @@ def test_densenet_bc_param_counts(depth, growth, millions):
     assert _block_layer_counts(model) == [(depth - 4) // 6] * 3
 
 
+@pytest.mark.parametrize("depth, growth, millions", [(40, 12, 1.0), (100, 12, 7.0), (100, 24, 27.2)])
+def test_densenet_cifar_param_counts(depth, growth, millions):
+    """Huang et al. 2017, Table 2 (DenseNet without bottleneck or compression on CIFAR-10),
+    parameters to the paper's 0.1M; get_model's densenet_<depth>_<k> names build the same."""
+    with torch.device("meta"):
+        model = densenet_fast.densenet_cifar(depth, growth)
+        named = get_model(f"densenet_{depth}_{growth}")
+    n = _num_params(model)
+    assert round(n / 1e6, 1) == millions, f"DenseNet (L={depth}, k={growth}): {n} parameters, paper {millions}M"
+    assert _block_layer_counts(model) == [(depth - 4) // 3] * 3
+    assert _num_params(named) == n
+    assert not hasattr(model.features.denseblock1.denselayer1, "conv2")
+    assert model.features.denseblock1.denselayer1.conv1.kernel_size == (3, 3)
+
+
 @pytest.mark.parametrize("name", ["densenet121", "densenet161", "densenet169", "densenet201"])
 def test_state_dict_matches_torchvision(name):
     """Same keys (in the same order) and shapes as torchvision's model, and torchvision's

@@ -21,7 +21,8 @@ from ..backends import check_backend_name, kernels_for
 from ..modules import DenseBlock, Transition, check_input
 from ..ops.transition import bn_relu_pool_conv
 
-__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc"]
+__all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
+           "densenet_cifar"]
 
 
 class DenseNet(nn.Module):
@@ -213,3 +214,19 @@ def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, 
     kwargs.setdefault("num_init_features", 2 * growth_rate)
     return DenseNet(growth_rate, (n, n, n), num_classes=num_classes, compression=compression, small_inputs=True,
                     **kwargs)
+
+
+def densenet_cifar(depth: int = 40, growth_rate: int = 12, num_classes: int = 10, **kwargs: Any) -> DenseNet:
+    """The original DenseNet for 32x32 inputs, without bottlenecks or compression (Huang et al.
+    section 3, Table 2: "DenseNet").
+
+    A 3x3 stem conv with 16 channels, then three dense blocks of (depth - 4) / 3 BN-ReLU-Conv3x3
+    layers (bn_size=0) each, transitions that keep the channel count.  depth=40, k=12 has 1.0M
+    parameters; depth=100, k=12 7.0M; depth=100, k=24 27.2M.
+    """
+    if depth < 7 or (depth - 4) % 3 != 0:
+        raise ValueError(f"densenet_cifar: depth must be 3*n + 4 with n >= 1 (e.g. 40, 100), got {depth}")
+    n = (depth - 4) // 3
+    kwargs.setdefault("num_init_features", 16)
+    kwargs.setdefault("compression", 1.0)
+    return DenseNet(growth_rate, (n, n, n), bn_size=0, num_classes=num_classes, small_inputs=True, **kwargs)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from ..reference import has_bottleneck
 from .bn_relu import bn_affine, norm_stats_for, uses_batch_stats
 from .conv1x1 import conv1x1, conv1x1_backward
 from .dense_block import FusedBlockKernels, chunk_size
@@ -129,10 +130,11 @@ class CudaBlockKernels(FusedBlockKernels):
         """Whether the C++ layer loop covers this call.  It does not cover dropout (its mask's
         seed is drawn per layer in Python), synchronized BN and float64 (not _fused), tracing
         (torch.compile sees the per-layer ops instead) and the meta device (the memory planner
-        must see each transient)."""
+        must see each transient), nor layers without a bottleneck (bn_size=0)."""
         return (self.whole and self._fused(fbuf) and fbuf.device.type in _whole_block_devices()
                 and not torch.compiler.is_compiling()
-                and not any(layer.drop_rate > 0 and layer.training for layer in spec.layers))
+                and not any(layer.drop_rate > 0 and layer.training for layer in spec.layers)
+                and all(has_bottleneck(layer) for layer in spec.layers))
 
     def whole_block_forward(self, spec, fbuf, params, c0):
         if not self._whole(spec, fbuf):

@@ -17,6 +17,11 @@ The bottleneck Bt = conv1x1(relu(bn1(F[:, :C_l]))) is either recomputed in backw
 saved (save_bottleneck=True: B = bn_size*k extra channels per layer kept, one 1x1 GEMM less per
 layer in backward).
 
+Layers without bottleneck (bn_size=0: new = conv3x3(relu(bn1(F[:, :C_l])))) take the same path
+with the bottleneck's two steps replaced by one (plain_layer_output / _backward, plain PyTorch in
+every backend): norm1 reads the cache, relu(bn1(.)) of the prefix is a transient, and the input
+gradient is accumulated into G.
+
 What a backend changes is only the kernel set (`BlockKernels`): the plain-PyTorch one feeds ATen's
 fused batch_norm / native_batch_norm_backward / convolution_backward kernels with the cached
 statistics; the "cuda" backend swaps in the compiled statistics kernel.
@@ -32,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..reference import has_bottleneck
 from .amp import autocast_dtype, autocast_disabled
 from .channel_stats import stats_dtype
 from .conv1x1 import conv1x1, conv1x1_backward
@@ -41,6 +47,7 @@ from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_sta
 aten = torch.ops.aten
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+PLAIN_PARAMS_PER_LAYER = 3  # a layer without bottleneck (bn_size=0): norm1.weight, norm1.bias, conv1.weight
 
 
 @dataclass
@@ -153,6 +160,29 @@ class BlockKernels:
             del z1c, d_z1c, d_xc
         return d_w1, d_g1, d_b1
 
+    # ---- layers without a bottleneck (bn_size=0): BN-ReLU-Conv3x3 of the prefix ----
+
+    def plain_layer_output(self, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor, eps: float,
+                           w1: Tensor, dst: Tensor) -> None:
+        """dst <- conv3x3(relu(bn1(F[:, :cl])), padding=1): a layer without bottleneck.  relu(bn1(.))
+        of the prefix is a transient (one per layer at a time, as a bottleneck layer's chunks are);
+        every backend runs this plain-PyTorch form (cuDNN's convolution on a GPU)."""
+        dst.copy_(F.conv2d(bn_relu(fbuf[:, :cl], stats1, g1, b1, eps), w1, padding=1))
+
+    def plain_layer_output_backward(self, d_out: Tensor, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor,
+                                    b1: Tensor, eps: float, w1: Tensor, grad_acc: Tensor
+                                    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """Gradients of plain_layer_output: grad_acc (G[:, :cl]) += dLoss/dF[:, :cl]; returns
+        (d_g1, d_b1, d_w1)."""
+        x = fbuf[:, :cl]
+        z = bn_relu(x, stats1, g1, b1, eps)
+        d_z, d_w1, _ = aten.convolution_backward(d_out.to(x.dtype), z, w1, None, [1, 1], [1, 1], [1, 1], False,
+                                                 [0, 0], 1, [True, True, False])
+        d_x, d_g1, d_b1 = bn_relu_backward(d_z, x, z, stats1, g1, eps)
+        del z, d_z
+        grad_acc.add_(d_x)
+        return d_g1, d_b1, d_w1
+
     # ---- BN-ReLU of a channel chunk, for ops.transition's chunked Function ----
 
     def bn_relu_chunk(self, x: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -253,7 +283,7 @@ class _LayerRecord:
     # under torch.compile (a traced Function may not keep views of its intermediates; the
     # backward slices the cache again); eval: a snapshot of the running statistics.
     stats1: Optional[NormStats]
-    stats2: NormStats
+    stats2: Optional[NormStats]   # None for a layer without bottleneck
     seed: Optional[int]           # dropout: the generator seed that reproduces the mask
     bottleneck: Optional[Tensor] = None
 
@@ -358,8 +388,20 @@ def _draw_seed() -> int:
     return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
 
 
-def _layer_params(params: Sequence[Tensor], l: int) -> Sequence[Tensor]:
-    return params[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)]
+def growth_rate_of(layers: Sequence[nn.Module]) -> int:
+    """k, the channels each layer adds (its last conv's output channels)."""
+    first = layers[0]
+    return (first.conv2 if has_bottleneck(first) else first.conv1).out_channels
+
+
+def _param_slices(layers: Sequence[nn.Module]) -> List[slice]:
+    """Where each layer's tensors lie in block_params' list (6 per bottleneck layer, 3 per plain one)."""
+    out, start = [], 0
+    for layer in layers:
+        n = PARAMS_PER_LAYER if has_bottleneck(layer) else PLAIN_PARAMS_PER_LAYER
+        out.append(slice(start, start + n))
+        start += n
+    return out
 
 
 def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
@@ -373,7 +415,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
     """
     layers = spec.layers
     n, c0, h, w = x.shape
-    k = layers[0].conv2.out_channels
+    k = growth_rate_of(layers)
     c_total = c0 + len(layers) * k
     count = spec.kernels.total_count(n * h * w)
     spec.count = count
@@ -400,26 +442,33 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         mean = var = torch.empty(0, dtype=sdt, device=x.device)
     records: List[_LayerRecord] = []
     pending: List[Tuple[nn.Module, Tensor, Tensor]] = []  # running-statistics updates, applied together
+    slices = _param_slices(layers)
     for l, layer in enumerate(layers):
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
         cl = c0 + l * k
         stats1 = norm_stats_for(layer.norm1, mean if spec.compute_stats else None, var, cl, count, group, pending)
-        batch2 = uses_batch_stats(layer.norm2)
-        bt, bt_stats = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
-                                               chunk_size(spec.chunk_channels, n * h * w, cl, w1.shape[0]), batch2)
-        if batch2:
-            m2, v2 = bt_stats
-            pending.append((layer.norm2, m2, v2))
-            stats2 = NormStats(m2, v2, True, count, group)
-        else:
-            stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
         dst = fbuf[:, cl:cl + k]
         dropout = layer.drop_rate > 0 and layer.training
         # The cache's slots for these channels, which a kernel may fill itself (not with dropout
         # or sync BN: their statistics are taken after the kernel, below).
         stats_out = (mean[cl:cl + k], var[cl:cl + k]) if spec.compute_stats else None
-        new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst,
-                                              None if dropout or group is not None else stats_out)
+        bt = stats2 = new_stats = None
+        if not has_bottleneck(layer):
+            g1, b1, w1 = params[slices[l]]
+            spec.kernels.plain_layer_output(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1, dst)
+        else:
+            g1, b1, w1, g2, b2, w2 = params[slices[l]]
+            batch2 = uses_batch_stats(layer.norm2)
+            bt, bt_stats = spec.kernels.bottleneck(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1,
+                                                   chunk_size(spec.chunk_channels, n * h * w, cl, w1.shape[0]),
+                                                   batch2)
+            if batch2:
+                m2, v2 = bt_stats
+                pending.append((layer.norm2, m2, v2))
+                stats2 = NormStats(m2, v2, True, count, group)
+            else:
+                stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
+            new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst,
+                                                  None if dropout or group is not None else stats_out)
         seed = None
         if dropout:
             seed = _draw_seed()
@@ -443,7 +492,7 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
                    ) -> Tuple[Tensor, List[Tensor]]:
     """Gradients of the block.  Returns (grad_x0 (N, C0, H, W), [grad per parameter])."""
     layers = spec.layers
-    k = layers[0].conv2.out_channels
+    k = growth_rate_of(layers)
     acc_dtype = torch.float32 if fbuf.dtype in (torch.float16, torch.bfloat16) else fbuf.dtype
     gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
     gbuf.copy_(grad_f)
@@ -451,27 +500,33 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
         return gbuf[:, :c0], records.backward(fbuf, gbuf, params, c0)
     grads: List[Optional[Tensor]] = [None] * len(params)
     count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
+    slices = _param_slices(layers)
     for l in range(len(layers) - 1, -1, -1):
         layer, rec = layers[l], records[l]
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
         cl = c0 + l * k
         eps1 = layer.norm1.eps
         stats1 = rec.stats1 if rec.stats1 is not None else \
             NormStats(mean[:cl], var[:cl], True, spec.count, spec.kernels.group)
+        d_out = gbuf[:, cl:cl + k]
+        if rec.seed is not None:
+            d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
+        if not has_bottleneck(layer):
+            g1, b1, w1 = params[slices[l]]
+            grads[slices[l]] = spec.kernels.plain_layer_output_backward(d_out, fbuf, cl, stats1, g1, b1, eps1, w1,
+                                                                        gbuf[:, :cl])
+            continue
+        g1, b1, w1, g2, b2, w2 = params[slices[l]]
         step = chunk_size(spec.chunk_channels, count, cl, w1.shape[0])
         bt, z1 = rec.bottleneck, None
         if bt is None:
             bt, z1 = spec.kernels.recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps1, w1, step)
-        d_out = gbuf[:, cl:cl + k]
-        if rec.seed is not None:
-            d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
         d_bt, d_g2, d_b2, d_w2 = spec.kernels.layer_output_backward(d_out, bt, rec.stats2, g2, b2,
                                                                     layer.norm2.eps, w2)
         del d_out, bt
         d_w1, d_g1, d_b1 = spec.kernels.bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps1, w1, step,
                                                             gbuf[:, :cl], z1)
         del d_bt, z1
-        grads[PARAMS_PER_LAYER * l: PARAMS_PER_LAYER * (l + 1)] = [d_g1, d_b1, d_w1, d_g2, d_b2, d_w2]
+        grads[slices[l]] = [d_g1, d_b1, d_w1, d_g2, d_b2, d_w2]
     return gbuf[:, :c0], grads
 
 
@@ -508,10 +563,11 @@ def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = Non
     """
     out: List[Tensor] = []
     for layer in layers:
-        w1, w2 = layer.conv1.weight, layer.conv2.weight
-        if dtype is not None:
-            w1, w2 = w1.to(dtype), w2.to(dtype)
-        out += [layer.norm1.weight, layer.norm1.bias, w1, layer.norm2.weight, layer.norm2.bias, w2]
+        w1 = layer.conv1.weight if dtype is None else layer.conv1.weight.to(dtype)
+        out += [layer.norm1.weight, layer.norm1.bias, w1]
+        if has_bottleneck(layer):
+            w2 = layer.conv2.weight if dtype is None else layer.conv2.weight.to(dtype)
+            out += [layer.norm2.weight, layer.norm2.bias, w2]
     return out
 
 
@@ -534,7 +590,7 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
     if cast is not None:
         x = x.to(cast)
     for layer in layers:
-        if layer.norm1.affine is False or layer.norm2.affine is False:
+        if layer.norm1.affine is False or (has_bottleneck(layer) and layer.norm2.affine is False):
             raise ValueError("densenet_fast: dense layers need affine BatchNorm (affine=True)")
     compute_stats = compute_stats or any(uses_batch_stats(layer.norm1) for layer in layers)
     spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats, buffer=buffer)

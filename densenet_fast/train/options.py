@@ -83,7 +83,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                                              "the main process and augmented on the device")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--model", help="densenet121/161/169/201/264, densenet_bc, densenet_bc_<depth>_<k> (default: "
+    model.add_argument("--model", help="densenet121/161/169/201/264, densenet_bc, densenet_bc_<depth>_<k>, "
+                                       "densenet_<depth>_<k> (no bottleneck, e.g. densenet_40_12) (default: "
                                        + ", ".join(f"{k} {v.model}" for k, v in d.items()) + ")")
     model.add_argument("--naive", action="store_true", help="the naive model (memory_efficient=False: torch.cat "
                                                             "per layer) instead of the memory-efficient one")
