@@ -51,12 +51,13 @@ def _backend_or_skip(backend: str, dtype: torch.dtype = torch.float32) -> None:
         pytest.skip("triton's interpreter has no bfloat16")
 
 
-def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, seed: int = 0):
+def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, seed: int = 0, **overrides):
+    cfg = {**CFG, **overrides}
     torch.manual_seed(seed)
-    naive = reference.DenseNet(CFG["growth_rate"], CFG["block_config"], CFG["num_init_features"], CFG["bn_size"], 0,
-                               CFG["num_classes"], small_inputs=True)
+    naive = reference.DenseNet(cfg["growth_rate"], cfg["block_config"], cfg["num_init_features"], cfg["bn_size"], 0,
+                               cfg["num_classes"], small_inputs=True)
     randomize_bn_(naive, seed + 1)
-    ours = efficient_densenet(**CFG, backend=backend, save_bottleneck=save_bottleneck)
+    ours = efficient_densenet(**cfg, backend=backend, save_bottleneck=save_bottleneck)
     copy_weights(naive, ours)
     exact = copy.deepcopy(naive).double()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -80,7 +81,20 @@ def _input(channels_last: bool, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_float32_train_and_eval(backend, channels_last, save_bottleneck):
     _backend_or_skip(backend)
-    ours, naive, exact = _models(backend, channels_last, save_bottleneck)
+    _check_float32_train_and_eval(*_models(backend, channels_last, save_bottleneck), channels_last)
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_plain_layers_float32(backend, channels_last):
+    """Layers without bottleneck (bn_size=0: BN-ReLU-Conv3x3), which every backend runs with the
+    plain-PyTorch primitives inside its own block loop (cuDNN's 3x3 conv here)."""
+    _backend_or_skip(backend)
+    _check_float32_train_and_eval(*_models(backend, channels_last, seed=7, bn_size=0), channels_last)
+
+
+def _check_float32_train_and_eval(ours, naive, exact, channels_last: bool) -> None:
+    """A float32 step in train then eval mode: logits, input and parameter gradients, buffers."""
     for mode in ("train", "eval"):
         for m in (ours, naive, exact):
             m.train(mode == "train")
