@@ -237,3 +237,18 @@ def test_rows_record_the_fp32_conv_precision_ieee_on_the_cpu():
             assert harness.environment("cpu")["fp32_convs"] == "ieee"
     finally:
         conv.fp32_precision = saved
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_40_12", "densenet_40_12", "densenet121"])
+def test_reference_config_rebuilds_the_architecture(name):
+    """The bench's naive and checkpoint twins are built from reference_config: the same
+    state_dict keys and shapes as the model, with and without bottlenecks (bn_size=0) and
+    compression (0.5, or 1 for densenet_<depth>_<k>)."""
+    from densenet_fast import reference
+    from densenet_fast.models import get_model
+
+    with torch.device("meta"):
+        model = get_model(name)
+        twin = reference.DenseNet(**harness.reference_config(model))
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == want

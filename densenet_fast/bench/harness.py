@@ -179,13 +179,14 @@ def reference_config(model: nn.Module) -> dict:
     feats = model.features
     blocks = [m for n, m in feats.named_children() if n.startswith("denseblock")]
     first = next(iter(blocks[0].children()))
-    growth = first.conv2.out_channels
+    plain = not reference.has_bottleneck(first)  # bn_size=0
+    growth = (first.conv1 if plain else first.conv2).out_channels
     compression = 0.5
     if hasattr(feats, "transition1"):
         c_in, c_out = feats.transition1.conv.in_channels, feats.transition1.conv.out_channels
         compression = 0.5 if c_out == c_in // 2 else c_out / c_in
     return dict(growth_rate=growth, block_config=tuple(len(b) for b in blocks),
-                num_init_features=feats.conv0.out_channels, bn_size=first.conv1.out_channels // growth,
+                num_init_features=feats.conv0.out_channels, bn_size=0 if plain else first.conv1.out_channels // growth,
                 drop_rate=first.drop_rate, num_classes=model.classifier.out_features,
                 small_inputs=not hasattr(feats, "norm0"), compression=compression,
                 in_channels=feats.conv0.in_channels)
