@@ -146,10 +146,12 @@ std::tuple<at::Tensor, at::Tensor> bn_backward(const BlockLaunchers& launch, con
 }
 
 // CudaBlockKernels.bottleneck: Bt = conv1x1(relu(F[:, :cl] * scale + shift)), chunk by chunk of
-// `step` input channels through ONE reused scratch.
+// `step` input channels through ONE reused scratch. kept (if given) receives the scratch, which
+// holds the last chunk's relu(bn1(.)): the whole z1 when the prefix is one chunk.
 at::Tensor bottleneck(const BlockLaunchers& launch, const at::Tensor& fbuf, int64_t cl, const at::Tensor& scale,
-                      const at::Tensor& shift, const at::Tensor& w1, int64_t step) {
+                      const at::Tensor& shift, const at::Tensor& w1, int64_t step, at::Tensor* kept = nullptr) {
   at::Tensor scratch = scratch_like(fbuf, std::min(step, cl));
+  if (kept != nullptr) *kept = scratch;
   at::Tensor bt;
   for (int64_t a = 0; a < cl; a += step) {
     const int64_t len = std::min(cl, a + step) - a;
@@ -233,16 +235,11 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
     // prefix is one chunk and holding it costs no extra transient memory: the 3x3 backward holds
     // ~3 B-channel tensors (Bt, z2 or dBt, dz2), the chunk loop B + 2 cl (dBt, z1, dz1), so
     // cl + 3 B <= B + 2 cl, i.e. 2 B <= cl (CudaBlockKernels.recompute_bottleneck's rule).
-    at::Tensor z1, bt;
-    if (!bottlenecks.empty()) {
-      bt = bottlenecks[l];
-    } else if (step >= cl && 2 * w1.size(0) <= cl) {
-      z1 = scratch_like(fbuf, cl);
-      launch.bn_relu_out(fbuf.narrow(1, 0, cl), a1.scale, a1.shift, z1);
-      bt = conv1x1(z1, w1, at::Tensor(), false);
-    } else {
-      bt = bottleneck(launch, fbuf, cl, a1.scale, a1.shift, w1, step);
-    }
+    at::Tensor z1;
+    const bool keep = step >= cl && 2 * w1.size(0) <= cl;
+    at::Tensor bt = !bottlenecks.empty()
+                        ? bottlenecks[l]
+                        : bottleneck(launch, fbuf, cl, a1.scale, a1.shift, w1, step, keep ? &z1 : nullptr);
     // CudaBlockKernels.layer_output_backward
     at::Tensor d_out = cast(gbuf.narrow(1, cl, k), bt.scalar_type());
     at::Tensor z2 = bn_relu(launch, bt, a2);

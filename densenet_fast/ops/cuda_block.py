@@ -185,9 +185,9 @@ class CudaBlockKernels(FusedBlockKernels):
                 mean2.append(stats2[2 * l])
         return mean, var, WholeBlockRecords(saved, mean1, mean2, batch1, batch2, bottlenecks, steps, count), pending
 
-    def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
-        if not self._fused(fbuf):
-            return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
+    def _bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step) -> Tuple[Tensor, Tensor]:
+        """(Bt, the scratch): Bt accumulated chunk by chunk through one scratch, which holds the
+        last chunk's relu(bn1(.)) afterwards -- the whole z1 when the prefix is one chunk."""
         _, _, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
         scratch = _scratch_like(fbuf, min(step, cl))
         bt: Optional[Tensor] = None
@@ -196,18 +196,22 @@ class CudaBlockKernels(FusedBlockKernels):
             z = scratch[:, : e - a]
             _ops().bn_relu_out(fbuf[:, a:e], scale[a:e], shift[a:e], z)
             bt = conv1x1(z, w1[:, a:e], out=bt, accumulate=bt is not None)
+        return bt, scratch
+
+    def bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats):
+        if not self._fused(fbuf):
+            return super().bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step, want_stats)
+        bt, _ = self._bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
         return bt, (self.channel_stats(bt) if want_stats else None)
 
     def recompute_bottleneck(self, fbuf, cl, stats1, g1, b1, eps, w1, step):
         """As BlockKernels.recompute_bottleneck, with this backend's rule for keeping z1: the 3x3
         backward holds ~3 B-channel tensors (Bt, z2 or dBt, dz2), bottleneck_backward B + 2 cl
         (dBt, z1, dz1; the BN backward adds into G in place), so z1 is kept when 2 B <= cl."""
-        if not self._fused(fbuf) or step < cl or 2 * w1.shape[0] > cl:
+        if not self._fused(fbuf):
             return super().recompute_bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
-        _, _, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
-        z1 = _scratch_like(fbuf, cl)
-        _ops().bn_relu_out(fbuf[:, :cl], scale, shift, z1)
-        return conv1x1(z1, w1), z1
+        bt, scratch = self._bottleneck(fbuf, cl, stats1, g1, b1, eps, w1, step)
+        return bt, (scratch if step >= cl and 2 * w1.shape[0] <= cl else None)
 
     def layer_output(self, bt, stats2, g2, b2, eps, w2, dst, stats_out=None):
         if not self._fused(bt):
