@@ -79,11 +79,16 @@ def _plainly_real(t: Tensor) -> bool:
             and (_is_cxx_fake is None or not _is_cxx_fake(t)))
 
 
+def _maybe_fake(t: Tensor) -> bool:
+    """is_fake(t), asked only of tensors that _plainly_real cannot clear."""
+    return not _plainly_real(t) and is_fake(t)
+
+
 def _affine_key(weight: Tensor, bias: Tensor, eps: float) -> Optional[Tuple[Any, ...]]:
     """What bn_affine's result depends on besides the statistics; None (no memo) while tracing."""
     if torch.compiler.is_compiling():  # first: dynamo may not trace what follows
         return None
-    if not _plainly_real(weight) and is_fake(weight):
+    if _maybe_fake(weight):
         return None
     if weight.is_inference() or bias.is_inference():  # they keep no version counter
         return None
@@ -209,7 +214,7 @@ def batch_stats(x: Tensor, stats_fn=None) -> Tuple[Tensor, Tensor]:
     """
     if stats_fn is not None:
         return stats_fn(x)
-    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and (_plainly_real(x) or not is_fake(x)):
+    if x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling() and not _maybe_fake(x):
         return torch.batch_norm_update_stats(_as_dtype(x, stats_dtype(x.dtype)), None, None, 0.0)
     # No meta/fake kernel exists for it (memory planning, tracing): the var_mean path.
     return channel_stats_torch(x)
