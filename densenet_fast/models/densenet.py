@@ -120,9 +120,14 @@ _LEGACY_LAYER_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 
 
+PRETRAINED_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201")  # torchvision publishes these
+
+
 def torchvision_weights(builder: str, weights: Any) -> Any:
     """weights as a member of torchvision's enum for `builder` (e.g. DenseNet121_Weights): a
     member, its name ("IMAGENET1K_V1", "DEFAULT") or its full name ("DenseNet121_Weights.DEFAULT")."""
+    if builder not in PRETRAINED_MODELS:
+        raise ValueError(f"torchvision has pretrained weights for {', '.join(PRETRAINED_MODELS)}, not {builder}")
     try:
         import torchvision.models as tvm
     except ImportError as exc:

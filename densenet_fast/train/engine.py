@@ -18,12 +18,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 import densenet_fast
 
-from ..models.densenet import torchvision_weights
+from ..models.densenet import PRETRAINED_MODELS, torchvision_weights
 from .distributed import DistEnv, all_reduce
 from .options import TrainError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRETRAINED_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201")  # torchvision publishes these
 
 
 def build_model(args, in_channels: int, num_classes: int, device: Optional[torch.device] = None) -> nn.Module:
