@@ -52,9 +52,10 @@ def test_bad_bn_size_raises(bn_size):
         densenet_fast.DenseBlock(2, 4, bn_size, 3)
 
 
-def _pair(seed: int, drop_rate: float = 0.0):
+def _pair(seed: int, drop_rate: float = 0.0, chunk: int = 0):
     torch.manual_seed(seed)
-    ours = randomize_bn_(densenet_fast.DenseBlock(LAYERS, C0, 0, K, drop_rate, backend="torch"), seed + 1)
+    ours = randomize_bn_(densenet_fast.DenseBlock(LAYERS, C0, 0, K, drop_rate, backend="torch", chunk_channels=chunk),
+                         seed + 1)
     naive = reference.DenseBlock(LAYERS, C0, 0, K, drop_rate)
     copy_weights(ours, naive)
     return ours, naive
@@ -82,10 +83,13 @@ def _assert_same_step(ours, naive, x, seed, what):
     return got[0]
 
 
+@pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunks-of-4"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_plain_block_matches_reference(mode, channels_last):
-    ours, naive = (m.double() for m in _pair(3))
+def test_plain_block_matches_reference(mode, channels_last, chunk):
+    """chunk 4: the backward rebuilds relu(bn1(prefix)) and forms its gradients 4 input channels
+    at a time (prefixes of 6, 10, 14 channels: a partial last chunk in each)."""
+    ours, naive = (m.double() for m in _pair(3, chunk=chunk))
     for m in (ours, naive):
         m.train(mode == "train")
     x = seeded_input((2, C0, 5, 7), 4, F64, channels_last)

@@ -50,6 +50,51 @@ PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, no
 PLAIN_PARAMS_PER_LAYER = 3  # a layer without bottleneck (bn_size=0): norm1.weight, norm1.bias, conv1.weight
 
 
+def _conv3x3_backward(d_y: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """(d_z, d_w) of y = conv2d(z, w, padding=1)."""
+    d_z, d_w, _ = aten.convolution_backward(d_y, z, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                            [True, True, False])
+    return d_z, d_w
+
+
+def _chunked_bn_relu_conv_backward(d_y: Tensor, fbuf: Tensor, cl: int, stats1: "NormStats", g1: Tensor, b1: Tensor,
+                                   eps: float, w1: Tensor, step: int, grad_acc: Tensor, z1: Optional[Tensor],
+                                   conv_backward: Callable[[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor]]
+                                   ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward of y = conv(relu(bn1(F[:, :cl])), w1), `step` input channels at a time:
+    grad_acc (G[:, :cl]) += dLoss/dF[:, :cl]; returns (d_w1, d_g1, d_b1).
+
+    A convolution's input and weight gradients split exactly by input channel, and so does BN
+    backward (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and
+    added into G, so no C_l-channel intermediate ever exists.  z1: relu(bn1(F[:, :cl])) when the
+    caller kept it (one chunk only), else None.
+    """
+    if step >= cl:  # one chunk: its gradients are the whole ones, no copies into a result
+        if z1 is None:
+            z1 = bn_relu(fbuf[:, :cl], stats1, g1, b1, eps)
+        d_z1, d_w1 = conv_backward(d_y, z1, w1)
+        d_x, d_g1, d_b1 = bn_relu_backward(d_z1, fbuf[:, :cl], z1, stats1, g1, eps)
+        del z1, d_z1
+        grad_acc.add_(d_x)
+        return d_w1, d_g1, d_b1
+    d_w1 = torch.empty_like(w1)
+    d_g1 = torch.empty_like(g1)
+    d_b1 = torch.empty_like(b1)
+    for a in range(0, cl, step):
+        e = min(cl, a + step)
+        xc = fbuf[:, a:e]
+        sc = stats1.slice(a, e)
+        z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps)
+        d_z1c, d_w1c = conv_backward(d_y, z1c, w1[:, a:e])
+        d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps)
+        grad_acc[:, a:e].add_(d_xc)
+        d_w1[:, a:e].copy_(d_w1c)
+        d_g1[a:e].copy_(d_g1c)
+        d_b1[a:e].copy_(d_b1c)
+        del z1c, d_z1c, d_xc
+    return d_w1, d_g1, d_b1
+
+
 @dataclass
 class BlockKernels:
     """The primitives a backend supplies, and the process group of synchronized BN.
@@ -104,8 +149,7 @@ class BlockKernels:
                               eps: float, w2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of layer_output: (d_bt, d_g2, d_b2, d_w2).  d_out: (N, k, H, W), any float dtype."""
         z2 = bn_relu(bt, stats2, g2, b2, eps)
-        d_z2, d_w2, _ = aten.convolution_backward(d_out.to(bt.dtype), z2, w2, None, [1, 1], [1, 1], [1, 1], False,
-                                                  [0, 0], 1, [True, True, False])
+        d_z2, d_w2 = _conv3x3_backward(d_out.to(bt.dtype), z2, w2)
         d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, stats2, g2, eps)
         return d_bt, d_g2, d_b2, d_w2
 
@@ -135,30 +179,8 @@ class BlockKernels:
         (per-channel sums): chunk by chunk, relu(bn(F)) is rebuilt, its gradient formed and added
         into G, so no C_l-channel intermediate ever exists.
         """
-        if step >= cl:  # one chunk: its gradients are the whole ones, no copies into a result
-            if z1 is None:
-                z1 = bn_relu(fbuf[:, :cl], stats1, g1, b1, eps)
-            d_z1, d_w1 = conv1x1_backward(d_bt, z1, w1)
-            d_x, d_g1, d_b1 = bn_relu_backward(d_z1, fbuf[:, :cl], z1, stats1, g1, eps)
-            del z1, d_z1
-            grad_acc.add_(d_x)
-            return d_w1, d_g1, d_b1
-        d_w1 = torch.empty_like(w1)
-        d_g1 = torch.empty_like(g1)
-        d_b1 = torch.empty_like(b1)
-        for a in range(0, cl, step):
-            e = min(cl, a + step)
-            xc = fbuf[:, a:e]
-            sc = stats1.slice(a, e)
-            z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps)
-            d_z1c, d_w1c = conv1x1_backward(d_bt, z1c, w1[:, a:e])
-            d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps)
-            grad_acc[:, a:e].add_(d_xc)
-            d_w1[:, a:e].copy_(d_w1c)
-            d_g1[a:e].copy_(d_g1c)
-            d_b1[a:e].copy_(d_b1c)
-            del z1c, d_z1c, d_xc
-        return d_w1, d_g1, d_b1
+        return _chunked_bn_relu_conv_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1,
+                                              conv1x1_backward)
 
     # ---- layers without a bottleneck (bn_size=0): BN-ReLU-Conv3x3 of the prefix ----
 
@@ -170,17 +192,15 @@ class BlockKernels:
         dst.copy_(F.conv2d(bn_relu(fbuf[:, :cl], stats1, g1, b1, eps), w1, padding=1))
 
     def plain_layer_output_backward(self, d_out: Tensor, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor,
-                                    b1: Tensor, eps: float, w1: Tensor, grad_acc: Tensor
+                                    b1: Tensor, eps: float, w1: Tensor, step: int, grad_acc: Tensor
                                     ) -> Tuple[Tensor, Tensor, Tensor]:
         """Gradients of plain_layer_output: grad_acc (G[:, :cl]) += dLoss/dF[:, :cl]; returns
-        (d_g1, d_b1, d_w1)."""
-        x = fbuf[:, :cl]
-        z = bn_relu(x, stats1, g1, b1, eps)
-        d_z, d_w1, _ = aten.convolution_backward(d_out.to(x.dtype), z, w1, None, [1, 1], [1, 1], [1, 1], False,
-                                                 [0, 0], 1, [True, True, False])
-        d_x, d_g1, d_b1 = bn_relu_backward(d_z, x, z, stats1, g1, eps)
-        del z, d_z
-        grad_acc.add_(d_x)
+        (d_g1, d_b1, d_w1).  Like bottleneck_backward, `step` input channels at a time: a 3x3
+        conv's input and weight gradients split by input channel too, so relu(bn1(.)) and the
+        gradients of the prefix exist one chunk at a time (FC-DenseNet's decoder layers read
+        hundreds of full-resolution channels each)."""
+        d_w1, d_g1, d_b1 = _chunked_bn_relu_conv_backward(d_out.to(fbuf.dtype), fbuf, cl, stats1, g1, b1, eps, w1,
+                                                          step, grad_acc, None, _conv3x3_backward)
         return d_g1, d_b1, d_w1
 
     # ---- BN-ReLU of a channel chunk, for ops.transition's chunked Function ----
@@ -245,6 +265,45 @@ def untracked_alias(t: Tensor) -> Tensor:
     """
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def _write_parts(parts: Sequence[Tensor], out: Tensor) -> None:
+    start = 0
+    for part in parts:
+        out[:, start:start + part.shape[1]].copy_(part)
+        start += part.shape[1]
+
+
+class ConcatIntoFunction(torch.autograd.Function):
+    """torch.cat(parts, 1) written into dest.tensor (a block buffer's channel prefix) instead of
+    a new tensor; backward hands each part its channels of the gradient (views, no copy)."""
+
+    @staticmethod
+    def forward(ctx: Any, dest: Destination, *parts: Tensor) -> Tensor:
+        _write_parts(parts, dest.tensor)
+        ctx.splits = [(p.shape[1], p.dtype) for p in parts]
+        return untracked_alias(dest.tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
+        grads, start = [], 0
+        for width, dtype in ctx.splits:
+            grads.append(grad[:, start:start + width].to(dtype))
+            start += width
+        return (None, *grads)
+
+
+def concat_into(parts: Sequence[Tensor], out: Tensor) -> Tensor:
+    """torch.cat(parts, 1) (parts: (N, C_i, H, W) with sum(C_i) == out.shape[1]) written into out,
+    returned as a tensor over out's memory that carries the parts' graph -- handed to a block
+    whose buffer out is a channel prefix of, the block reads it in place (no concatenation, no
+    copy of its input).  Under torch.compile it is torch.cat (the block then copies it)."""
+    if torch.compiler.is_compiling():
+        return torch.cat(list(parts), 1).to(out.dtype)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in parts):
+        return ConcatIntoFunction.apply(Destination(out), *parts)
+    _write_parts(parts, out)
+    return out
 
 
 # What the fused kernels of the "cuda" and "triton" backends read (fp32 accumulation for all).
@@ -383,7 +442,7 @@ def bn_relu_conv1x1(fbuf: Tensor, cl: int, stats: NormStats, weight: Tensor, bia
     return out
 
 
-def _draw_seed() -> int:
+def draw_seed() -> int:
     # From the default CPU generator, so torch.manual_seed makes the whole block reproducible.
     return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
 
@@ -471,7 +530,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
                                                   None if dropout or group is not None else stats_out)
         seed = None
         if dropout:
-            seed = _draw_seed()
+            seed = draw_seed()
             dst.mul_(dropout_mask(seed, dst, layer.drop_rate))
             new_stats = None
         if stats_out is not None:
@@ -512,8 +571,8 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
             d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
         if not has_bottleneck(layer):
             g1, b1, w1 = params[slices[l]]
-            grads[slices[l]] = spec.kernels.plain_layer_output_backward(d_out, fbuf, cl, stats1, g1, b1, eps1, w1,
-                                                                        gbuf[:, :cl])
+            grads[slices[l]] = spec.kernels.plain_layer_output_backward(
+                d_out, fbuf, cl, stats1, g1, b1, eps1, w1, chunk_size(spec.chunk_channels, count, cl), gbuf[:, :cl])
             continue
         g1, b1, w1, g2, b2, w2 = params[slices[l]]
         step = chunk_size(spec.chunk_channels, count, cl, w1.shape[0])
