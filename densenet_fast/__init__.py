@@ -10,8 +10,8 @@ from ._ext import HAS_C
 from .backends import BACKENDS, available_backends
 from .convert import convert
 from .graphs import GraphedStep
-from .models import (DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc,
-                     densenet_cifar, get_model)
+from .models import (DenseNet, FCDenseNet, densenet121, densenet161, densenet169, densenet201, densenet264,
+                     densenet_bc, densenet_cifar, fc_densenet56, fc_densenet67, fc_densenet103, get_model)
 from .modules import DenseBlock, DenseLayer, Transition
 from .sync import convert_sync_batchnorm
 
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "DenseLayer", "DenseBlock", "Transition", "DenseNet",
     "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc", "densenet_cifar",
-    "get_model",
+    "FCDenseNet", "fc_densenet56", "fc_densenet67", "fc_densenet103", "get_model",
     "convert", "convert_sync_batchnorm", "GraphedStep", "available_backends", "BACKENDS", "HAS_C", "reference", "__version__",
 ]

@@ -195,7 +195,9 @@ def resolve_providers(text: Optional[str], device: str, default: Sequence[str]) 
 
 
 def default_image_size(model: str) -> int:
-    """32 for CIFAR-stem models (DenseNet-BC), 224 for the ImageNet ones."""
+    """32 for CIFAR-stem models (DenseNet-BC), 224 for the ImageNet ones and the FC-DenseNets."""
+    if harness.is_segmentation(model):
+        return 224
     return 32 if dict(harness.reference_config_for(model))["small_inputs"] else 224
 
 

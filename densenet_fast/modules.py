@@ -7,7 +7,7 @@ modules.  The modules own parameters and buffers only; the math lives in densene
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -16,7 +16,7 @@ from torch import Tensor
 from .backends import check_backend_name, kernels_for
 from .reference import dense_layer_modules
 from .ops.amp import autocast_dtype
-from .ops.dense_block import new_block_buffer, run_dense_block
+from .ops.dense_block import concat_into, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
@@ -123,20 +123,54 @@ class DenseBlock(nn.ModuleDict):
         """
         return new_block_buffer(like, self.num_output_features, height, width, autocast_dtype(like.device.type))
 
-    def forward_with_stats(self, x: Tensor, buffer: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward_with_stats(self, x: Union[Tensor, Sequence[Tensor]], buffer: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
         """(F, mean, var): the buffer plus the batch statistics of its channels (training mode;
         empty tensors in eval mode), for a following Transition or head to reuse.
 
+        x: (N, C0, H, W), or a list of (N, C_i, H, W) tensors whose channels add up to C0 (a
+        decoder's upsampled map and skip connection, say): they are written straight into the
+        block buffer, as torch.cat(x, 1) would be, without that concatenation.
         buffer: optional new_buffer(x) to fill (F is then that tensor); when x is its channel
         prefix buffer[:, :C0], x is not copied.  A buffer serves one call.
         """
         layers = list(self.values())
+        if not isinstance(x, Tensor):
+            x, buffer = self._concat_input(x, layers[0].conv1.weight, buffer)
         check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
         return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
                                save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
                                compute_stats=self.training, buffer=buffer)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _concat_input(self, parts: Sequence[Tensor], param: Tensor, buffer: Optional[Tensor]
+                      ) -> Tuple[Tensor, Tensor]:
+        """(buffer[:, :C0] holding torch.cat(parts, 1), buffer), parts checked first."""
+        if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or len(parts) == 0:
+            raise TypeError(f"DenseBlock: input x must be a tensor or a non-empty list of tensors, got "
+                            f"{type(parts).__name__}")
+        for i, part in enumerate(parts):
+            if not isinstance(part, Tensor):
+                raise TypeError(f"DenseBlock: input x[{i}] must be a torch.Tensor, got {type(part).__name__}")
+            check_input(part, f"DenseBlock (x[{i}])", part.shape[1] if part.dim() == 4 else -1, param, False)
+            if (part.shape[0], *part.shape[2:]) != (parts[0].shape[0], *parts[0].shape[2:]):
+                raise ValueError(f"DenseBlock: input x[{i}] has shape {tuple(part.shape)}, but x[0] has "
+                                 f"{tuple(parts[0].shape)}; the parts must agree in N, H and W")
+        widths = [p.shape[1] for p in parts]
+        if sum(widths) != self.num_input_features:
+            raise ValueError(f"DenseBlock: the channels of the input parts x must add up to "
+                             f"{self.num_input_features}, got {' + '.join(map(str, widths))} = {sum(widths)}")
+        n, _, h, w = parts[0].shape
+        if buffer is None:
+            buffer = self.new_buffer(parts[0], h, w)
+        elif not isinstance(buffer, Tensor) or tuple(buffer.shape) != (n, self.num_output_features, h, w) \
+                or buffer.device != parts[0].device or buffer.requires_grad:
+            got = (f"{tuple(buffer.shape)} on {buffer.device}, requires_grad={buffer.requires_grad}"
+                   if isinstance(buffer, Tensor) else type(buffer).__name__)
+            raise ValueError(f"DenseBlock: buffer must be a tensor of shape {(n, self.num_output_features, h, w)} "
+                             f"on {parts[0].device} that does not require grad (new_buffer), got {got}")
+        return concat_into(parts, buffer[:, :self.num_input_features]), buffer
+
+    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         return self.forward_with_stats(x)[0]
 
 

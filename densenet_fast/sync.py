@@ -15,17 +15,19 @@ from typing import Any, Optional
 import torch.nn as nn
 
 from .models.densenet import DenseNet
+from .models.fc_densenet import TransitionDown
 from .modules import DenseBlock, DenseLayer, Transition
 
 __all__ = ["convert_sync_batchnorm"]
 
-_FUSED = (DenseBlock, DenseLayer, Transition, DenseNet)
+_FUSED = (DenseBlock, DenseLayer, Transition, TransitionDown, DenseNet)
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
     """Make `model`'s batch norms synchronize across `process_group` (default: the whole world).
 
-    The efficient modules (DenseNet, DenseBlock, DenseLayer, Transition) are switched in place;
+    The efficient modules (DenseNet, DenseBlock, DenseLayer, Transition, FC-DenseNet's
+    TransitionDown) are switched in place;
     any other BatchNorm layer is converted with torch.nn.SyncBatchNorm.convert_sync_batchnorm
     (which needs CUDA tensors at run time).  Returns the model, like torch's converter.
     Requires an initialised torch.distributed.

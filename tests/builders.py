@@ -5,6 +5,7 @@ densenet_fast.reference); this only wires models together.
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Dict, Iterable, List, Sequence, Tuple
 
@@ -67,6 +68,47 @@ def projection_loss(out: Tensor, seed: int) -> Tensor:
 
 def param_grads(model: nn.Module) -> Dict[str, Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def step_grads(model: nn.Module, x: Tensor, seed: int, forward=None) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+    """One forward (through `forward`, e.g. model's torch.compile wrapper, when given) and
+    backward of projection_loss on a copy of x: (output, input grad, model's parameter grads)."""
+    xi = x.clone().requires_grad_(True)
+    out = (forward if forward is not None else model)(xi)
+    projection_loss(out, seed).backward()
+    return out.detach(), xi.grad, param_grads(model)
+
+
+def assert_same_step(ours: nn.Module, naive: nn.Module, x: Tensor, seed: int, what: str,
+                     dtype: torch.dtype = torch.float64) -> Tensor:
+    """One training step on both (step_grads): outputs, input and parameter gradients, then the
+    buffers (running statistics, counters), under tolerances.TOLERANCES[dtype].  Returns our output."""
+    from tolerances import assert_close
+
+    got, want = step_grads(ours, x, seed), step_grads(naive, x, seed)
+    assert_close(got[0], want[0], dtype, f"{what}: output")
+    assert_close(got[1], want[1], dtype, f"{what}: input grad")
+    assert set(got[2]) == set(want[2]), f"{what}: parameters with gradients differ"
+    for name in want[2]:
+        assert_close(got[2][name], want[2][name], dtype, f"{what}: grad {name}")
+    s_o, s_n = states(ours), states(naive)
+    for name in s_n:
+        assert_close(s_o[name].double(), s_n[name].double(), dtype, f"{what}: {name}")
+    return got[0]
+
+
+def assert_compiled_matches_eager(model: nn.Module, x: Tensor, seed: int) -> None:
+    """torch.compile(fullgraph=True) (inductor) of a copy of model gives model's eager output,
+    input and parameter gradients (step_grads) under tolerances.TOLERANCES[x.dtype]."""
+    from tolerances import assert_close
+
+    twin = copy.deepcopy(model)
+    eager = step_grads(model, x, seed)
+    compiled = step_grads(twin, x, seed, torch.compile(twin, fullgraph=True, backend="inductor"))
+    assert_close(compiled[0], eager[0], x.dtype, "compiled output")
+    assert_close(compiled[1], eager[1], x.dtype, "compiled input grad")
+    for name in eager[2]:
+        assert_close(compiled[2][name], eager[2][name], x.dtype, f"compiled grad {name}")
 
 
 def states(model: nn.Module) -> Dict[str, Tensor]:

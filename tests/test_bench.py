@@ -21,12 +21,14 @@ from densenet_fast.bench.harness import Case
 TINY = "densenet_bc_10_4"
 
 
+@pytest.mark.parametrize("model, batch, size", [("densenet_bc_40_12", 8, 32), ("fc_densenet56", 2, 32)])
 @pytest.mark.parametrize("provider", ["naive", "torch"])
-def test_planned_peak_matches_measured_cpu_peak(provider):
+def test_planned_peak_matches_measured_cpu_peak(provider, model, batch, size):
     # The planner runs the step on fake tensors; the measurement runs it for real under the
     # profiler.  DenseNet-BC-40 at batch 8 is deep enough for naive's quadratic concatenations
     # and ours' shared buffers to differ by 3x, so agreement on both is not a coincidence.
-    case = Case(provider, "densenet_bc_40_12", 8, 32)
+    # FC-DenseNet56 (per-pixel labels and loss) takes the segmentation paths of the harness.
+    case = Case(provider, model, batch, size)
     planned = plan.planned_peak_bytes(case)
     measured = harness.measure_peak(harness.prepare(case, "cpu"), "cpu")
     assert measured > 0
@@ -171,6 +173,21 @@ def test_cli_bench_runs_and_appends_to_the_csv(tmp_path):
     rows = harness.read_csv(out)
     assert [r["provider"] for r in rows] == harness.default_providers("cpu") + ["naive", "torch-saved"]
     assert len({r["run"] for r in rows}) == 2
+
+
+def test_cli_bench_segmentation_model(tmp_path):
+    """An FC-DenseNet benches against its naive and checkpointed twins (per-pixel labels); its
+    layers have no bottleneck to save, which the provider check says in one line."""
+    out = tmp_path / "seg.csv"
+    args = ["bench", "--model", "fc_densenet56", "--batch", "2", "--image-size", "32", "--repeats", "1",
+            "--providers", "naive,checkpoint,torch", "--out", str(out), "--plain"]
+    assert cli.main(args) == 0
+    rows = {r["provider"]: r for r in harness.read_csv(out)}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert int(rows["torch"]["peak_mem_bytes"]) < int(rows["checkpoint"]["peak_mem_bytes"]) \
+        < int(rows["naive"]["peak_mem_bytes"])
+    with pytest.raises(harness.BenchError, match="layers have no bottleneck to save"):
+        harness.build_model("torch-saved", "fc_densenet56")
 
 
 @pytest.mark.parametrize("provider, base, suffix, compiled", [

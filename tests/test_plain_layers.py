@@ -20,7 +20,8 @@ import torch.nn as nn
 import densenet_fast
 from densenet_fast import _ext, reference, triton_kernels
 from densenet_fast.ops.dense_block import run_dense_block
-from builders import copy_weights, param_grads, projection_loss, randomize_bn_, seeded_input, states
+from builders import (assert_compiled_matches_eager, assert_same_step, copy_weights, param_grads, randomize_bn_,
+                      seeded_input, step_grads)
 from tolerances import assert_close, assert_within_naive_error
 
 F64 = torch.float64
@@ -61,28 +62,6 @@ def _pair(seed: int, drop_rate: float = 0.0, chunk: int = 0):
     return ours, naive
 
 
-def _step(block, x, seed):
-    """One forward and backward: (output, input grad, parameter grads)."""
-    xi = x.clone().requires_grad_(True)
-    out = block(xi)
-    projection_loss(out, seed).backward()
-    return out.detach(), xi.grad, param_grads(block)
-
-
-def _assert_same_step(ours, naive, x, seed, what):
-    """One float64 training step on both: outputs, input and parameter gradients, then the
-    buffers (running statistics, counters).  Returns our output."""
-    got, want = _step(ours, x, seed), _step(naive, x, seed)
-    assert_close(got[0], want[0], F64, f"{what}: output")
-    assert_close(got[1], want[1], F64, f"{what}: input grad")
-    for name in want[2]:
-        assert_close(got[2][name], want[2][name], F64, f"{what}: grad {name}")
-    s_o, s_n = states(ours), states(naive)
-    for name in s_n:
-        assert_close(s_o[name].double(), s_n[name].double(), F64, f"{what}: {name}")
-    return got[0]
-
-
 @pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunks-of-4"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -93,7 +72,7 @@ def test_plain_block_matches_reference(mode, channels_last, chunk):
     for m in (ours, naive):
         m.train(mode == "train")
     x = seeded_input((2, C0, 5, 7), 4, F64, channels_last)
-    got = _assert_same_step(ours, naive, x, 5, "plain block")
+    got = assert_same_step(ours, naive, x, 5, "plain block")
     assert got.is_contiguous(memory_format=torch.channels_last) == channels_last
 
 
@@ -159,7 +138,7 @@ def test_plain_densenet_matches_reference():
     copy_weights(naive, ours)
     naive.double()
     ours.double()
-    _assert_same_step(ours, naive, seeded_input((2, 3, 9, 8), 15, F64), 16, "plain DenseNet")
+    assert_same_step(ours, naive, seeded_input((2, 3, 9, 8), 15, F64), 16, "plain DenseNet")
 
 
 def test_convert_plain_block():
@@ -170,7 +149,7 @@ def test_convert_plain_block():
     assert isinstance(ours, densenet_fast.DenseBlock)
     assert ours.denselayer1.conv1.kernel_size == (3, 3) and not hasattr(ours.denselayer1, "conv2")
     x = seeded_input((2, C0, 6, 5), 19, F64)
-    got, want = _step(ours, x, 20), _step(naive, x, 20)
+    got, want = step_grads(ours, x, 20), step_grads(naive, x, 20)
     assert_close(got[0], want[0], F64, "converted plain block output")
     for name in want[2]:
         assert_close(got[2][name], want[2][name], F64, f"grad {name}")
@@ -179,14 +158,4 @@ def test_convert_plain_block():
 def test_plain_block_compiles():
     """torch.compile (inductor on the CPU) of a plain block: same output and gradients as eager."""
     ours, _ = _pair(21)
-    twin = copy.deepcopy(ours)
-    x = seeded_input((2, C0, 5, 6), 22, torch.float32)
-    eager = _step(ours, x, 23)
-    xi = x.clone().requires_grad_(True)
-    out = torch.compile(twin, fullgraph=True, backend="inductor")(xi)
-    projection_loss(out, 23).backward()
-    compiled = (out.detach(), xi.grad, param_grads(twin))
-    assert_close(compiled[0], eager[0], torch.float32, "compiled output")
-    assert_close(compiled[1], eager[1], torch.float32, "compiled input grad")
-    for name in eager[2]:
-        assert_close(compiled[2][name], eager[2][name], torch.float32, f"compiled grad {name}")
+    assert_compiled_matches_eager(ours, seeded_input((2, C0, 5, 6), 22, torch.float32), 23)

@@ -337,6 +337,15 @@ def test_bad_data_in_process(tmp_path, layout, expect):
         train(parse_args(argv + ["--device", "cpu", "--output-dir", str(tmp_path / "out")]))
 
 
+def test_segmentation_model_is_refused(tmp_path):
+    """FC-DenseNets are get_model names, but per-pixel models: the classification trainer says so
+    before any work instead of failing inside the loss."""
+    write_fake_cifar(tmp_path)
+    argv = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--model", "fc_densenet56"]
+    with pytest.raises(TrainError, match="--model fc_densenet56: .* is a segmentation model"):
+        train(parse_args(argv + ["--device", "cpu", "--output-dir", str(tmp_path / "out")]))
+
+
 # ------------------------------------------------------------------------------------------------
 # --weights (fine-tuning from torchvision's pretrained weights)
 # ------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import available_backends, resolve_backend
-from ..models import get_model
+from ..models import SEGMENTATION_MODELS, get_model
 from ..ops.precision import conv_tf32_allowed, with_conv_precision
 from . import memory
 
@@ -199,9 +199,20 @@ def reference_config_for(name: str) -> Tuple[Tuple[str, object], ...]:
         return tuple(reference_config(get_model(name)).items())
 
 
+def is_segmentation(name: str) -> bool:
+    """Whether get_model(name) is an FC-DenseNet: per-pixel logits (N, classes, H, W), per-pixel labels."""
+    return name in SEGMENTATION_MODELS
+
+
 def build_model(provider: str, name: str) -> nn.Module:
     """The provider's model for `name`, on the CPU, float32, freshly initialised."""
     base, saved = split_provider(provider)
+    if is_segmentation(name):  # one class for all providers: memory_efficient=False is the naive twin
+        if saved:
+            raise BenchError(f"provider {provider!r}: {name}'s layers have no bottleneck to save")
+        if base in REFERENCE_PROVIDERS:
+            return get_model(name, memory_efficient=False, checkpoint=base == "checkpoint")
+        return get_model(name, backend=base)
     if base in REFERENCE_PROVIDERS:
         # "compile" is the naive model here; prepare() wraps it in torch.compile once it has
         # its weights and device.
@@ -223,7 +234,8 @@ def load_shared_weights(model: nn.Module, name: str) -> nn.Module:
 
 
 def num_classes_of(model: nn.Module) -> int:
-    return model.classifier.out_features
+    head = model.classifier
+    return head.out_features if isinstance(head, nn.Linear) else head.out_channels  # FC-DenseNet: a 1x1 conv
 
 
 # ------------------------------------------------------------------------------------------
@@ -274,10 +286,12 @@ class Step:
 
 
 def make_inputs(case: Case, num_classes: int, device: str, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x: (batch, 3, S, S) standard normal (channels_last if asked), y: (batch,) labels."""
+    """x: (batch, 3, S, S) standard normal (channels_last if asked), y: (batch,) labels, or
+    (batch, S, S) per-pixel labels for a segmentation model."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=gen)
-    y = torch.randint(0, num_classes, (case.batch,), generator=gen)
+    labels = (case.batch, case.image_size, case.image_size) if is_segmentation(case.model) else (case.batch,)
+    y = torch.randint(0, num_classes, labels, generator=gen)
     x = x.to(device)
     if case.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

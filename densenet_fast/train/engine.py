@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import densenet_fast
 
+from ..models import SEGMENTATION_MODELS
 from ..models.densenet import PRETRAINED_MODELS, torchvision_weights
 from .distributed import DistEnv, all_reduce
 from .options import TrainError
@@ -33,6 +34,10 @@ def build_model(args, in_channels: int, num_classes: int, device: Optional[torch
     args.weights (torchvision's pretrained weights): loaded into the model, whose classifier is
     then replaced by a new nn.Linear (torchvision's initialisation: zero bias) when num_classes
     differs from the weights' categories."""
+    if args.model in SEGMENTATION_MODELS:
+        raise TrainError(f"--model {args.model}: the train command fits image classifiers to labelled images; "
+                         f"{args.model} is a segmentation model (densenet_fast.{args.model}(num_classes=...) in your "
+                         "own training loop)")
     weights = getattr(args, "weights", None)
     kwargs = dict(memory_efficient=not args.naive, backend=args.backend, save_bottleneck=args.save_bottleneck,
                   drop_rate=args.drop_rate)
