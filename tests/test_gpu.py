@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from densenet_fast import reference
+from densenet_fast import FCDenseNet, reference
 from densenet_fast.backends import resolve_backend
 from builders import copy_weights, param_grads, projection_loss, randomize_bn_, seeded_input, states, \
     efficient_densenet
@@ -121,6 +121,41 @@ def test_autocast(backend, dtype, channels_last):
     _backend_or_skip(backend, dtype)
     ours, naive, exact = _models(backend, channels_last, seed=5)
     x = seeded_input((16, 3, 16, 16), 43, torch.float32, channels_last).to(DEVICE)
+    fast, slow, ref = _run(ours, x, dtype), _run(naive, x, dtype), _run(exact, x.double())
+    assert_model_within_naive_error(fast, slow, ref, dtype)
+
+
+# FC-DenseNet: two levels, growth 12 from 20 channels (unaligned channel offsets), no dropout.
+FC_CFG = dict(in_channels=3, num_classes=5, down_blocks=(2, 1), bottleneck_layers=2, up_blocks=(1, 2),
+              growth_rate=12, first_channels=20, drop_rate=0.0)
+
+
+def _fc_models(backend: str, channels_last: bool, seed: int):
+    torch.manual_seed(seed)
+    naive = randomize_bn_(FCDenseNet(**FC_CFG, memory_efficient=False), seed + 1)
+    ours = FCDenseNet(**FC_CFG, backend=backend)
+    copy_weights(naive, ours)
+    exact = copy.deepcopy(naive).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [m.to(DEVICE, memory_format=fmt) for m in (ours, naive, exact)]
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fc_densenet_float32(backend, channels_last):
+    """FC-DenseNet (plain layers, the decoder's concatenation into the block buffers, the lean
+    transition down, odd 13x11 images cropped by the decoder) against the naive model."""
+    _backend_or_skip(backend)
+    _check_float32_train_and_eval(*_fc_models(backend, channels_last, 50), channels_last)
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_fc_densenet_autocast(backend, dtype, channels_last):
+    _backend_or_skip(backend, dtype)
+    ours, naive, exact = _fc_models(backend, channels_last, 52)
+    x = seeded_input((4, 3, 16, 12), 53, torch.float32, channels_last).to(DEVICE)
     fast, slow, ref = _run(ours, x, dtype), _run(naive, x, dtype), _run(exact, x.double())
     assert_model_within_naive_error(fast, slow, ref, dtype)
 
