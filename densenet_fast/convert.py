@@ -4,6 +4,8 @@ Recognised by structure, not by class, so torchvision's DenseNet/_DenseBlock/_Tr
 densenet_fast.reference's modules and look-alikes in third-party segmentation nets all convert:
   * a DenseNet (features Sequential with conv0 ... norm5, a Linear classifier) becomes a
     densenet_fast.models.DenseNet (the fused forward that shares statistics across modules);
+  * a densenet_fast FCDenseNet (memory_efficient=False, or another backend) becomes the efficient
+    FCDenseNet of the same architecture;
   * anywhere else, a dense block (a ModuleDict of layers with norm1/conv1/norm2/conv2) becomes a
     densenet_fast.DenseBlock and a transition (norm, conv 1x1, 2x2 average pool) a
     densenet_fast.Transition.
@@ -20,6 +22,7 @@ import torch.nn as nn
 
 from .modules import DenseBlock, Transition
 from .models.densenet import DenseNet
+from .models.fc_densenet import FCDenseNet
 from .reference import has_bottleneck
 
 __all__ = ["convert"]
@@ -119,12 +122,19 @@ def convert(model: nn.Module, *, backend: str = "auto", save_bottleneck: bool = 
     """
     if _is_densenet(model):
         return _convert_densenet(model, backend=backend, save_bottleneck=save_bottleneck)
+    if isinstance(model, FCDenseNet):
+        return _convert_fc_densenet(model, backend)
     if _is_dense_block(model) or _is_transition(model):
         return _convert_module(model, backend, save_bottleneck)
     target = model if inplace else copy.deepcopy(model)
     if _replace_children(target, backend, save_bottleneck) == 0:
         raise ValueError(f"convert: found no dense block, transition or DenseNet in {type(model).__name__}")
     return target
+
+
+def _convert_fc_densenet(model: FCDenseNet, backend: str) -> FCDenseNet:
+    """Its layers have no bottleneck, so save_bottleneck does not apply."""
+    return _finish(FCDenseNet(**model.config, memory_efficient=True, backend=backend), model)
 
 
 def _convert_module(m: nn.Module, backend: str, save_bottleneck: bool) -> nn.Module:
@@ -138,6 +148,9 @@ def _replace_children(parent: nn.Module, backend: str, save_bottleneck: bool) ->
     for name, child in list(parent.named_children()):
         if _is_densenet(child):
             setattr(parent, name, _convert_densenet(child, backend=backend, save_bottleneck=save_bottleneck))
+            n += 1
+        elif isinstance(child, FCDenseNet):
+            setattr(parent, name, _convert_fc_densenet(child, backend))
             n += 1
         elif _is_dense_block(child) or _is_transition(child):
             setattr(parent, name, _convert_module(child, backend, save_bottleneck))

@@ -80,6 +80,22 @@ def test_matches_naive_model(mode, channels_last, chunk):
     assert got.shape == (2, 5, 13, 11)
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["model", "inside-a-module"])
+def test_convert_naive_model(nested):
+    """convert() rebuilds a naive FC-DenseNet (alone or inside another module) as the efficient
+    one with the same weights, buffers, BN hyper-parameters and mode: the same step in float64."""
+    torch.manual_seed(40)
+    naive = randomize_bn_(FCDenseNet(**SMALL, memory_efficient=False), 41).double()
+    naive.down[0].denselayer1.norm1.momentum = 0.3
+    holder = nn.Sequential(naive) if nested else naive
+    converted = densenet_fast.convert(holder, backend="torch")
+    ours = converted[0] if nested else converted
+    assert isinstance(ours, FCDenseNet) and ours.memory_efficient and ours.backend == "torch"
+    assert ours.down[0].denselayer1.norm1.momentum == 0.3 and ours.stem.weight.dtype == F64
+    assert isinstance(naive.down[0], reference.DenseBlock) and not naive.memory_efficient  # source untouched
+    assert_same_step(ours, naive, seeded_input((2, 3, 10, 9), 42, F64), 43, "converted FC-DenseNet")
+
+
 def test_autocast_bf16_within_naive_error():
     """Under CPU autocast (bfloat16) the efficient model's output and gradients are as close to a
     float64 reference as the naive model's under the same autocast (tolerances.assert_within_naive_error):

@@ -137,6 +137,10 @@ class FCDenseNet(nn.Module):
                              "memory_efficient=False (the efficient model stores no BN-ReLU output to drop)")
         self.memory_efficient = memory_efficient
         self.backend = check_backend_name(backend)
+        # The architecture, for densenet_fast.convert (which rebuilds a naive model as an efficient one).
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, down_blocks=down_blocks,
+                           bottleneck_layers=int(bottleneck_layers), up_blocks=up_blocks, growth_rate=growth_rate,
+                           first_channels=first_channels, drop_rate=float(drop_rate))
         down_in, skips, up_in, out_channels = _widths(first_channels, growth_rate, down_blocks,
                                                       int(bottleneck_layers), up_blocks)
 
