@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .backends import check_backend_name, kernels_for
 from .reference import dense_layer_modules
 from .ops.amp import autocast_dtype
-from .ops.dense_block import concat_into, new_block_buffer, run_dense_block
+from .ops.dense_block import concat_into, growth_rate_of, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
@@ -49,6 +48,38 @@ def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: b
                          f"need N*H*W > 1), got input x of shape {tuple(x.shape)}")
 
 
+def concat_input(parts: Sequence[Tensor], where: str, channels: int, total: int, param: Tensor,
+                 buffer: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """A list input of a block (or lone layer) written into its buffer: (buffer[:, :channels]
+    holding torch.cat(parts, 1), buffer).  parts: (N, C_i, H, W) with sum(C_i) == channels;
+    buffer: (N, total, H, W) or None for a new one (new_block_buffer, the autocast dtype under
+    autocast).  The parts are checked first, each error naming x[i]."""
+    if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or len(parts) == 0:
+        raise TypeError(f"{where}: input x must be a tensor or a non-empty list of tensors, got "
+                        f"{type(parts).__name__}")
+    for i, part in enumerate(parts):
+        if not isinstance(part, Tensor):
+            raise TypeError(f"{where}: input x[{i}] must be a torch.Tensor, got {type(part).__name__}")
+        check_input(part, f"{where} (x[{i}])", part.shape[1] if part.dim() == 4 else -1, param, False)
+        if (part.shape[0], *part.shape[2:]) != (parts[0].shape[0], *parts[0].shape[2:]):
+            raise ValueError(f"{where}: input x[{i}] has shape {tuple(part.shape)}, but x[0] has "
+                             f"{tuple(parts[0].shape)}; the parts must agree in N, H and W")
+    widths = [p.shape[1] for p in parts]
+    if sum(widths) != channels:
+        raise ValueError(f"{where}: the channels of the input parts x must add up to {channels}, got "
+                         f"{' + '.join(map(str, widths))} = {sum(widths)}")
+    n, _, h, w = parts[0].shape
+    if buffer is None:
+        buffer = new_block_buffer(parts[0], total, h, w, autocast_dtype(parts[0].device.type))
+    elif not isinstance(buffer, Tensor) or tuple(buffer.shape) != (n, total, h, w) \
+            or buffer.device != parts[0].device or buffer.requires_grad:
+        got = (f"{tuple(buffer.shape)} on {buffer.device}, requires_grad={buffer.requires_grad}"
+               if isinstance(buffer, Tensor) else type(buffer).__name__)
+        raise ValueError(f"{where}: buffer must be a tensor of shape {(n, total, h, w)} on {parts[0].device} "
+                         f"that does not require grad (new_buffer), got {got}")
+    return concat_into(parts, buffer[:, :channels]), buffer
+
+
 class DenseLayer(nn.Module):
     """One dense layer: new = conv3x3(relu(bn2(conv1x1(relu(bn1(x)))))) with dropout.
 
@@ -57,7 +88,8 @@ class DenseLayer(nn.Module):
     layer, FC-DenseNet's).  forward(x): x is (N, C_in, H, W) or
     a list of tensors whose channels add up to C_in (torchvision's calling convention); returns
     the growth_rate new channels (N, k, H, W).  Used alone it runs as a one-layer block (its input
-    is copied into the block buffer); inside a DenseBlock the block drives it.
+    is copied into the block buffer, a list's tensors one by one without a torch.cat); inside a
+    DenseBlock the block drives it.
     """
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0, *,
@@ -71,11 +103,13 @@ class DenseLayer(nn.Module):
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
-        x = input if isinstance(input, Tensor) else torch.cat(list(input), 1)
-        check_input(x, "DenseLayer", self.conv1.in_channels, self.conv1.weight, self.training)
+        x, buffer, c_in = input, None, self.conv1.in_channels
+        if not isinstance(x, Tensor):  # written straight into the one-layer block's buffer (no torch.cat)
+            x, buffer = concat_input(x, "DenseLayer", c_in, c_in + growth_rate_of([self]), self.conv1.weight, None)
+        check_input(x, "DenseLayer", c_in, self.conv1.weight, self.training)
         fbuf, _, _ = run_dense_block(x, [self], kernels_for(self.backend, x.device, self.process_group),
-                                     save_bottleneck=self.save_bottleneck, compute_stats=self.training)
-        return fbuf[:, x.shape[1]:]
+                                     save_bottleneck=self.save_bottleneck, compute_stats=self.training, buffer=buffer)
+        return fbuf[:, c_in:]
 
 
 class DenseBlock(nn.ModuleDict):
@@ -136,39 +170,12 @@ class DenseBlock(nn.ModuleDict):
         """
         layers = list(self.values())
         if not isinstance(x, Tensor):
-            x, buffer = self._concat_input(x, layers[0].conv1.weight, buffer)
+            x, buffer = concat_input(x, "DenseBlock", self.num_input_features, self.num_output_features,
+                                     layers[0].conv1.weight, buffer)
         check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
         return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
                                save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
                                compute_stats=self.training, buffer=buffer)
-
-    def _concat_input(self, parts: Sequence[Tensor], param: Tensor, buffer: Optional[Tensor]
-                      ) -> Tuple[Tensor, Tensor]:
-        """(buffer[:, :C0] holding torch.cat(parts, 1), buffer), parts checked first."""
-        if isinstance(parts, (str, bytes)) or not isinstance(parts, Sequence) or len(parts) == 0:
-            raise TypeError(f"DenseBlock: input x must be a tensor or a non-empty list of tensors, got "
-                            f"{type(parts).__name__}")
-        for i, part in enumerate(parts):
-            if not isinstance(part, Tensor):
-                raise TypeError(f"DenseBlock: input x[{i}] must be a torch.Tensor, got {type(part).__name__}")
-            check_input(part, f"DenseBlock (x[{i}])", part.shape[1] if part.dim() == 4 else -1, param, False)
-            if (part.shape[0], *part.shape[2:]) != (parts[0].shape[0], *parts[0].shape[2:]):
-                raise ValueError(f"DenseBlock: input x[{i}] has shape {tuple(part.shape)}, but x[0] has "
-                                 f"{tuple(parts[0].shape)}; the parts must agree in N, H and W")
-        widths = [p.shape[1] for p in parts]
-        if sum(widths) != self.num_input_features:
-            raise ValueError(f"DenseBlock: the channels of the input parts x must add up to "
-                             f"{self.num_input_features}, got {' + '.join(map(str, widths))} = {sum(widths)}")
-        n, _, h, w = parts[0].shape
-        if buffer is None:
-            buffer = self.new_buffer(parts[0], h, w)
-        elif not isinstance(buffer, Tensor) or tuple(buffer.shape) != (n, self.num_output_features, h, w) \
-                or buffer.device != parts[0].device or buffer.requires_grad:
-            got = (f"{tuple(buffer.shape)} on {buffer.device}, requires_grad={buffer.requires_grad}"
-                   if isinstance(buffer, Tensor) else type(buffer).__name__)
-            raise ValueError(f"DenseBlock: buffer must be a tensor of shape {(n, self.num_output_features, h, w)} "
-                             f"on {parts[0].device} that does not require grad (new_buffer), got {got}")
-        return concat_into(parts, buffer[:, :self.num_input_features]), buffer
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         return self.forward_with_stats(x)[0]

@@ -232,6 +232,33 @@ def test_block_list_input_is_the_concatenation(bn_size):
         assert_close(got[2][name], g, F64, f"grad {name}")
 
 
+@pytest.mark.parametrize("bn_size", [4, 0], ids=["bottleneck", "plain"])
+def test_layer_list_input_without_cat(bn_size):
+    """A lone DenseLayer on a list (torchvision's calling convention) writes the parts into its
+    one-layer buffer: no concatenation, the naive layer's output and gradients of both parts."""
+    torch.manual_seed(16)
+    ours = randomize_bn_(densenet_fast.DenseLayer(7, 4, bn_size, backend="torch"), 17).double()
+    naive = reference.DenseLayer(7, 4, bn_size, 0.0).double()
+    copy_weights(ours, naive)
+    parts = [seeded_input((2, 3, 5, 6), 18, F64), seeded_input((2, 4, 5, 6), 19, F64)]
+    results = []
+    for model, log in ((ours, DispatchLog()), (naive, None)):
+        leaves = [p.clone().requires_grad_(True) for p in parts]
+        if log is not None:
+            with log:
+                out = model(leaves)
+            assert "aten::cat" not in log.entries
+        else:
+            out = model(leaves)
+        projection_loss(out, 20).backward()
+        results.append((out.detach(), [p.grad for p in leaves]))
+    assert_close(results[0][0], results[1][0], F64, "layer output")
+    for i in range(2):
+        assert_close(results[0][1][i], results[1][1][i], F64, f"layer grad of part {i}")
+    with pytest.raises(ValueError, match=r"DenseLayer: the channels of the input parts x must add up to 7"):
+        ours([parts[0], parts[0]])
+
+
 def test_block_list_input_fills_the_given_buffer():
     block, parts = _block_and_parts(13)
     block.eval()
