@@ -14,7 +14,7 @@
 #                                     other providers
 #   bash scripts/gpu_lease.sh more    per-op GB/s, the triton backend autotuned (each tuning's
 #                                     timings in autotune.jsonl), torch.compile providers, bf16
-#                                     channels_last, FC-DenseNet103
+#                                     channels_last, plain layers (densenet_40_12), FC-DenseNet103
 #
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
 # Logs go to $OUT (at most 8 files come back from the device tool): check writes env.txt,
@@ -159,6 +159,8 @@ if [ "$STAGE" = more ]; then
   bench bench.csv 200 --model densenet_bc_100_12 --batch 64 --providers naive,compile,torch+compile,triton+compile
   stamp "bf16 channels_last"
   bench bench.csv 90 --model densenet_bc_100_12 --batch 64 --dtype bfloat16 --channels-last --providers naive,torch,cuda,triton
+  stamp "plain layers: DenseNet (L=40, k=12), each backend's BN-ReLU-Conv3x3 on the prefix"
+  bench bench.csv 40 --model densenet_40_12 --batch 64 --providers naive,torch,cuda,triton
   stamp "FC-DenseNet103 (segmentation, 224x224)"
   bench bench.csv 60 --model fc_densenet103 --batch 4 --providers naive,checkpoint,torch,cuda
 fi

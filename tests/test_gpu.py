@@ -87,8 +87,9 @@ def test_float32_train_and_eval(backend, channels_last, save_bottleneck):
 @pytest.mark.parametrize("channels_last", FORMATS)
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_plain_layers_float32(backend, channels_last):
-    """Layers without bottleneck (bn_size=0: BN-ReLU-Conv3x3), which every backend runs with the
-    plain-PyTorch primitives inside its own block loop (cuDNN's 3x3 conv here)."""
+    """Layers without bottleneck (bn_size=0: BN-ReLU-Conv3x3), which each backend runs with its own
+    BN-ReLU-Conv3x3 on the block's channel prefix (triton: the fused kernel; cuda: its BN-ReLU
+    kernels and cuDNN)."""
     _backend_or_skip(backend)
     _check_float32_train_and_eval(*_models(backend, channels_last, seed=7, bn_size=0), channels_last)
 

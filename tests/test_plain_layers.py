@@ -5,8 +5,8 @@ The reference is checked against an explicit torch.cat loop over BatchNorm2d-ReL
 modules; the efficient block, layer and model against the reference: float64 for the torch
 backend (tolerances.TOLERANCES[float64]), float32 three-way (within 2x the naive model's own error
 against a float64 twin) for the cuda backend's kernel set (the extension's CPU kernels here) and
-the triton backend's (triton's interpreter on the CPU).  Every backend runs these layers with
-the plain-PyTorch primitives, inside its own block loop.
+the triton backend's (triton's interpreter on the CPU).  Each backend runs these layers with its
+own BN-ReLU-Conv3x3 applied to the block's channel prefix, inside its own block loop.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from densenet_fast import _ext, reference, triton_kernels
 from densenet_fast.ops.dense_block import run_dense_block
 from builders import (assert_compiled_matches_eager, assert_same_step, copy_weights, param_grads, randomize_bn_,
                       seeded_input, step_grads)
+from helpers import DispatchLog
 from tolerances import assert_close, assert_within_naive_error
 
 F64 = torch.float64
@@ -103,17 +104,22 @@ def _kernel_sets():
     return sets
 
 
+@pytest.mark.parametrize("chunk", [0, 4], ids=["one-chunk", "chunks-of-4"])
 @pytest.mark.parametrize("make_kernels", _kernel_sets())
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_plain_block_in_kernel_backends(make_kernels, channels_last):
-    """The kernel backends' block loops hand plain layers to the plain-PyTorch primitives (the
-    cuda backend's C++ loop declines such blocks): float32 results within the naive error."""
-    ours, naive = _pair(10)
+def test_plain_block_in_kernel_backends(make_kernels, channels_last, chunk):
+    """The kernel backends run plain layers on their own BN-ReLU-Conv3x3 of the prefix (cuda: the
+    extension's bn_relu_out and cuDNN, its chunked BN backward kernels; triton: the fused 3x3
+    kernel reading the prefix in place, the plain-PyTorch chunked backward; the C++ loop
+    declines such blocks): float32 results within the naive error."""
+    ours, naive = _pair(10, chunk=chunk)
     exact = copy.deepcopy(naive).double()
     x = seeded_input((2, C0, 5, 7), 11, torch.float32, channels_last, scale=1.5, offset=0.4)
     r = torch.randn(2, C0 + LAYERS * K, 5, 7, generator=torch.Generator().manual_seed(12), dtype=F64)
     xi = x.clone().requires_grad_(True)
-    fbuf, _, _ = run_dense_block(xi, list(ours.values()), make_kernels())
+    with DispatchLog() as log:
+        fbuf, _, _ = run_dense_block(xi, list(ours.values()), make_kernels(), chunk_channels=chunk)
+    assert not [op for op in log.entries if "batch_norm" in op], "forward BN-ReLU left to ATen"
     (fbuf.double() * r).sum().backward()
     fast = (fbuf.detach(), xi.grad, param_grads(ours))
     results = []

@@ -143,13 +143,15 @@ def test_triton_backend_runs_float64_on_the_torch_path():
     assert_close(a[1], b[1], torch.float64, "input grad")
 
 
-def test_triton_densenet_compiles_fullgraph():
+@pytest.mark.parametrize("bn_size", [CFG["bn_size"], 0], ids=["bottleneck", "plain"])
+def test_triton_densenet_compiles_fullgraph(bn_size):
     """torch.compile(fullgraph=True) traces the whole model on backend triton (the kernels enter
     the graph as densenet_fast::triton_* custom ops through their fake implementations) and the
     compiled step matches eager (float32, TOLERANCES[float32]).  aot_eager: the graph runs in
-    eager ATen on the CPU interpreter; tests/test_gpu.py compiles with inductor on a GPU."""
+    eager ATen on the CPU interpreter; tests/test_gpu.py compiles with inductor on a GPU.
+    bn_size=0: the 3x3 kernel reads the block buffer's prefix and writes another slice of it."""
     torch.manual_seed(14)
-    eager = efficient_densenet(**CFG, backend="triton").to(DEVICE)
+    eager = efficient_densenet(**{**CFG, "bn_size": bn_size}, backend="triton").to(DEVICE)
     compiled_twin = copy.deepcopy(eager)
     compiled = torch.compile(compiled_twin, fullgraph=True, backend="aot_eager")
     x = _input(True, 15)

@@ -12,6 +12,8 @@ Per layer, with scale = gamma * invstd and shift = beta - mean * scale computed 
   bottleneck_backward    per chunk: bn_relu_out (z rebuilt into the scratch), the 1x1 GEMMs,
                          bn_relu_backward_reduce, and bn_backward_apply accumulating straight into
                          G[:, :C_l] (accumulate=True): no chunk-sized dX is ever formed
+  plain layers (bn_size=0) layer_output of the prefix forward, and bottleneck_backward's chunk
+                         loop with cuDNN's 3x3 dgrad/wgrad in backward
   transition, head, stem ops.transition's chunked Function with bn_relu_chunk(_backward) on the
                          same three kernels; the pooling and the 1x1 GEMM (on the pooled rows) are ATen's
 Against the torch backend this removes the separate ReLU, threshold_backward and add passes, and
@@ -43,7 +45,7 @@ from .. import _ext
 from ..reference import has_bottleneck
 from .bn_relu import bn_affine, norm_stats_for, uses_batch_stats
 from .conv1x1 import conv1x1, conv1x1_backward
-from .dense_block import FusedBlockKernels, chunk_size
+from .dense_block import FusedBlockKernels, chunk_size, conv3x3_backward
 from .precision import with_conv_precision
 
 __all__ = ["CudaBlockKernels"]
@@ -228,8 +230,7 @@ class CudaBlockKernels(FusedBlockKernels):
         mean, invstd, scale, shift = bn_affine(stats2, g2, b2, eps, kernel=_channel_affine)
         z2 = torch.empty_like(bt)
         _ops().bn_relu_out(bt, scale, shift, z2)
-        d_z2, d_w2, _ = aten.convolution_backward(d_out.to(bt.dtype), z2, w2, None, [1, 1], [1, 1], [1, 1], False,
-                                                  [0, 0], 1, [True, True, False])
+        d_z2, d_w2 = conv3x3_backward(d_out.to(bt.dtype), z2, w2)
         del z2
         d_bt = torch.empty_like(bt)
         count = bt.shape[0] * bt.shape[2] * bt.shape[3]
@@ -239,6 +240,21 @@ class CudaBlockKernels(FusedBlockKernels):
     def bottleneck_backward(self, d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1=None):
         if not self._fused(fbuf):
             return super().bottleneck_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1)
+        return self._prefix_backward(d_bt, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1, conv1x1_backward)
+
+    def plain_layer_output_backward(self, d_out, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc):
+        if not self._fused(fbuf):
+            return super().plain_layer_output_backward(d_out, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc)
+        d_w1, d_g1, d_b1 = self._prefix_backward(d_out.to(fbuf.dtype), fbuf, cl, stats1, g1, b1, eps, w1, step,
+                                                 grad_acc, None, conv3x3_backward)
+        return d_g1, d_b1, d_w1
+
+    @staticmethod
+    def _prefix_backward(d_y, fbuf, cl, stats1, g1, b1, eps, w1, step, grad_acc, z1, conv_backward):
+        """The backward of y = conv(relu(bn1(F[:, :cl])), w1) (a 1x1 bottleneck or a plain
+        layer's 3x3), chunk by chunk: bn_relu_out rebuilds the chunk into one scratch (unless z1,
+        the kept whole prefix, is given), the conv's dgrad/wgrad, then the ReLU-masked BN backward
+        added straight into grad_acc.  Returns (d_w1, d_g1, d_b1)."""
         mean, invstd, scale, shift = bn_affine(stats1, g1, b1, eps, kernel=_channel_affine)
         count = fbuf.shape[0] * fbuf.shape[2] * fbuf.shape[3]
         scratch = _scratch_like(fbuf, min(step, cl)) if z1 is None else z1
@@ -249,7 +265,7 @@ class CudaBlockKernels(FusedBlockKernels):
             z = scratch[:, : e - a]
             if z1 is None:
                 _ops().bn_relu_out(xc, scale[a:e], shift[a:e], z)
-            d_z, d_wc = conv1x1_backward(d_bt, z, w1[:, a:e])
+            d_z, d_wc = conv_backward(d_y, z, w1[:, a:e])
             d_gc, d_bc = _bn_backward(d_z, xc, mean[a:e], invstd[a:e], scale[a:e], shift[a:e], stats1.batch, count,
                                       grad_acc[:, a:e], True)
             parts.append((d_wc, d_gc, d_bc))

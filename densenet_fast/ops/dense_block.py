@@ -18,9 +18,10 @@ saved (save_bottleneck=True: B = bn_size*k extra channels per layer kept, one 1x
 layer in backward).
 
 Layers without bottleneck (bn_size=0: new = conv3x3(relu(bn1(F[:, :C_l])))) take the same path
-with the bottleneck's two steps replaced by one (plain_layer_output / _backward, plain PyTorch in
-every backend): norm1 reads the cache, relu(bn1(.)) of the prefix is a transient, and the input
-gradient is accumulated into G.
+with the bottleneck's two steps replaced by one (plain_layer_output / _backward: a backend's
+BN-ReLU-Conv3x3 applied to the prefix, and the bottleneck backward's chunk loop with a 3x3 conv):
+norm1 reads the cache, relu(bn1(.)) of the prefix is at most a transient, and the input gradient
+is accumulated into G chunk by chunk.
 
 What a backend changes is only the kernel set (`BlockKernels`): the plain-PyTorch one feeds ATen's
 fused batch_norm / native_batch_norm_backward / convolution_backward kernels with the cached
@@ -50,7 +51,7 @@ PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, no
 PLAIN_PARAMS_PER_LAYER = 3  # a layer without bottleneck (bn_size=0): norm1.weight, norm1.bias, conv1.weight
 
 
-def _conv3x3_backward(d_y: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+def conv3x3_backward(d_y: Tensor, z: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
     """(d_z, d_w) of y = conv2d(z, w, padding=1)."""
     d_z, d_w, _ = aten.convolution_backward(d_y, z, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
                                             [True, True, False])
@@ -149,7 +150,7 @@ class BlockKernels:
                               eps: float, w2: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Gradients of layer_output: (d_bt, d_g2, d_b2, d_w2).  d_out: (N, k, H, W), any float dtype."""
         z2 = bn_relu(bt, stats2, g2, b2, eps)
-        d_z2, d_w2 = _conv3x3_backward(d_out.to(bt.dtype), z2, w2)
+        d_z2, d_w2 = conv3x3_backward(d_out.to(bt.dtype), z2, w2)
         d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, stats2, g2, eps)
         return d_bt, d_g2, d_b2, d_w2
 
@@ -185,11 +186,14 @@ class BlockKernels:
     # ---- layers without a bottleneck (bn_size=0): BN-ReLU-Conv3x3 of the prefix ----
 
     def plain_layer_output(self, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor, eps: float,
-                           w1: Tensor, dst: Tensor) -> None:
-        """dst <- conv3x3(relu(bn1(F[:, :cl])), padding=1): a layer without bottleneck.  relu(bn1(.))
-        of the prefix is a transient (one per layer at a time, as a bottleneck layer's chunks are);
-        every backend runs this plain-PyTorch form (cuDNN's convolution on a GPU)."""
-        dst.copy_(F.conv2d(bn_relu(fbuf[:, :cl], stats1, g1, b1, eps), w1, padding=1))
+                           w1: Tensor, dst: Tensor, stats_out: Optional[Tuple[Tensor, Tensor]] = None
+                           ) -> Optional[Tuple[Tensor, Tensor]]:
+        """dst <- conv3x3(relu(bn1(F[:, :cl])), padding=1): a layer without bottleneck.  It is
+        layer_output with the prefix in Bt's place, so each backend's BN-ReLU-Conv3x3 serves it
+        (here relu(bn1(.)) of the prefix is a transient, one per layer at a time; the triton
+        backend's kernel reads the prefix in place and writes the statistics of dst, see
+        layer_output for stats_out and the result)."""
+        return self.layer_output(fbuf[:, :cl], stats1, g1, b1, eps, w1, dst, stats_out)
 
     def plain_layer_output_backward(self, d_out: Tensor, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor,
                                     b1: Tensor, eps: float, w1: Tensor, step: int, grad_acc: Tensor
@@ -200,7 +204,7 @@ class BlockKernels:
         gradients of the prefix exist one chunk at a time (FC-DenseNet's decoder layers read
         hundreds of full-resolution channels each)."""
         d_w1, d_g1, d_b1 = _chunked_bn_relu_conv_backward(d_out.to(fbuf.dtype), fbuf, cl, stats1, g1, b1, eps, w1,
-                                                          step, grad_acc, None, _conv3x3_backward)
+                                                          step, grad_acc, None, conv3x3_backward)
         return d_g1, d_b1, d_w1
 
     # ---- BN-ReLU of a channel chunk, for ops.transition's chunked Function ----
@@ -513,7 +517,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         bt = stats2 = new_stats = None
         if not has_bottleneck(layer):
             g1, b1, w1 = params[slices[l]]
-            spec.kernels.plain_layer_output(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1, dst)
+            new_stats = spec.kernels.plain_layer_output(fbuf, cl, stats1, g1, b1, layer.norm1.eps, w1, dst,
+                                                        None if dropout or group is not None else stats_out)
         else:
             g1, b1, w1, g2, b2, w2 = params[slices[l]]
             batch2 = uses_batch_stats(layer.norm2)
