@@ -15,7 +15,7 @@ from torch import Tensor
 from .backends import check_backend_name, kernels_for
 from .reference import dense_layer_modules
 from .ops.amp import autocast_dtype
-from .ops.dense_block import concat_into, growth_rate_of, new_block_buffer, run_dense_block
+from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
@@ -157,8 +157,8 @@ class DenseBlock(nn.ModuleDict):
         """
         return new_block_buffer(like, self.num_output_features, height, width, autocast_dtype(like.device.type))
 
-    def forward_with_stats(self, x: Union[Tensor, Sequence[Tensor]], buffer: Optional[Tensor] = None
-                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward_with_stats(self, x: Union[Tensor, Sequence[Tensor]], buffer: Optional[Tensor] = None,
+                           handoff: Optional[GradHandoff] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """(F, mean, var): the buffer plus the batch statistics of its channels (training mode;
         empty tensors in eval mode), for a following Transition or head to reuse.
 
@@ -167,6 +167,8 @@ class DenseBlock(nn.ModuleDict):
         block buffer, as torch.cat(x, 1) would be, without that concatenation.
         buffer: optional new_buffer(x) to fill (F is then that tensor); when x is its channel
         prefix buffer[:, :C0], x is not copied.  A buffer serves one call.
+        handoff: a GradHandoff also given to F's only consumer (Transition(handoff=...)), so that
+        the backward adopts that consumer's gradient of F instead of copying it.
         """
         layers = list(self.values())
         if not isinstance(x, Tensor):
@@ -175,7 +177,7 @@ class DenseBlock(nn.ModuleDict):
         check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
         return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
                                save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
-                               compute_stats=self.training, buffer=buffer)
+                               compute_stats=self.training, buffer=buffer, handoff=handoff)
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         return self.forward_with_stats(x)[0]
@@ -188,6 +190,7 @@ class Transition(nn.Sequential):
     preceding block's (mean, var) cache (DenseBlock.forward_with_stats); without it the batch
     statistics are computed here.  `out`: a (N, C_out, H // 2, W // 2) tensor to write the result
     into, typically next_block.new_buffer(...)[:, :C_out]; the result then shares its memory.
+    `handoff`: the GradHandoff the block that produced x was given (x's only consumer being this).
     relu(bn(x)) is never stored.
 
     Like torchvision's _Transition it is an nn.Sequential of norm, relu, conv, pool: code that
@@ -205,8 +208,8 @@ class Transition(nn.Sequential):
         self.backend = check_backend_name(backend)
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
-    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None
-                ) -> Tensor:
+    def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None,
+                handoff: Optional[GradHandoff] = None) -> Tensor:
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
-        return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out,
+        return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,
                                  kernels=kernels_for(self.backend, x.device, self.process_group))

@@ -19,6 +19,7 @@ from torch import Tensor
 from .. import reference
 from ..backends import check_backend_name, kernels_for
 from ..modules import DenseBlock, Transition, check_input
+from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
@@ -82,7 +83,7 @@ class DenseNet(nn.Module):
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
-        pooled = buffer = None
+        pooled = buffer = handoff = None
         children = dict(self.features.named_children())
         modules = list(children.values())
         for i, (name, module) in enumerate(children.items()):
@@ -93,21 +94,25 @@ class DenseNet(nn.Module):
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
                 h = bn_relu_pool_conv(h, module, None, pool="none", kernels=kernels)
             elif isinstance(module, DenseBlock):
-                h, mean, var = module.forward_with_stats(h, buffer=buffer)
+                # The block's F goes to the transition or head after it alone: its backward hands
+                # its gradient of F to the block's backward as G (GradHandoff, no copy).
+                handoff = GradHandoff()
+                h, mean, var = module.forward_with_stats(h, buffer=buffer, handoff=handoff)
                 cache, buffer = (mean, var), None
             elif isinstance(module, Transition):
                 nxt = modules[i + 1] if i + 1 < len(modules) else None
                 if isinstance(nxt, DenseBlock) and not torch.compiler.is_compiling():
                     # The transition writes straight into the next block's buffer (no copy there).
                     buffer = nxt.new_buffer(h, h.shape[2] // 2, h.shape[3] // 2)
-                    h = module(h, stats=cache, out=buffer[:, :module.conv.out_channels])
+                    h = module(h, stats=cache, out=buffer[:, :module.conv.out_channels], handoff=handoff)
                 else:
-                    h = module(h, stats=cache)
-                cache = None
+                    h = module(h, stats=cache, handoff=handoff)
+                cache = handoff = None
             elif name == "norm5":
                 # norm5 + ReLU + global average pool fused, reading the last block's statistics.
                 check_input(h, "DenseNet.norm5", module.num_features, module.weight, module.training)
-                pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels)
+                pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels,
+                                           handoff=handoff)
             else:
                 h = module(h)
         return self.classifier(torch.flatten(pooled, 1))

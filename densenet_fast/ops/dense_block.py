@@ -271,6 +271,43 @@ def untracked_alias(t: Tensor) -> Tensor:
         t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
+class GradHandoff:
+    """A block's gradient buffer G, allocated by the Function that consumes the block's F.
+
+    The block's backward starts from G = dLoss/dF, which normally arrives as a tensor of F's size
+    from F's consumer (the transition, the head) and is copied into a new G: two buffer-sized
+    tensors at the start of the block's backward, the step's peak in DenseNet-BC.  When a model
+    links the two Functions through one GradHandoff, the consumer's backward leaves its gradient
+    tensor here (`tensor`) and the block adopts it as G (no copy, one buffer less) -- but only if
+    the gradient autograd hands the block IS that tensor (same storage, offset and geometry, the
+    handoff holding it alive meanwhile), in G's dtype: autograd summing it with another gradient
+    of F makes a new tensor, which is copied as before.  A consumer
+    leaves nothing when the user can see the gradient (hooks or retain_grad on F): the block
+    accumulates into G in place.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self) -> None:
+        self.tensor: Optional[Tensor] = None
+
+    def offer(self, grad_f: Tensor, fbuf: Tensor) -> None:
+        """From F's consumer's backward: its gradient of F, unless F's gradient is observed."""
+        if not (fbuf.retains_grad or getattr(fbuf, "_backward_hooks", None)):
+            self.tensor = grad_f
+
+    def take(self, grad_f: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        """grad_f itself when it is the offered tensor in `dtype`, else None; clears the offer."""
+        offered, self.tensor = self.tensor, None
+        if offered is None or offered.dtype != dtype or grad_f.dtype != dtype or grad_f.device != offered.device:
+            return None
+        same_memory = (grad_f.untyped_storage()._cdata == offered.untyped_storage()._cdata
+                       and grad_f.storage_offset() == offered.storage_offset())
+        if not same_memory or grad_f.shape != offered.shape or grad_f.stride() != offered.stride():
+            return None
+        return offered
+
+
 def _write_parts(parts: Sequence[Tensor], out: Tensor) -> None:
     start = 0
     for part in parts:
@@ -338,6 +375,7 @@ class BlockSpec:
     compute_stats: bool = True            # fill the statistics cache (training-mode consumers)
     count: int = 0                        # values per channel (over the process group); set by forward
     buffer: Optional[Tensor] = None       # a preallocated F (new_block_buffer); x may already be its prefix
+    handoff: Optional[GradHandoff] = None  # where F's consumer leaves G for the backward (GradHandoff)
 
 
 @dataclass
@@ -558,8 +596,10 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
     layers = spec.layers
     k = growth_rate_of(layers)
     acc_dtype = torch.float32 if fbuf.dtype in (torch.float16, torch.bfloat16) else fbuf.dtype
-    gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
-    gbuf.copy_(grad_f)
+    gbuf = spec.handoff.take(grad_f, acc_dtype) if spec.handoff is not None else None
+    if gbuf is None or gbuf.stride() != fbuf.stride():
+        gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
+        gbuf.copy_(grad_f)
     if not isinstance(records, list):  # whole_block_forward's
         return gbuf[:, :c0], records.backward(fbuf, gbuf, params, c0)
     grads: List[Optional[Tensor]] = [None] * len(params)
@@ -637,8 +677,11 @@ def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = Non
 
 def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernels, *,
                     save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True,
-                    buffer: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    buffer: Optional[Tensor] = None, handoff: Optional[GradHandoff] = None
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
     """Functional entry: the block over x (N, C0, H, W) -> (F, mean, var).
+
+    handoff: a GradHandoff shared with F's only consumer (see there), or None.
 
     buffer: an uninitialised F (N, C0 + L*k, H, W) in x's dtype (the autocast dtype under
     autocast) to fill instead of allocating one; when x is its channel prefix (a transition wrote
@@ -657,7 +700,8 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
         if layer.norm1.affine is False or (has_bottleneck(layer) and layer.norm2.affine is False):
             raise ValueError("densenet_fast: dense layers need affine BatchNorm (affine=True)")
     compute_stats = compute_stats or any(uses_batch_stats(layer.norm1) for layer in layers)
-    spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats, buffer=buffer)
+    spec = BlockSpec(layers, kernels, save_bottleneck, chunk_channels, compute_stats, buffer=buffer,
+                     handoff=None if torch.compiler.is_compiling() else handoff)
     params = block_params(layers, cast)
     with autocast_disabled(device_type):
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):

@@ -23,7 +23,7 @@ from torch import Tensor
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, norm_stats_for, uses_batch_stats
-from .dense_block import BlockKernels, Destination, buffer_memory_format, chunk_size, untracked_alias
+from .dense_block import BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, untracked_alias
 
 aten = torch.ops.aten
 
@@ -72,7 +72,7 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, kernels, fbuf, stats, weight, bias, conv_weight, eps, pool, chunk, out=None):
+    def forward(ctx, kernels, fbuf, stats, weight, bias, conv_weight, eps, pool, chunk, out=None, handoff=None):
         pooled = _pooled(kernels, fbuf, stats, weight, bias, eps, pool, chunk)
         if conv_weight is None:
             out = write_result(pooled, out)
@@ -82,6 +82,7 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
             out = untracked_alias(conv1x1(pooled, conv_weight, out=out.tensor))
         ctx.kernels, ctx.stats, ctx.eps, ctx.pool, ctx.chunk = kernels, stats, eps, pool, chunk
         ctx.has_conv = conv_weight is not None
+        ctx.handoff = handoff
         ctx.save_for_backward(fbuf, weight, bias, *([conv_weight] if conv_weight is not None else []))
         return out
 
@@ -111,7 +112,9 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
             gz = _pool_backward(grad_p[:, a:e], zc, pool)
             grad_w[a:e], grad_b[a:e] = kernels.bn_relu_chunk_backward(gz, xc, zc, sc, weight[a:e], bias[a:e], eps,
                                                                       grad_f[:, a:e])
-        return None, grad_f, None, grad_w, grad_b, grad_conv, None, None, None, None
+        if ctx.handoff is not None:
+            ctx.handoff.offer(grad_f, fbuf)
+        return None, grad_f, None, grad_w, grad_b, grad_conv, None, None, None, None, None
 
 
 def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
@@ -129,7 +132,7 @@ def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
 
 def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], *, pool: str,
                       kernels: BlockKernels, cache: Optional[Tuple[Tensor, Tensor]] = None,
-                      chunk: int = 0, out: Optional[Tensor] = None) -> Tensor:
+                      chunk: int = 0, out: Optional[Tensor] = None, handoff: Optional[GradHandoff] = None) -> Tensor:
     """conv1x1(pool(relu(norm(fbuf)))) (no conv when conv_weight is None), norm reading the cache.
 
     fbuf: (N, C, H, W) (a dense block's output buffer, or the stem conv's output).
@@ -139,6 +142,8 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
     values per chunk).  out: optional (N, C_out, H', W') tensor to write the result into, any
     strides -- the channel prefix of the next block's buffer, so that the block need not copy its
     input (DenseBlock.forward_with_stats(buffer=...)); the result then shares out's memory.
+    handoff: the GradHandoff of the block that produced fbuf (fbuf's only consumer is this), so
+    that the block's backward adopts this backward's gradient of fbuf as its G.
     Returns (N, C_out, H', W').  norm's running statistics move once in training mode.
     """
     if pool not in POOLS:
@@ -173,4 +178,4 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
         if fused is not None:
             return fused
         return BNReLUPoolConvFunction.apply(kernels, fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool,
-                                            chunk, dest)
+                                            chunk, dest, None if torch.compiler.is_compiling() else handoff)
