@@ -655,3 +655,29 @@ def test_handoff_leaves_an_observed_gradient_alone():
         assert_close(kept, want[0], torch.float32, f"dLoss/dF seen through {observe}")
         assert_close(x.grad, want[1], torch.float32, f"input grad ({observe})")
         x.grad = None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda-kernels", "triton"])
+def test_every_backend_hands_its_transition_gradient_to_the_block(backend, monkeypatch):
+    """Each backend's transition and head offer their gradient of F, and each block of a float32
+    DenseNet takes it (the cuda backend's kernel set through the extension's CPU kernels, the
+    triton backend's transition Function under the interpreter)."""
+    from densenet_fast import _ext, triton_kernels
+    from densenet_fast.ops import dense_block as db
+
+    if backend == "cuda-kernels" and not _ext.HAS_C:
+        pytest.skip(f"no extension ({_ext.IMPORT_ERROR})")
+    if backend == "triton" and not (triton_kernels.HAS_TRITON and triton_kernels.INTERPRET):
+        pytest.skip("the triton kernel set runs here under TRITON_INTERPRET=1 (tests/conftest.py)")
+    taken = []
+    take = db.GradHandoff.take
+    monkeypatch.setattr(db.GradHandoff, "take", lambda self, g, dt: taken.append(take(self, g, dt)) or taken[-1])
+    if backend == "cuda-kernels":
+        from densenet_fast.ops.cuda_block import CudaBlockKernels
+        monkeypatch.setattr(densenet_fast.models.densenet, "kernels_for", lambda *a: CudaBlockKernels())
+        monkeypatch.setattr(densenet_fast.modules, "kernels_for", lambda *a: CudaBlockKernels())
+    torch.manual_seed(10)
+    model = efficient_densenet(growth_rate=4, block_config=(2, 2), num_init_features=6, bn_size=2, num_classes=3,
+                               small_inputs=True, backend="torch" if backend == "cuda-kernels" else backend)
+    projection_loss(model(seeded_input((2, 3, 8, 8), 11, torch.float32)), 12).backward()
+    assert len(taken) == 2 and all(t is not None for t in taken), taken

@@ -235,10 +235,11 @@ class BlockKernels:
         return None
 
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
-                  conv_weight: Optional[Tensor], pool: str, out: Optional["Destination"] = None
-                  ) -> Optional[Tensor]:
+                  conv_weight: Optional[Tensor], pool: str, out: Optional["Destination"] = None,
+                  handoff: Optional["GradHandoff"] = None) -> Optional[Tensor]:
         """A backend's own differentiable transition/head, or None for ops.transition's chunked
-        plain-PyTorch Function.  out: where to write the result (see Destination), or None."""
+        plain-PyTorch Function.  out: where to write the result (see Destination), or None;
+        handoff: where its backward offers its gradient of fbuf (GradHandoff), or None."""
         return None
 
 

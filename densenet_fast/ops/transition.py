@@ -174,7 +174,7 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
         stats = norm_stats_for(norm, None, None, fbuf.shape[1], count)
     chunk = chunk_size(chunk, local_count, fbuf.shape[1])
     with autocast_disabled(device_type):
-        fused = kernels.pool_conv(fbuf, stats, norm.weight, norm.bias, norm.eps, conv_weight, pool, dest)
+        fused = kernels.pool_conv(fbuf, stats, norm.weight, norm.bias, norm.eps, conv_weight, pool, dest, handoff)
         if fused is not None:
             return fused
         return BNReLUPoolConvFunction.apply(kernels, fbuf, stats, norm.weight, norm.bias, conv_weight, norm.eps, pool,

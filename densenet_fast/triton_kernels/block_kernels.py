@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..ops.bn_relu import NormStats, batch_stats, bn_affine
-from ..ops.dense_block import KERNEL_DTYPES, Destination, FusedBlockKernels, untracked_alias
+from ..ops.dense_block import KERNEL_DTYPES, Destination, FusedBlockKernels, GradHandoff, untracked_alias
 from .bn_relu_conv1x1 import bn_relu_conv1x1_triton
 from .channel_stats import channel_stats_triton
 from .conv1x1_backward import bn_relu_conv1x1_backward_triton
@@ -128,19 +128,21 @@ class TritonBlockKernels(FusedBlockKernels):
         return d_w1, d_g1.to(g1.dtype), d_b1.to(b1.dtype)
 
     def pool_conv(self, fbuf: Tensor, stats: NormStats, weight: Tensor, bias: Tensor, eps: float,
-                  conv_weight: Optional[Tensor], pool: str, out: Optional[Destination] = None) -> Optional[Tensor]:
+                  conv_weight: Optional[Tensor], pool: str, out: Optional[Destination] = None,
+                  handoff: Optional[GradHandoff] = None) -> Optional[Tensor]:
         """The transition (pool 'avg2' with a conv) as Triton kernels, or None for the base path."""
         if pool != "avg2" or conv_weight is None or not self._fused(fbuf) or min(fbuf.shape[2:]) < 2:
             return None
-        return TritonTransitionFunction.apply(fbuf, stats, weight, bias, conv_weight, eps, out)
+        return TritonTransitionFunction.apply(fbuf, stats, weight, bias, conv_weight, eps, out, handoff)
 
 
 class TritonTransitionFunction(torch.autograd.Function):
-    """apply(fbuf, stats, weight, bias, conv_weight, eps, out|None) -> conv1x1(avgpool2x2(relu(bn(fbuf)))),
-    written into out's tensor (the next block's buffer prefix) when given."""
+    """apply(fbuf, stats, weight, bias, conv_weight, eps, out|None, handoff|None) ->
+    conv1x1(avgpool2x2(relu(bn(fbuf)))), written into out's tensor (the next block's buffer prefix)
+    when given; backward offers its gradient of fbuf to the block's backward through handoff."""
 
     @staticmethod
-    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, out=None):
+    def forward(ctx, fbuf, stats, weight, bias, conv_weight, eps, out=None, handoff=None):
         _, _, scale, shift = _affine(stats, weight, bias, eps)
         if _compiling():
             res = _ops().triton_bn_relu_pool_conv1x1(fbuf, scale, shift, conv_weight)
@@ -150,6 +152,7 @@ class TritonTransitionFunction(torch.autograd.Function):
         else:
             out = untracked_alias(bn_relu_pool_conv1x1_triton(fbuf, scale, shift, conv_weight, out=out.tensor))
         ctx.stats, ctx.eps = stats, eps
+        ctx.handoff = None if _compiling() else handoff
         ctx.save_for_backward(fbuf, weight, bias, conv_weight)
         return out
 
@@ -165,4 +168,6 @@ class TritonTransitionFunction(torch.autograd.Function):
             gx, gg, gb, gw = _ops().triton_bn_relu_pool_conv1x1_backward(*args)
         else:
             gx, gg, gb, gw = bn_relu_pool_conv1x1_backward_triton(*args, scale=scale, shift=shift)
-        return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None, None
+        if ctx.handoff is not None:
+            ctx.handoff.offer(gx, fbuf)
+        return gx, None, gg.to(weight.dtype), gb.to(bias.dtype), gw, None, None, None
