@@ -671,7 +671,7 @@ def test_every_backend_hands_its_transition_gradient_to_the_block(backend, monke
         pytest.skip("the triton kernel set runs here under TRITON_INTERPRET=1 (tests/conftest.py)")
     taken = []
     take = db.GradHandoff.take
-    monkeypatch.setattr(db.GradHandoff, "take", lambda self, g, dt: taken.append(take(self, g, dt)) or taken[-1])
+    monkeypatch.setattr(db.GradHandoff, "take", lambda self, g, f, dt: taken.append(take(self, g, f, dt)) or taken[-1])
     if backend == "cuda-kernels":
         from densenet_fast.ops.cuda_block import CudaBlockKernels
         monkeypatch.setattr(densenet_fast.models.densenet, "kernels_for", lambda *a: CudaBlockKernels())

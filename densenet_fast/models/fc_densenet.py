@@ -175,11 +175,11 @@ class FCDenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, "FCDenseNet", self.stem.in_channels, self.stem.weight, False)
-        side = 2 ** self.num_levels
-        if x.shape[2] < side or x.shape[3] < side:
-            raise ValueError(f"FCDenseNet: input x must be at least {side}x{side} ({self.num_levels} poolings by 2), "
-                             f"got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
         levels = self.num_levels
+        side = 2 ** levels
+        if x.shape[2] < side or x.shape[3] < side:
+            raise ValueError(f"FCDenseNet: input x must be at least {side}x{side} ({levels} poolings by 2), "
+                             f"got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
         if self.training and x.shape[0] * (x.shape[2] >> levels) * (x.shape[3] >> levels) == 1:
             raise ValueError(f"FCDenseNet: training needs more than one value per channel in the bottleneck block "
                              f"(N * H/{side} * W/{side} > 1, batch statistics), got input x of shape {tuple(x.shape)}; "

@@ -281,9 +281,9 @@ class GradHandoff:
     links the two Functions through one GradHandoff, the consumer's backward leaves its gradient
     tensor here (`tensor`) and the block adopts it as G (no copy, one buffer less) -- but only if
     the gradient autograd hands the block IS that tensor (same storage, offset and geometry, the
-    handoff holding it alive meanwhile), in G's dtype: autograd summing it with another gradient
-    of F makes a new tensor, which is copied as before.  A consumer
-    leaves nothing when the user can see the gradient (hooks or retain_grad on F): the block
+    handoff holding it alive meanwhile), laid out as F and in G's dtype: autograd summing it with
+    another gradient of F makes a new tensor, which is copied as before.  A consumer leaves
+    nothing when the user can see the gradient (hooks or retain_grad on F): the block
     accumulates into G in place.
     """
 
@@ -297,14 +297,16 @@ class GradHandoff:
         if not (fbuf.retains_grad or getattr(fbuf, "_backward_hooks", None)):
             self.tensor = grad_f
 
-    def take(self, grad_f: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
-        """grad_f itself when it is the offered tensor in `dtype`, else None; clears the offer."""
+    def take(self, grad_f: Tensor, fbuf: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+        """grad_f itself when it is the offered tensor, shaped and strided as fbuf and in `dtype`
+        (what G must be), else None; clears the offer."""
         offered, self.tensor = self.tensor, None
         if offered is None or offered.dtype != dtype or grad_f.dtype != dtype or grad_f.device != offered.device:
             return None
         same_memory = (grad_f.untyped_storage()._cdata == offered.untyped_storage()._cdata
                        and grad_f.storage_offset() == offered.storage_offset())
-        if not same_memory or grad_f.shape != offered.shape or grad_f.stride() != offered.stride():
+        geometry = (grad_f.shape, grad_f.stride())
+        if not same_memory or geometry != (offered.shape, offered.stride()) or geometry != (fbuf.shape, fbuf.stride()):
             return None
         return offered
 
@@ -597,8 +599,8 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
     layers = spec.layers
     k = growth_rate_of(layers)
     acc_dtype = torch.float32 if fbuf.dtype in (torch.float16, torch.bfloat16) else fbuf.dtype
-    gbuf = spec.handoff.take(grad_f, acc_dtype) if spec.handoff is not None else None
-    if gbuf is None or gbuf.stride() != fbuf.stride():
+    gbuf = spec.handoff.take(grad_f, fbuf, acc_dtype) if spec.handoff is not None else None
+    if gbuf is None:
         gbuf = torch.empty(fbuf.shape, dtype=acc_dtype, device=fbuf.device, memory_format=buffer_memory_format(fbuf))
         gbuf.copy_(grad_f)
     if not isinstance(records, list):  # whole_block_forward's

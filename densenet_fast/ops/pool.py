@@ -31,7 +31,7 @@ class DropoutMaxPool2dFunction(torch.autograd.Function):
         # index is flat over each (H, W) plane; row % 2 and column % 2 place it in its window.
         where = ((index // width) % 2 * 2 + index % width % 2).to(torch.uint8)
         ctx.save_for_backward(where)
-        ctx.p, ctx.seed, ctx.shape, ctx.dtype = p, seed, tuple(h.shape), h.dtype
+        ctx.p, ctx.seed, ctx.shape = p, seed, tuple(h.shape)
         ctx.memory_format = buffer_memory_format(h)
         return y
 
