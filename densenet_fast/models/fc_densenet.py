@@ -26,7 +26,9 @@ from torch import Tensor
 from .. import reference
 from ..backends import check_backend_name, kernels_for
 from ..modules import DenseBlock, check_input
+from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
+from ..ops.suffix_conv import suffix_conv
 from ..ops.transition import bn_relu_pool_conv
 
 __all__ = ["FCDenseNet", "TransitionDown", "TransitionUp", "fc_densenet56", "fc_densenet67", "fc_densenet103"]
@@ -69,15 +71,22 @@ class TransitionUp(nn.Module):
 
     forward(x, size): x (N, C, h, w) -> (N, C, *size), the (N, C, 2h + 1, 2w + 1) result cropped
     around its centre to the skip connection's size (2h or 2h + 1 per side after a floor-mode
-    pooling), as the authors' code crops.
+    pooling), as the authors' code crops.  forward(fbuf, size, start=C0, handoff=h) upsamples
+    fbuf[:, C0:], the new channels of a dense block's buffer; with the GradHandoff that block was
+    given, the block adopts this backward's gradient of fbuf instead of copying it.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.ConvTranspose2d(channels, channels, kernel_size=3, stride=2, bias=False)
 
-    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
-        y = self.conv(x)
+    def forward(self, x: Tensor, size: Sequence[int], start: int = 0, handoff: Optional[GradHandoff] = None
+                ) -> Tensor:
+        if not 0 <= start < x.shape[1] or x.shape[1] - start != self.conv.in_channels:
+            raise ValueError(f"TransitionUp: x[:, {start}:] must have {self.conv.in_channels} channels, "
+                             f"got x of shape {tuple(x.shape)}")
+        y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True, stride=self.conv.stride)
+        x = x[:, start:]
         h, w = int(size[0]), int(size[1])
         if not (2 * x.shape[2] <= h <= y.shape[2] and 2 * x.shape[3] <= w <= y.shape[3]):
             raise ValueError(f"TransitionUp: size must be between twice the input's ({2 * x.shape[2]}, "
@@ -194,14 +203,26 @@ class FCDenseNet(nn.Module):
                 fbuf = blk(h)
                 h = td(fbuf)
             skips.append(fbuf)
-        fbuf = self.bottleneck(h)
-        new = fbuf[:, _block_input_channels(self.bottleneck):]
+        if not self.memory_efficient:
+            fbuf = self.bottleneck(h)
+            new = fbuf[:, _block_input_channels(self.bottleneck):]
+            for tu, blk, skip in zip(self.trans_up, self.up, reversed(skips)):
+                fbuf = blk(torch.cat([tu(new, skip.shape[2:]), skip], 1))
+                new = fbuf[:, _block_input_channels(blk):]
+            return self.classifier(fbuf)
+        # Every block of the upsampling path (and the bottleneck block) has one consumer, the
+        # transition up or the classifier: its backward hands the block the gradient of F
+        # (GradHandoff, no copy).  A down block's F has two (its transition down and the skip).
+        handoff = GradHandoff()
+        fbuf = self.bottleneck.forward_with_stats(h, handoff=handoff)[0]
+        below = self.bottleneck
         for tu, blk, skip in zip(self.trans_up, self.up, reversed(skips)):
-            upsampled = tu(new, skip.shape[2:])
+            upsampled = tu(fbuf, skip.shape[2:], start=_block_input_channels(below), handoff=handoff)
+            handoff = GradHandoff()
             # The efficient block writes the two parts straight into its buffer.
-            fbuf = blk([upsampled, skip]) if self.memory_efficient else blk(torch.cat([upsampled, skip], 1))
-            new = fbuf[:, _block_input_channels(blk):]
-        return self.classifier(fbuf)
+            fbuf = blk.forward_with_stats([upsampled, skip], handoff=handoff)[0]
+            below = blk
+        return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
 
 def _block_input_channels(blk: nn.Module) -> int:
