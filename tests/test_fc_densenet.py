@@ -66,6 +66,24 @@ def test_parameter_count_matches_the_paper(builder, millions):
     assert round((learned + bn_stats + biases) / 1e6, 1) == millions
 
 
+def test_generic_name_builds_the_architecture():
+    """get_model("fc_densenet_<levels>_<layers>_<k>"): FC-DenseNet67 is fc_densenet_5_5_16 (same
+    state_dict keys and shapes); such names are segmentation models, malformed ones are not."""
+    from densenet_fast.models import get_model, is_segmentation_model
+
+    with torch.device("meta"):
+        generic, named = get_model("fc_densenet_5_5_16", num_classes=11), fc_densenet67(num_classes=11)
+        small = get_model("fc_densenet_2_3_4", num_classes=3)
+    assert {k: v.shape for k, v in generic.state_dict().items()} == {k: v.shape for k, v in named.state_dict().items()}
+    assert small.config["down_blocks"] == (3, 3) and small.config["up_blocks"] == (3, 3)
+    assert small.config["bottleneck_layers"] == 3 and small.config["growth_rate"] == 4
+    assert is_segmentation_model("fc_densenet_2_3_4") and is_segmentation_model("fc_densenet103")
+    for name in ("fc_densenet_2_3", "fc_densenet_2_3_x", "densenet_bc_100_12"):
+        assert not is_segmentation_model(name), name
+    with pytest.raises(ValueError, match="unknown model 'fc_densenet_2_3'"):
+        get_model("fc_densenet_2_3")
+
+
 @pytest.mark.parametrize("chunk", [0, 5], ids=["one-chunk", "chunks-of-5"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("mode", ["train", "eval"])

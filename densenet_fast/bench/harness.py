@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..backends import available_backends, resolve_backend
-from ..models import SEGMENTATION_MODELS, get_model
+from ..models import get_model, is_segmentation_model
 from ..ops.precision import conv_tf32_allowed, with_conv_precision
 from . import memory
 
@@ -201,7 +201,7 @@ def reference_config_for(name: str) -> Tuple[Tuple[str, object], ...]:
 
 def is_segmentation(name: str) -> bool:
     """Whether get_model(name) is an FC-DenseNet: per-pixel logits (N, classes, H, W), per-pixel labels."""
-    return name in SEGMENTATION_MODELS
+    return is_segmentation_model(name)
 
 
 def build_model(provider: str, name: str) -> nn.Module:

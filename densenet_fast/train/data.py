@@ -27,6 +27,10 @@ from .options import TrainError
 
 Batch = Tuple[Tensor, Tensor]
 
+# The label of an unlabelled pixel (CamVid's "void", a crop's padding): F.cross_entropy's default
+# ignore_index, so the loss skips it without being told, and the metrics skip it too.
+IGNORE_INDEX = -100
+
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -64,15 +68,17 @@ class Batches:
 
 class TensorSplit:
     """An in-memory split.  images: (N, C, H, W), uint8 in 0..255 or float in 0..1 (synthetic: any
-    float); labels: (N,) int64.  Batches are normalised with (mean, std) per channel and, when a
-    generator is given, augmented on the device: zero-pad by `pad` and crop back at a random offset,
-    and a horizontal flip with probability 1/2 if `flip`."""
+    float); labels: (N,) int64, or (N, H, W) per-pixel labels (segmentation; IGNORE_INDEX where
+    unlabelled).  Batches are normalised with (mean, std) per channel and, when a generator is
+    given, augmented on the device: zero-pad by `pad` and crop back at a random offset, or crop
+    `crop` x `crop` at a random offset, and a horizontal flip with probability 1/2 if `flip`.  A
+    per-pixel label map is cropped and flipped with its image; padded pixels are unlabelled."""
 
     def __init__(self, images: Tensor, labels: Tensor, mean: Sequence[float], std: Sequence[float], pad: int = 0,
-                 flip: bool = False) -> None:
+                 flip: bool = False, crop: Optional[int] = None) -> None:
         self.images, self.labels = images, labels.long()
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
-        self.pad, self.flip = pad, flip
+        self.pad, self.flip, self.crop = pad, flip, crop
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -86,24 +92,45 @@ class TensorSplit:
             for start in range(0, len(indices), batch_size):
                 idx = torch.tensor(indices[start:start + batch_size])
                 x = self.images[idx].to(device, non_blocking=True)
+                y = self.labels[idx].to(device, non_blocking=True)
                 x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
                 if generator is not None:
-                    x = random_crop_flip(x, self.pad, self.flip, generator)
+                    x, y = self._augment(x, y, generator)
                 x = ((x - mean) / std).contiguous(memory_format=fmt)
-                yield x, self.labels[idx].to(device, non_blocking=True)
+                yield x, y
 
         return Batches(make_iter, math.ceil(len(indices) / batch_size))
 
 
-def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator) -> Tensor:
-    """x: (N, C, H, W).  Per image: zero-pad by `pad`, crop H x W at a random offset (torchvision's
-    RandomCrop(padding=pad)), then flip left-right with probability 1/2.  The random numbers come
-    from `generator` (on the CPU, whatever x's device) so they do not depend on the device."""
+    def _augment(self, x: Tensor, y: Tensor, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+        if y.dim() == 1:
+            return random_crop_flip(x, self.pad, self.flip, generator, self.crop), y
+        # The label map rides along as one more channel, shifted by one so that padding (zeros)
+        # reads back as IGNORE_INDEX: every image gets the same crop and flip as its labels.
+        both = torch.cat([x, (y.unsqueeze(1) - IGNORE_INDEX).to(x.dtype)], 1)
+        both = random_crop_flip(both, self.pad, self.flip, generator, self.crop)
+        return both[:, :-1], both[:, -1].round().long() + IGNORE_INDEX
+
+
+def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator, crop: Optional[int] = None
+                     ) -> Tensor:
+    """x: (N, C, H, W).  Per image: zero-pad by `pad`, crop H x W (or crop x crop) at a random offset
+    (torchvision's RandomCrop(size, padding=pad)), then flip left-right with probability 1/2.  The
+    random numbers come from `generator` (on the CPU, whatever x's device) so they do not depend on
+    the device."""
     n, _, h, w = x.shape
-    if pad:
-        offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator)
-        rows = (offsets[0, :, None] + torch.arange(h)).to(x.device)
-        cols = (offsets[1, :, None] + torch.arange(w)).to(x.device)
+    out_h, out_w = (h, w) if crop is None else (crop, crop)
+    if pad or (out_h, out_w) != (h, w):
+        span_h, span_w = h + 2 * pad - out_h + 1, w + 2 * pad - out_w + 1
+        if span_h < 1 or span_w < 1:
+            raise ValueError(f"random_crop_flip: cannot crop {out_h}x{out_w} from {h}x{w} images padded by {pad}")
+        if span_h == span_w:
+            offsets = torch.randint(0, span_h, (2, n), generator=generator)
+        else:
+            offsets = torch.stack([torch.randint(0, span_h, (n,), generator=generator),
+                                   torch.randint(0, span_w, (n,), generator=generator)])
+        rows = (offsets[0, :, None] + torch.arange(out_h)).to(x.device)
+        cols = (offsets[1, :, None] + torch.arange(out_w)).to(x.device)
         padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (N, H + 2p, W + 2p, C)
         images = torch.arange(n, device=x.device)[:, None, None]
         x = padded[images, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
@@ -144,6 +171,7 @@ class Data:
     num_classes: int
     image_size: int
     description: str
+    segmentation: bool = False  # per-pixel labels (N, H, W), IGNORE_INDEX where unlabelled
 
 
 def train_indices(n: int, epoch: int, seed: int, rank: int, world_size: int) -> List[int]:
@@ -275,6 +303,123 @@ def load_synthetic(args) -> Data:
                 f"synthetic: {len(ytr)} train / {len(yte)} test images, {size}x{size}, {k} classes")
 
 
+SHAPES_CLASSES = ("background", "square", "disc", "triangle")
+
+
+def make_shapes(n: int, size: int, generator: torch.Generator) -> Tuple[Tensor, Tensor]:
+    """n images (n, 3, size, size) of 1-3 random squares, discs and upward triangles over a noisy
+    background, each shape in a random colour (so only its form tells its class), and their label
+    maps (n, size, size): 0 background, 1 square, 2 disc, 3 triangle (a later shape covers an
+    earlier one).  A synthetic segmentation task that needs spatial context, not colour."""
+    gen = generator
+    ys = torch.arange(size, dtype=torch.float32).view(size, 1) + 0.5
+    xs = torch.arange(size, dtype=torch.float32).view(1, size) + 0.5
+    images = torch.rand(n, 3, 1, 1, generator=gen) + 0.15 * torch.randn(n, 3, size, size, generator=gen)
+    labels = torch.zeros(n, size, size, dtype=torch.int64)
+    counts = torch.randint(1, 4, (n,), generator=gen).tolist()
+    for i, count in enumerate(counts):
+        for _ in range(count):
+            kind = int(torch.randint(1, len(SHAPES_CLASSES), (1,), generator=gen))
+            r = float(torch.empty(1).uniform_(0.15 * size, 0.3 * size, generator=gen))
+            cy, cx = torch.empty(2).uniform_(r, size - r, generator=gen).tolist()
+            dy, dx = ys - cy, xs - cx
+            if kind == 1:
+                mask = (dy.abs() <= 0.85 * r) & (dx.abs() <= 0.85 * r)
+            elif kind == 2:
+                mask = dy ** 2 + dx ** 2 <= r ** 2
+            else:
+                mask = (dy <= 0.7 * r) & (dy >= -r) & (dx.abs() <= 0.6 * (dy + r))
+            colour = torch.rand(3, 1, 1, generator=gen) + 0.15 * torch.randn(3, size, size, generator=gen)
+            images[i] = torch.where(mask, colour, images[i])
+            labels[i][mask] = kind
+    return images, labels
+
+
+def load_shapes(args) -> Data:
+    """make_shapes images (fixed: the same for every --seed), flipped at random in training."""
+    size = args.image_size
+    splits = [make_shapes(n, size, torch.Generator().manual_seed(seed))
+              for n, seed in ((args.train_samples or 512, 0), (args.test_samples or 128, 1))]
+    (xtr, ytr), (xte, yte) = splits
+    mean, std = xtr.mean((0, 2, 3)).tolist(), xtr.std((0, 2, 3)).tolist()
+    return Data(TensorSplit(xtr, ytr, mean, std, flip=True), TensorSplit(xte, yte, mean, std), 3,
+                len(SHAPES_CLASSES), size,
+                f"shapes (synthetic segmentation): {len(ytr)} train / {len(yte)} test images, {size}x{size}, "
+                f"{len(SHAPES_CLASSES)} classes ({', '.join(SHAPES_CLASSES)}), random flip", segmentation=True)
+
+
+# CamVid as the SegNet tutorial distributes it (and the FC-DenseNet paper used it): 11 classes,
+# label 11 is "void" (unlabelled, ignored).
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian",
+                  "bicyclist")
+CAMVID_VOID = 11
+
+
+def read_camvid_split(root: str, split: str, limit: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """root/<split>/*.png images and root/<split>annot/*.png label maps of the same names ->
+    images (N, 3, H, W) uint8, labels (N, H, W) int64 with void as IGNORE_INDEX."""
+    try:
+        import numpy as np
+        from PIL import Image
+    except ImportError:
+        raise TrainError("--dataset camvid needs numpy and Pillow (pip install numpy pillow)") from None
+    image_dir, label_dir = os.path.join(root, split), os.path.join(root, split + "annot")
+    for folder in (image_dir, label_dir):
+        if not os.path.isdir(folder):
+            raise TrainError(f"--data-dir {root}: no {os.path.basename(folder)}/ folder (camvid expects the SegNet "
+                             f"tutorial's layout: train/, trainannot/, test/, testannot/ of .png files)")
+    names = sorted(f for f in os.listdir(image_dir) if f.lower().endswith(".png"))
+    if not names:
+        raise TrainError(f"--data-dir {root}: no .png images in {image_dir}")
+    keep = _subset(len(names), limit)
+    if keep is not None:
+        names = [names[i] for i in keep.tolist()]
+    images, labels = [], []
+    for name in names:
+        label_path = os.path.join(label_dir, name)
+        if not os.path.isfile(label_path):
+            raise TrainError(f"--data-dir {root}: {split}/{name} has no label map {split}annot/{name}")
+        try:
+            image = np.asarray(Image.open(os.path.join(image_dir, name)).convert("RGB"))
+            label = np.asarray(Image.open(label_path))
+        except Exception as exc:  # PIL raises several kinds for a file that is not an image
+            raise TrainError(f"--data-dir {root}: cannot read {split}/{name} or its label map ({_one_line(exc)})") \
+                from None
+        if label.ndim != 2 or label.shape != image.shape[:2]:
+            raise TrainError(f"--data-dir {root}: {split}annot/{name} is {label.shape}, expected one channel of the "
+                             f"image's size {image.shape[:2]}")
+        if images and image.shape != images[0].shape:
+            raise TrainError(f"--data-dir {root}: {split}/{name} is {image.shape[1]}x{image.shape[0]}, the others "
+                             f"{images[0].shape[1]}x{images[0].shape[0]} (camvid images share one size)")
+        if int(label.max()) > CAMVID_VOID:
+            raise TrainError(f"--data-dir {root}: {split}annot/{name} has label {int(label.max())}, expected 0..10 "
+                             f"and {CAMVID_VOID} (void)")
+        images.append(image)
+        labels.append(label)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(np.stack(labels).astype(np.int64))
+    y[y == CAMVID_VOID] = IGNORE_INDEX
+    return x, y
+
+
+def load_camvid(args) -> Data:
+    """CamVid (SegNet tutorial layout): train on train/, test on test/ at full size (val/ unused);
+    random --image-size crops and flips in training (the FC-DenseNet paper's 224x224)."""
+    root = _check_dir(args.data_dir)
+    (xtr, ytr), (xte, yte) = (read_camvid_split(root, split, limit)
+                              for split, limit in (("train", args.train_samples), ("test", args.test_samples)))
+    size = args.image_size
+    if size > min(xtr.shape[2:]):
+        raise TrainError(f"--image-size {size}: the training crops must fit the {xtr.shape[3]}x{xtr.shape[2]} images")
+    pixels = xtr.float() / 255
+    mean, std = pixels.mean((0, 2, 3)).tolist(), pixels.std((0, 2, 3)).tolist()
+    del pixels
+    return Data(TensorSplit(xtr, ytr, mean, std, flip=True, crop=size), TensorSplit(xte, yte, mean, std), 3,
+                len(CAMVID_CLASSES), size,
+                f"CamVid from {root}: {len(ytr)} train / {len(yte)} test images, {xte.shape[3]}x{xte.shape[2]}, "
+                f"{len(CAMVID_CLASSES)} classes (void ignored), random {size}x{size} crops + flip", segmentation=True)
+
+
 def load_imagefolder(args) -> Data:
     """DATA_DIR/train and DATA_DIR/val in torchvision.datasets.ImageFolder's layout (one folder per
     class).  Train: RandomResizedCrop + flip; val: resize to size*256/224 and centre crop."""
@@ -314,4 +459,5 @@ def load_data(args) -> Data:
     data are missing or malformed."""
     if args.dataset in CIFAR_LAYOUTS:
         return load_cifar(args, CIFAR_LAYOUTS[args.dataset])
-    return {"digits": load_digits, "synthetic": load_synthetic, "imagefolder": load_imagefolder}[args.dataset](args)
+    return {"digits": load_digits, "synthetic": load_synthetic, "imagefolder": load_imagefolder, "shapes": load_shapes,
+            "camvid": load_camvid}[args.dataset](args)

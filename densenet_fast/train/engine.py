@@ -18,10 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import densenet_fast
 
-from ..models import SEGMENTATION_MODELS
+from ..models import is_segmentation_model
 from ..models.densenet import PRETRAINED_MODELS, torchvision_weights
 from .distributed import DistEnv, all_reduce
-from .options import TrainError
+from .options import SEGMENTATION_DATASETS, TrainError
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -33,14 +33,24 @@ def build_model(args, in_channels: int, num_classes: int, device: Optional[torch
 
     args.weights (torchvision's pretrained weights): loaded into the model, whose classifier is
     then replaced by a new nn.Linear (torchvision's initialisation: zero bias) when num_classes
-    differs from the weights' categories."""
-    if args.model in SEGMENTATION_MODELS:
-        raise TrainError(f"--model {args.model}: the train command fits image classifiers to labelled images; "
-                         f"{args.model} is a segmentation model (densenet_fast.{args.model}(num_classes=...) in your "
-                         "own training loop)")
+    differs from the weights' categories.
+
+    The segmentation datasets (per-pixel labels) take the FC-DenseNets, the others classifiers."""
+    segmentation = is_segmentation_model(args.model)
+    if segmentation != (args.dataset in SEGMENTATION_DATASETS):
+        if segmentation:
+            raise TrainError(f"--model {args.model} is a segmentation model (per-pixel logits); --dataset "
+                             f"{args.dataset} has one label per image: use a DenseNet classifier, or a segmentation "
+                             f"dataset ({', '.join(SEGMENTATION_DATASETS)})")
+        raise TrainError(f"--model {args.model} is a classifier; --dataset {args.dataset} has per-pixel labels: use "
+                         "fc_densenet56/67/103 or fc_densenet_<levels>_<layers>_<k>")
     weights = getattr(args, "weights", None)
-    kwargs = dict(memory_efficient=not args.naive, backend=args.backend, save_bottleneck=args.save_bottleneck,
-                  drop_rate=args.drop_rate)
+    kwargs = dict(memory_efficient=not args.naive, backend=args.backend, drop_rate=args.drop_rate)
+    if segmentation:
+        if args.save_bottleneck:
+            raise TrainError(f"--save-bottleneck: {args.model}'s layers have no bottleneck")
+    else:
+        kwargs["save_bottleneck"] = args.save_bottleneck
     if weights is not None:
         if args.model not in PRETRAINED_MODELS:
             raise TrainError(f"--weights: torchvision has pretrained weights for {', '.join(PRETRAINED_MODELS)}, "
@@ -134,22 +144,43 @@ def autocast(device: torch.device, amp: str):
 
 
 class Totals:
-    """Running sums of one pass (loss * images, correct, images) kept on the device: no host sync
-    per step."""
+    """Running sums of one pass (loss * images, correct, labels counted, images) kept on the device:
+    no host sync per step.  With num_classes (segmentation: labels (N, H, W), a negative label
+    unlabelled) also the confusion matrix of the labelled pixels, for the mean IoU."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+    def __init__(self, device: torch.device, num_classes: Optional[int] = None) -> None:
+        self.num_classes = num_classes
+        self.sums = torch.zeros(4 + (num_classes or 0) ** 2, dtype=torch.float64, device=device)
 
     def add(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
         n = y.shape[0]
-        correct = (logits.argmax(1) == y).sum()
-        self.sums += torch.stack([loss.detach().double() * n, correct.double(), torch.tensor(float(n),
-                                  dtype=torch.float64, device=y.device)])
+        pred = logits.argmax(1)
+        labelled = y >= 0
+        correct = ((pred == y) & labelled).sum()
+        head = torch.stack([loss.detach().double() * n, correct.double(), labelled.sum().double(),
+                            torch.tensor(float(n), dtype=torch.float64, device=y.device)])
+        if self.num_classes is None:
+            self.sums += head
+            return
+        c = self.num_classes
+        cells = torch.bincount((y[labelled] * c + pred[labelled]).flatten(), minlength=c * c)  # row: label
+        self.sums += torch.cat([head, cells.double()])
 
     def reduce(self, env: DistEnv) -> dict:
-        """{"loss": mean loss, "acc": accuracy as a fraction, "images": count} over all processes."""
-        loss_sum, correct, images = all_reduce(self.sums.clone(), env).tolist()
-        return {"loss": loss_sum / max(images, 1), "acc": correct / max(images, 1), "images": int(images)}
+        """{"loss": mean loss per image, "acc": the fraction of labels (images, or labelled pixels)
+        predicted right, "images": count} over all processes; with num_classes also "miou": the
+        mean over classes of |label & prediction| / |label | prediction| (classes that neither
+        occur nor are predicted left out)."""
+        sums = all_reduce(self.sums.clone(), env)
+        loss_sum, correct, counted, images = sums[:4].tolist()
+        out = {"loss": loss_sum / max(images, 1), "acc": correct / max(counted, 1), "images": int(images)}
+        if self.num_classes is not None:
+            confusion = sums[4:].view(self.num_classes, self.num_classes)
+            hits = confusion.diagonal()
+            union = confusion.sum(0) + confusion.sum(1) - hits
+            present = union > 0
+            out["miou"] = (hits[present] / union[present]).mean().item() if bool(present.any()) else 0.0
+        return out
 
 
 class GraphedTrainStep:
@@ -185,16 +216,18 @@ class GraphedTrainStep:
 def train_epoch(prepared: Prepared, batches: Iterable, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler, device: torch.device, amp: str = "none", accum_steps: int = 1,
                 on_step: Optional[Callable[[int], None]] = None,
-                graphed: Optional[GraphedTrainStep] = None) -> Totals:
+                graphed: Optional[GraphedTrainStep] = None, num_classes: Optional[int] = None) -> Totals:
     """One pass over `batches` (sized), one optimizer step per `accum_steps` micro-batches.
 
     Each micro-batch's mean loss is divided by the number of micro-batches in its group (the last
     group of an epoch may be short), so a group's gradient is the mean of its micro-batches'; DDP
     all-reduces only on a group's last micro-batch (no_sync before).  graphed: replay each batch
     of the captured shape through it (accum_steps 1, no loss scaling; options.resolve checks).
+    num_classes: segmentation (per-pixel labels): Totals keeps the confusion matrix.  The loss is
+    F.cross_entropy's, whose default ignore_index (-100, data.IGNORE_INDEX) skips unlabelled pixels.
     """
     prepared.model.train()
-    totals = Totals(device)
+    totals = Totals(device, num_classes)
     n = len(batches)  # type: ignore[arg-type]
     optimizer.zero_grad(set_to_none=True)
     for i, (x, y) in enumerate(batches):
@@ -229,10 +262,12 @@ def train_epoch(prepared: Prepared, batches: Iterable, optimizer: torch.optim.Op
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str = "none") -> Totals:
-    """Loss and accuracy sums of `model` in eval mode (running statistics) over `batches`."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: str = "none",
+             num_classes: Optional[int] = None) -> Totals:
+    """Loss and accuracy sums of `model` in eval mode (running statistics) over `batches`
+    (num_classes: segmentation, as train_epoch's)."""
     model.eval()
-    totals = Totals(device)
+    totals = Totals(device, num_classes)
     for x, y in batches:
         with autocast(device, amp):
             logits = model(x)

@@ -20,8 +20,12 @@ DESCRIPTION = ("Train a densenet_fast DenseNet (SGD, Nesterov momentum, lr / 10 
                "checkpoints/last.pt every epoch; the last line on stdout is 'final test accuracy: X', X a "
                "fraction with 4 decimals (0.9733 = 97.33%).")
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic", "shapes", "camvid")
+SEGMENTATION_DATASETS = ("shapes", "camvid")  # per-pixel labels: FC-DenseNet models
 AMP_MODES = ("none", "bf16", "fp16")
+
+
+SHAPES_EPOCHS = 20
 
 
 class TrainError(ValueError):
@@ -38,6 +42,7 @@ class Defaults:
     milestones: Tuple[float, ...]  # fractions of --epochs at which the lr is divided by 10
     image_size: Optional[int]  # None: the dataset's native size
     threads: Optional[int] = None  # torch.set_num_threads; None: torch's default
+    drop_rate: float = 0.0
 
 
 DATASET_DEFAULTS = {
@@ -52,6 +57,11 @@ DATASET_DEFAULTS = {
     # The paper's ImageNet recipe: batch 256, 90 epochs, lr 0.1 / 10 at epochs 30 and 60.
     "imagefolder": Defaults("densenet121", 90, 256, 0.1, (1 / 3, 2 / 3), 224),
     "synthetic": Defaults("densenet_bc_40_12", 2, 64, 0.1, (0.5, 0.75), 32),
+    # The offline segmentation demo: a small FC-DenseNet (3 poolings, 2 layers per block, growth 8).
+    "shapes": Defaults("fc_densenet_3_2_8", SHAPES_EPOCHS, 16, 0.1, (0.5, 0.75), 32, threads=2),
+    # FC-DenseNet103 on CamVid: the paper's batch size, 224x224 training crops and dropout 0.2,
+    # but this command's SGD (the paper used RMSprop at lr 1e-3); not tuned on the real data here.
+    "camvid": Defaults("fc_densenet103", 300, 3, 0.01, (0.5, 0.75), 224, drop_rate=0.2),
 }
 
 # The options that determine the training trajectory: a checkpoint records them and --resume
@@ -67,12 +77,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=DATASETS,
                       help="digits (default; sklearn's 8x8 digits, offline), cifar10, cifar100 (python pickle "
-                           "batches), imagefolder (DATA_DIR/train and DATA_DIR/val), synthetic (random tensors)")
+                           "batches), imagefolder (DATA_DIR/train and DATA_DIR/val), synthetic (random tensors); "
+                           "segmentation (per-pixel labels, FC-DenseNet models): shapes (synthetic, offline), "
+                           "camvid (the SegNet tutorial's CamVid folder)")
     data.add_argument("--data-dir", help="dataset location (cifar10/100: the folder with the batches or its parent; "
-                                         "imagefolder: the folder with train/ and val/)")
+                                         "imagefolder: the folder with train/ and val/; camvid: the folder with "
+                                         "train/, trainannot/, test/, testannot/)")
     data.add_argument("--image-size", type=int, help="input height = width: digits are upsampled to it (default 8, "
-                                                     "native), imagefolder is cropped to it (default 224), synthetic "
-                                                     "(default 32); CIFAR is 32")
+                                                     "native), imagefolder and camvid training images are cropped "
+                                                     "to it (default 224; camvid tests at full size), synthetic and "
+                                                     "shapes are made at it (default 32); CIFAR is 32")
     data.add_argument("--num-classes", type=int, default=10, help="synthetic: number of classes (default 10)")
     data.add_argument("--train-samples", type=int, help="train on a fixed random subset of N images (synthetic: the "
                                                         "number generated, default 512)")
@@ -84,7 +98,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", help="densenet121/161/169/201/264, densenet_bc, densenet_bc_<depth>_<k>, "
-                                       "densenet_<depth>_<k> (no bottleneck, e.g. densenet_40_12) (default: "
+                                       "densenet_<depth>_<k> (no bottleneck, e.g. densenet_40_12); for the "
+                                       "segmentation datasets fc_densenet56/67/103 or fc_densenet_<levels>_<layers>_"
+                                       "<k> (default: "
                                        + ", ".join(f"{k} {v.model}" for k, v in d.items()) + ")")
     model.add_argument("--naive", action="store_true", help="the naive model (memory_efficient=False: torch.cat "
                                                             "per layer) instead of the memory-efficient one")
@@ -92,7 +108,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="kernels of the memory-efficient model (default auto)")
     model.add_argument("--save-bottleneck", action="store_true",
                        help="keep the bottleneck activations for a faster backward (more memory)")
-    model.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each dense layer (default 0)")
+    model.add_argument("--drop-rate", type=float, help="dropout after each dense layer (default 0; camvid 0.2, "
+                                                       "the FC-DenseNet paper's)")
     model.add_argument("--weights", help="start from torchvision's pretrained weights (densenet121/161/169/201; "
                                          "e.g. DEFAULT or IMAGENET1K_V1, downloaded by torchvision): fine-tuning. "
                                          "The classifier is replaced by a new one when the dataset has another "
@@ -167,7 +184,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of `args` with the dataset defaults filled in, checked; raises TrainError."""
     args = copy.copy(args)
     defaults = DATASET_DEFAULTS[args.dataset]
-    for name in ("model", "epochs", "batch_size", "lr", "milestones", "image_size", "threads"):
+    for name in ("model", "epochs", "batch_size", "lr", "milestones", "image_size", "threads", "drop_rate"):
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(defaults, name))
     args.milestones = tuple(float(m) for m in args.milestones)
@@ -182,7 +199,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.batch_size % args.accum_steps:
         raise TrainError(f"--batch-size {args.batch_size} must be a multiple of --accum-steps {args.accum_steps} "
                          f"(it is split into micro-batches of equal size)")
-    if args.dataset in ("cifar10", "cifar100", "imagefolder") and not args.data_dir:
+    if args.dataset in ("cifar10", "cifar100", "imagefolder", "camvid") and not args.data_dir:
         raise TrainError(f"--dataset {args.dataset} needs --data-dir")
     if args.dataset in ("cifar10", "cifar100") and args.image_size not in (None, 32):
         raise TrainError(f"--image-size: CIFAR images are 32x32, got {args.image_size}")

@@ -13,6 +13,7 @@ import torch
 
 CSV_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s", "peak_memory_mb",
                "epoch_s")
+SEGMENTATION_COLUMNS = ("train_miou", "test_miou")  # after CSV_COLUMNS on a segmentation dataset
 
 
 class Progress:
@@ -75,24 +76,29 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    miou = "test_miou" in row
     return (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
-            f"acc {row['train_acc']:.4f}  test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}  "
-            f"{row['images_per_s']:.0f} img/s  peak {row['peak_memory_mb']:.0f} MiB  {row['epoch_s']:.1f} s")
+            f"acc {row['train_acc']:.4f}" + (f" mIoU {row['train_miou']:.4f}" if miou else "")
+            + f"  test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}"
+            + (f" mIoU {row['test_miou']:.4f}" if miou else "")
+            + f"  {row['images_per_s']:.0f} img/s  peak {row['peak_memory_mb']:.0f} MiB  {row['epoch_s']:.1f} s")
 
 
 def write_csv(history: List[dict], path: str) -> None:
-    """The whole history (rewritten every epoch, so a resumed run's file has every epoch)."""
+    """The whole history (rewritten every epoch, so a resumed run's file has every epoch); on a
+    segmentation dataset with the mean IoU columns too."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    columns = CSV_COLUMNS + (SEGMENTATION_COLUMNS if history and "test_miou" in history[0] else ())
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in history:
-            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in CSV_COLUMNS})
+            writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in columns})
 
 
 def plot_curves(history: List[dict], path: str, title: str) -> Optional[str]:
-    """Loss and accuracy against epochs (train and test) -> PNG; a note instead if matplotlib is
-    missing."""
+    """Loss and accuracy (and mean IoU, on a segmentation dataset) against epochs (train and test)
+    -> PNG; a note instead if matplotlib is missing."""
     try:
         import matplotlib
 
@@ -105,8 +111,11 @@ def plot_curves(history: List[dict], path: str, title: str) -> Optional[str]:
     for split, style in (("train", "-"), ("test", "--")):
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, marker=".", label=split)
         ax_acc.plot(epochs, [r[f"{split}_acc"] for r in history], style, marker=".", label=split)
+        if f"{split}_miou" in history[0]:
+            ax_acc.plot(epochs, [r[f"{split}_miou"] for r in history], style, marker="x", label=f"{split} mIoU")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1))
+    ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" (pixels), mIoU" if "test_miou" in history[0] else ""),
+               ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
         ax.legend()

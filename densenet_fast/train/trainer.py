@@ -27,10 +27,12 @@ def _log(env: distributed.DistEnv, text: str, err: bool = False) -> None:
 def train(args: argparse.Namespace) -> Dict[str, Any]:
     """Train as `args` (from add_train_arguments) says; returns
     {"final_test_acc": fraction, "history": [per-epoch metric rows], "model": the trained module,
-    "checkpoint": path of last.pt, "output_dir": path}.
+    "checkpoint": path of last.pt, "output_dir": path}, and on a segmentation dataset
+    "final_test_miou" (mean IoU; final_test_acc is then the pixel accuracy).
 
     Raises TrainError for a bad request (run() turns it into one line and exit status 2).  The last
-    line printed on stdout (rank 0) is "final test accuracy: X", X a fraction with 4 decimals.
+    line printed on stdout (rank 0) is "final test accuracy: X", X a fraction with 4 decimals; on a
+    segmentation dataset the line before it is "final test mIoU: X".
     """
     args = resolve(args)
     build_model(args, 3, 2, device=torch.device("meta"))  # an unknown --model or --weights fails before any work
@@ -89,6 +91,8 @@ class _Run:
             checkpoint.seed_all(args.seed + env.rank)  # dropout masks differ between processes
         self.checkpoint_path = os.path.join(args.checkpoint_dir, checkpoint.LAST)
         self.progress = Progress(enabled=env.is_main and not args.no_progress)
+        # segmentation: the metrics keep a confusion matrix (mean IoU)
+        self.num_classes = self.data.num_classes if self.data.segmentation else None
 
     def describe(self) -> str:
         args, env = self.args, self.env
@@ -111,7 +115,8 @@ class _Run:
         t0 = time.perf_counter()
         try:
             totals = train_epoch(self.prepared, batches, self.optimizer, self.scaler, device, args.amp,
-                                 args.accum_steps, on_step=lambda i: self.progress.advance(), graphed=self.graphed)
+                                 args.accum_steps, on_step=lambda i: self.progress.advance(), graphed=self.graphed,
+                                 num_classes=self.num_classes)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         finally:
@@ -122,15 +127,18 @@ class _Run:
         distributed.broadcast_buffers(self.prepared.raw, env)
         test_metrics = self.evaluate()
         peak = distributed.all_reduce(torch.tensor([peak_memory_mb(device)], device=device), env, "max").item()
-        return {"epoch": epoch + 1, "lr": lr, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
-                "test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"],
-                "images_per_s": train_metrics["images"] / seconds, "peak_memory_mb": peak, "epoch_s": seconds}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
+               "test_loss": test_metrics["loss"], "test_acc": test_metrics["acc"],
+               "images_per_s": train_metrics["images"] / seconds, "peak_memory_mb": peak, "epoch_s": seconds}
+        if self.num_classes is not None:
+            row.update(train_miou=train_metrics["miou"], test_miou=test_metrics["miou"])
+        return row
 
     def evaluate(self) -> dict:
         args, env = self.args, self.env
         batches = self.data.test.batches(test_indices(len(self.data.test), env.rank, env.world_size),
                                          2 * args.batch_size, self.device, None, args.channels_last, args.workers)
-        return evaluate(self.prepared.raw, batches, self.device, args.amp).reduce(self.env)
+        return evaluate(self.prepared.raw, batches, self.device, args.amp, self.num_classes).reduce(self.env)
 
     def record(self, row: dict) -> None:
         """Append the row; rank 0 prints it and writes last.pt, metrics.csv and curves.png."""
@@ -157,13 +165,17 @@ def _train(args: argparse.Namespace, env: distributed.DistEnv, device: torch.dev
     stop = args.epochs if args.stop_after is None else min(args.epochs, run.start + args.stop_after)
     for epoch in range(run.start, stop):
         run.record(run.epoch(epoch))
-    final = run.history[-1]["test_acc"] if run.history else run.evaluate()["acc"]
+    last = run.history[-1] if run.history else {f"test_{k}": v for k, v in run.evaluate().items()}
     if stop < args.epochs:
         _log(env, f"stopped after epoch {stop} of {args.epochs}; continue with --resume {run.checkpoint_path}",
              err=True)
-    _log(env, f"final test accuracy: {final:.4f}")
-    return {"final_test_acc": final, "history": run.history, "model": run.prepared.raw,
-            "checkpoint": run.checkpoint_path, "output_dir": args.output_dir}
+    result = {"final_test_acc": last["test_acc"], "history": run.history, "model": run.prepared.raw,
+              "checkpoint": run.checkpoint_path, "output_dir": args.output_dir}
+    if run.num_classes is not None:
+        result["final_test_miou"] = last["test_miou"]
+        _log(env, f"final test mIoU: {last['test_miou']:.4f}")
+    _log(env, f"final test accuracy: {last['test_acc']:.4f}")
+    return result
 
 
 def _fail(exc: TrainError) -> int:
