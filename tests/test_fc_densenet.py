@@ -273,6 +273,8 @@ def test_rejects_bad_arguments_and_inputs():
         model.trans_up[0](torch.randn(1, 8, 3, 3), (8, 6))
     with pytest.raises(ValueError, match=r"TransitionUp: x\[:, 2:\] must have 8 channels, got x of shape \(1, 8, 3"):
         model.trans_up[0](torch.randn(1, 8, 3, 3), (6, 6), start=2)
+    with pytest.raises(ValueError, match=r"TransitionUp: x must be a 4-D tensor \(N, C, H, W\), got \(8, 3, 3\)"):
+        model.trans_up[0](torch.randn(8, 3, 3), (6, 6))
 
 
 # ------------------------------------------------------------------------------------------

@@ -394,6 +394,18 @@ def test_segmentation_resume_is_bit_identical(tmp_path):
             {k: v for k, v in row_b.items() if k not in timing}
 
 
+def test_divergence_stops_with_one_line(tmp_path):
+    """A learning rate that blows the loss up to NaN ends the run with a TrainError naming the
+    epoch and --lr, instead of training on NaNs and reporting an accuracy."""
+    argv = ["--dataset", "synthetic", "--model", "densenet_bc_10_4", "--image-size", "8", "--train-samples", "16",
+            "--test-samples", "8", "--batch-size", "8", "--lr", "1e30", "--device", "cpu", "--no-progress",
+            "--no-plot", "--output-dir", str(tmp_path)]
+    with pytest.raises(TrainError, match=r"training diverged: the mean train loss of epoch 1 is (nan|inf); lower --lr "
+                                         r"\(was 1e\+30\)"):
+        train(parse_args(argv))
+    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+
+
 def test_miou_and_pixel_accuracy_match_a_count():
     """Totals against a direct count: labelled pixels only (label -100 skipped), IoU per class
     |label & prediction| / |label | prediction|, the mean over classes that occur or are predicted."""

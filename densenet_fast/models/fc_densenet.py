@@ -82,6 +82,9 @@ class TransitionUp(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int], start: int = 0, handoff: Optional[GradHandoff] = None
                 ) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            raise ValueError(f"TransitionUp: x must be a 4-D tensor (N, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         if not 0 <= start < x.shape[1] or x.shape[1] - start != self.conv.in_channels:
             raise ValueError(f"TransitionUp: x[:, {start}:] must have {self.conv.in_channels} channels, "
                              f"got x of shape {tuple(x.shape)}")

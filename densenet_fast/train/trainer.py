@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -124,6 +125,10 @@ class _Run:
         seconds = time.perf_counter() - t0
         self.scheduler.step()
         train_metrics = totals.reduce(env)
+        if not math.isfinite(train_metrics["loss"]):
+            # Diverged: every later step would train on NaNs and report a meaningless accuracy.
+            raise TrainError(f"training diverged: the mean train loss of epoch {epoch + 1} is {train_metrics['loss']}; "
+                             f"lower --lr (was {lr:g})" + (" or use --amp bf16" if args.amp == "fp16" else ""))
         distributed.broadcast_buffers(self.prepared.raw, env)
         test_metrics = self.evaluate()
         peak = distributed.all_reduce(torch.tensor([peak_memory_mb(device)], device=device), env, "max").item()
