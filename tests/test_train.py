@@ -437,6 +437,28 @@ def test_miou_and_pixel_accuracy_match_a_count():
     assert got["miou"] == pytest.approx(sum(ious) / len(ious), abs=1e-12)
 
 
+def test_segmentation_metrics_sum_across_processes(monkeypatch):
+    """Under DDP each process counts its share of the test set and Totals.reduce all-reduces ONE
+    tensor (loss, counts and confusion matrix): two halves summed give the metrics of the whole."""
+    from densenet_fast.train import engine
+    from densenet_fast.train.distributed import DistEnv
+
+    gen = torch.Generator().manual_seed(8)
+    logits, y = torch.randn(6, 4, 5, 5, generator=gen), torch.randint(-1, 4, (6, 5, 5), generator=gen)
+    y[y < 0] = -100
+    whole, halves = engine.Totals(torch.device("cpu"), 4), [engine.Totals(torch.device("cpu"), 4) for _ in range(2)]
+    whole.add(logits, y, torch.tensor(0.5))
+    for i, part in enumerate(halves):
+        part.add(logits[3 * i:3 * i + 3], y[3 * i:3 * i + 3], torch.tensor(0.5))
+    monkeypatch.setattr(engine, "all_reduce", lambda t, env, op="sum": halves[0].sums + halves[1].sums)
+    got = halves[0].reduce(DistEnv(rank=0, world_size=2))
+    monkeypatch.undo()
+    want = whole.reduce(DistEnv())
+    assert got.keys() == want.keys() == {"loss", "acc", "images", "miou"}
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+
+
 def test_crop_and_flip_move_the_labels_with_the_pixels():
     """Per-pixel labels get the image's crop and flip; padding is unlabelled (-100)."""
     from densenet_fast.train.data import TensorSplit
