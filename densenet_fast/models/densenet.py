@@ -10,7 +10,7 @@ still works and returns norm5's output, as torchvision's does.
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,15 +84,18 @@ class DenseNet(nn.Module):
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
         pooled = buffer = handoff = None
+        stem_pooled = False
         children = dict(self.features.named_children())
-        modules = list(children.values())
+        names, modules = list(children), list(children.values())
         for i, (name, module) in enumerate(children.items()):
-            if name == "relu0" and "norm0" in children:
+            if name == "relu0" and "norm0" in children or name == "pool0" and stem_pooled:
                 continue  # applied together with norm0
             if name == "norm0":
-                # Stem BN + ReLU as one pass (and synchronized with the blocks under sync BN).
+                # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
+                # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
-                h = bn_relu_pool_conv(h, module, None, pool="none", kernels=kernels)
+                stem_pooled = names[i + 1:i + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
+                h = bn_relu_pool_conv(h, module, None, pool="max3" if stem_pooled else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
                 # its gradient of F to the block's backward as G (GradHandoff, no copy).
@@ -116,6 +119,15 @@ class DenseNet(nn.Module):
             else:
                 h = module(h)
         return self.classifier(torch.flatten(pooled, 1))
+
+
+def _is_pool0(module: Optional[nn.Module]) -> bool:
+    """Whether module is torchvision's stem pool, nn.MaxPool2d(3, stride=2, padding=1)."""
+    if not isinstance(module, nn.MaxPool2d) or module.ceil_mode or module.return_indices:
+        return False
+    pair = nn.modules.utils._pair
+    return (pair(module.kernel_size), pair(module.stride), pair(module.padding), pair(module.dilation)) == \
+        ((3, 3), (2, 2), (1, 1), (1, 1))
 
 
 # torchvision's checkpoints predate its current module names: a dense layer's "norm1" is stored
