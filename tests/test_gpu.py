@@ -55,7 +55,7 @@ def _models(backend: str, channels_last: bool, save_bottleneck: bool = False, se
     cfg = {**CFG, **overrides}
     torch.manual_seed(seed)
     naive = reference.DenseNet(cfg["growth_rate"], cfg["block_config"], cfg["num_init_features"], cfg["bn_size"], 0,
-                               cfg["num_classes"], small_inputs=True)
+                               cfg["num_classes"], small_inputs=cfg["small_inputs"])
     randomize_bn_(naive, seed + 1)
     ours = efficient_densenet(**cfg, backend=backend, save_bottleneck=save_bottleneck)
     copy_weights(naive, ours)
@@ -92,6 +92,27 @@ def test_plain_layers_float32(backend, channels_last):
     kernels and cuDNN)."""
     _backend_or_skip(backend)
     _check_float32_train_and_eval(*_models(backend, channels_last, seed=7, bn_size=0), channels_last)
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_imagenet_stem_float32(backend, channels_last):
+    """torchvision's stem (conv0 7x7/2, norm0, relu0, pool0 3x3/2) as the one Function that keeps
+    only the image and computes conv0 again in backward, the max pool's argmax taken again from
+    the rebuilt BN-ReLU (ops.transition.stem_conv_bn_relu_pool)."""
+    _backend_or_skip(backend)
+    _check_float32_train_and_eval(*_models(backend, channels_last, seed=9, small_inputs=False), channels_last)
+
+
+@pytest.mark.parametrize("channels_last", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_imagenet_stem_autocast(backend, dtype, channels_last):
+    _backend_or_skip(backend, dtype)
+    ours, naive, exact = _models(backend, channels_last, seed=10, small_inputs=False)
+    x = seeded_input((8, 3, 24, 20), 44, torch.float32, channels_last).to(DEVICE)
+    fast, slow, ref = _run(ours, x, dtype), _run(naive, x, dtype), _run(exact, x.double())
+    assert_model_within_naive_error(fast, slow, ref, dtype)
 
 
 def _check_float32_train_and_eval(ours, naive, exact, channels_last: bool) -> None:

@@ -20,7 +20,7 @@ from .. import reference
 from ..backends import check_backend_name, kernels_for
 from ..modules import DenseBlock, Transition, check_input
 from ..ops.dense_block import GradHandoff
-from ..ops.transition import bn_relu_pool_conv
+from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
            "densenet_cifar"]
@@ -84,18 +84,28 @@ class DenseNet(nn.Module):
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
         pooled = buffer = handoff = None
-        stem_pooled = False
         children = dict(self.features.named_children())
         names, modules = list(children), list(children.values())
+        skip = {"relu0"} if "norm0" in children else set()  # applied with norm0 (or conv0)
         for i, (name, module) in enumerate(children.items()):
-            if name == "relu0" and "norm0" in children or name == "pool0" and stem_pooled:
-                continue  # applied together with norm0
-            if name == "norm0":
+            if name in skip:
+                continue
+            if name == "conv0" and names[i + 1:i + 4] == ["norm0", "relu0", "pool0"] and _is_pool0(children["pool0"]) \
+                    and fusable_stem_conv(module):
+                # torchvision's stem (conv0, norm0, relu0, pool0) as one Function that keeps only
+                # the image for backward and computes conv0 again there.
+                norm0 = children["norm0"]
+                h = stem_conv_bn_relu_pool(h, module, norm0, kernels=kernels, check=lambda y: check_input(
+                    y, "DenseNet.norm0", norm0.num_features, norm0.weight, norm0.training))
+                skip |= {"norm0", "pool0"}
+            elif name == "norm0":
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
-                stem_pooled = names[i + 1:i + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
-                h = bn_relu_pool_conv(h, module, None, pool="max3" if stem_pooled else "none", kernels=kernels)
+                max_pool = names[i + 1:i + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
+                if max_pool:
+                    skip.add("pool0")
+                h = bn_relu_pool_conv(h, module, None, pool="max3" if max_pool else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
                 # its gradient of F to the block's backward as G (GradHandoff, no copy).
