@@ -261,7 +261,19 @@ def bn_relu_backward(grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, wei
     i.e. it includes the paths through the (shared) mean and variance; with running statistics
     it is the affine map dx = gamma * invstd * dy.  The ReLU mask is z > 0 (same as y > 0).
     """
-    grad_y = aten.threshold_backward(grad_z, z, 0)
+    return bn_backward(aten.threshold_backward(grad_z, z, 0), x, stats, weight, eps)
+
+
+def relu_backward_(grad_z: Tensor, z: Tensor) -> Tensor:
+    """grad_z masked by z > 0 in place (the ReLU's backward; grad_z must be the caller's own
+    tensor): the caller may then drop z before the BN backward, one tensor fewer alive there."""
+    return aten.threshold_backward.grad_input(grad_z, z, 0, grad_input=grad_z)
+
+
+def bn_backward(grad_y: Tensor, x: Tensor, stats: NormStats, weight: Tensor, eps: float
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of y = bn(x) for the statistics `stats` (bn_relu_backward after the ReLU's mask):
+    (grad_x, grad_weight, grad_bias)."""
     x = _packed_on_cpu(x)
     if stats.batch and stats.group is not None:
         return _synced_bn_backward(grad_y, x, stats, weight, eps)

@@ -42,8 +42,8 @@ from ..reference import has_bottleneck
 from .amp import autocast_dtype, autocast_disabled
 from .channel_stats import stats_dtype
 from .conv1x1 import conv1x1, conv1x1_backward
-from .bn_relu import NormStats, batch_stats, bn_relu, bn_relu_backward, norm_stats_for, sync_stats, \
-    update_running_stats_many_, uses_batch_stats
+from .bn_relu import NormStats, batch_stats, bn_backward, bn_relu, bn_relu_backward, norm_stats_for, relu_backward_, \
+    sync_stats, update_running_stats_many_, uses_batch_stats
 
 aten = torch.ops.aten
 
@@ -74,8 +74,10 @@ def _chunked_bn_relu_conv_backward(d_y: Tensor, fbuf: Tensor, cl: int, stats1: "
         if z1 is None:
             z1 = bn_relu(fbuf[:, :cl], stats1, g1, b1, eps)
         d_z1, d_w1 = conv_backward(d_y, z1, w1)
-        d_x, d_g1, d_b1 = bn_relu_backward(d_z1, fbuf[:, :cl], z1, stats1, g1, eps)
-        del z1, d_z1
+        relu_backward_(d_z1, z1)
+        del z1  # freed here unless the caller kept it
+        d_x, d_g1, d_b1 = bn_backward(d_z1, fbuf[:, :cl], stats1, g1, eps)
+        del d_z1
         grad_acc.add_(d_x)
         return d_w1, d_g1, d_b1
     d_w1 = torch.empty_like(w1)
@@ -87,12 +89,14 @@ def _chunked_bn_relu_conv_backward(d_y: Tensor, fbuf: Tensor, cl: int, stats1: "
         sc = stats1.slice(a, e)
         z1c = bn_relu(xc, sc, g1[a:e], b1[a:e], eps)
         d_z1c, d_w1c = conv_backward(d_y, z1c, w1[:, a:e])
-        d_xc, d_g1c, d_b1c = bn_relu_backward(d_z1c, xc, z1c, sc, g1[a:e], eps)
+        relu_backward_(d_z1c, z1c)
+        del z1c
+        d_xc, d_g1c, d_b1c = bn_backward(d_z1c, xc, sc, g1[a:e], eps)
         grad_acc[:, a:e].add_(d_xc)
         d_w1[:, a:e].copy_(d_w1c)
         d_g1[a:e].copy_(d_g1c)
         d_b1[a:e].copy_(d_b1c)
-        del z1c, d_z1c, d_xc
+        del d_z1c, d_xc
     return d_w1, d_g1, d_b1
 
 
@@ -151,7 +155,9 @@ class BlockKernels:
         """Gradients of layer_output: (d_bt, d_g2, d_b2, d_w2).  d_out: (N, k, H, W), any float dtype."""
         z2 = bn_relu(bt, stats2, g2, b2, eps)
         d_z2, d_w2 = conv3x3_backward(d_out.to(bt.dtype), z2, w2)
-        d_bt, d_g2, d_b2 = bn_relu_backward(d_z2, bt, z2, stats2, g2, eps)
+        relu_backward_(d_z2, z2)
+        del z2  # not alive through the BN backward: Bt, dY2 and dBt are
+        d_bt, d_g2, d_b2 = bn_backward(d_z2, bt, stats2, g2, eps)
         return d_bt, d_g2, d_b2, d_w2
 
     def recompute_bottleneck(self, fbuf: Tensor, cl: int, stats1: NormStats, g1: Tensor, b1: Tensor, eps: float,
@@ -659,7 +665,14 @@ class DenseBlockFunction(torch.autograd.Function):
                 "is not supported; build the model with memory_efficient=False for higher-order gradients")
         fbuf, mean, var, *params = ctx.saved_tensors
         grad_x, grads = block_backward(ctx.spec, fbuf, mean, var, grad_f, params, ctx.records, ctx.c0)
-        return (None, grad_x.to(ctx.x_dtype), *grads)
+        # grad_x is G[:, :C0]: handed on as that view it would keep all of G alive through the
+        # input's producer's backward (the transition's, the stem's); a copy of C0 channels lets
+        # G go now (with the AMP cast, .to() makes the copy).
+        if grad_x.dtype == ctx.x_dtype:
+            grad_x = grad_x.clone(memory_format=buffer_memory_format(fbuf))
+        else:
+            grad_x = grad_x.to(ctx.x_dtype)
+        return (None, grad_x, *grads)
 
 
 def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = None) -> List[Tensor]:
