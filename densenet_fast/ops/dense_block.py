@@ -667,11 +667,13 @@ class DenseBlockFunction(torch.autograd.Function):
         grad_x, grads = block_backward(ctx.spec, fbuf, mean, var, grad_f, params, ctx.records, ctx.c0)
         # grad_x is G[:, :C0]: handed on as that view it would keep all of G alive through the
         # input's producer's backward (the transition's, the stem's); a copy of C0 channels lets
-        # G go now (with the AMP cast, .to() makes the copy).
-        if grad_x.dtype == ctx.x_dtype:
-            grad_x = grad_x.clone(memory_format=buffer_memory_format(fbuf))
-        else:
+        # G go now (with the AMP cast, .to() makes the copy).  Only where C0 is at most half of
+        # G: a larger copy (an FC-DenseNet up block's input is 3/4 of its buffer) would make the
+        # moment of copying a new peak.
+        if grad_x.dtype != ctx.x_dtype:
             grad_x = grad_x.to(ctx.x_dtype)
+        elif 2 * ctx.c0 <= fbuf.shape[1]:
+            grad_x = grad_x.clone(memory_format=buffer_memory_format(fbuf))
         return (None, grad_x, *grads)
 
 
