@@ -527,12 +527,14 @@ def test_camvid_folder_trains_and_ignores_void(tmp_path):
     ("label-range", "has label 12, expected 0..10 and 11 (void)"),
     ("label-size", "expected one channel of the image's size"),
     ("crop-too-big", "--image-size 64: the training crops must fit the 48x40 images"),
+    ("too-small-for-the-model", "--image-size 2: fc_densenet_2_1_4 pools 2 times, so its inputs must be at least "
+                                "4x4"),
 ])
 def test_camvid_errors(tmp_path, breakage, expect):
     from PIL import Image
 
     root = write_fake_camvid(tmp_path / "CamVid")
-    size = "64" if breakage == "crop-too-big" else "32"
+    size = {"crop-too-big": "64", "too-small-for-the-model": "2"}.get(breakage, "32")
     if breakage == "no-annot":
         for f in (root / "testannot").iterdir():
             f.unlink()

@@ -71,6 +71,10 @@ class _Run:
 
         checkpoint.seed_all(args.seed)  # identical initial weights everywhere (DDP also broadcasts rank 0's)
         model = build_model(args, self.data.in_channels, self.data.num_classes)
+        side = 2 ** model.num_levels if self.data.segmentation else 1
+        if self.data.image_size < side:
+            raise TrainError(f"--image-size {self.data.image_size}: {args.model} pools {model.num_levels} times, so "
+                             f"its inputs must be at least {side}x{side}")
         if args.sync_bn and not env.distributed:
             _log(env, "note: --sync-bn has no effect in a single process", err=True)
         self.prepared = prepare_model(model, device, env, sync_bn=args.sync_bn, channels_last=args.channels_last,
