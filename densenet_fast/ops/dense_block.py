@@ -220,11 +220,14 @@ class BlockKernels:
         transient in x's layout."""
         return bn_relu(x, stats, weight, bias, eps)
 
-    def bn_relu_chunk_backward(self, grad_z: Tensor, x: Tensor, z: Tensor, stats: NormStats, weight: Tensor,
-                               bias: Tensor, eps: float, grad_x: Tensor) -> Tuple[Tensor, Tensor]:
+    def bn_relu_chunk_backward(self, grad_z: Tensor, x: Tensor, z: Optional[Tensor], stats: NormStats,
+                               weight: Tensor, bias: Tensor, eps: float, grad_x: Tensor) -> Tuple[Tensor, Tensor]:
         """grad_x <- dLoss/dx of z = relu(bn(x)) given grad_z (grad_x: (N, c, H, W), written, not
-        accumulated); returns (d_weight, d_bias)."""
-        gx, gw, gb = bn_relu_backward(grad_z, x, z, stats, weight, eps)
+        accumulated); returns (d_weight, d_bias).  z None: grad_z is already masked by z > 0."""
+        if z is None:
+            gx, gw, gb = bn_backward(grad_z, x, stats, weight, eps)
+        else:
+            gx, gw, gb = bn_relu_backward(grad_z, x, z, stats, weight, eps)
         grad_x.copy_(gx)
         return gw, gb
 

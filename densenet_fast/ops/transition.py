@@ -25,12 +25,13 @@ from torch import Tensor
 
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
-from .bn_relu import NormStats, norm_stats_for, uses_batch_stats
+from .bn_relu import NormStats, norm_stats_for, relu_backward_, uses_batch_stats
 from .dense_block import BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, untracked_alias
 
 aten = torch.ops.aten
 
 POOLS = ("none", "avg2", "global", "max3")
+_OWN_GRAD = ("avg2", "max3")  # pools whose backward makes a new gradient tensor (not a view of the incoming one)
 _MAX3 = ([3, 3], [2, 2], [1, 1])  # torchvision's pool0: MaxPool2d(kernel_size=3, stride=2, padding=1)
 
 
@@ -85,6 +86,11 @@ def _bn_relu_pool_backward(kernels: BlockKernels, fbuf: Tensor, stats: NormStats
         sc = stats.slice(a, e)
         zc = kernels.bn_relu_chunk(xc, sc, weight[a:e], bias[a:e], eps)
         gz = _pool_backward(grad_p[:, a:e], zc, pool)
+        if pool in _OWN_GRAD:
+            # gz is a new tensor: mask it in place and let relu(bn(.)) go before the BN backward
+            # (masking again, as the kernels' BN-ReLU backward does, changes nothing)
+            relu_backward_(gz, zc)
+            zc = None
         grad_w[a:e], grad_b[a:e] = kernels.bn_relu_chunk_backward(gz, xc, zc, sc, weight[a:e], bias[a:e], eps,
                                                                   grad_f[:, a:e])
     return grad_f, grad_w, grad_b
