@@ -77,8 +77,8 @@ def test_state_dict_matches_torchvision(name):
 def test_imagenet_stem_keeps_only_the_image(monkeypatch):
     """torchvision's stem (conv0, norm0, relu0, pool0) keeps neither conv0's output nor the max
     pool's input and int64 indices for backward: peak of a DenseNet-121 step (CPU allocator,
-    batch 2, 224x224) measured 92.0 MiB with the stem as separate modules, 82.8 MiB with norm0,
-    relu0 and pool0 as one Function (keeping conv0's output), 79.5 MiB with conv0 computed again
+    batch 2, 224x224) measured 77.4 MiB with the stem as separate modules, 68.3 MiB with norm0,
+    relu0 and pool0 as one Function (keeping conv0's output), 62.6 MiB with conv0 computed again
     in backward.  The values are checked by test_equivalence's imnet-k12 configuration and
     test_densenet121_loads_torchvision_weights_and_matches."""
     from densenet_fast.bench.memory import cpu_peak_bytes
