@@ -609,7 +609,7 @@ def test_auto_chunks_are_never_narrower_than_the_bottleneck(monkeypatch):
 def test_densenet_backward_adopts_the_transitions_gradient(monkeypatch):
     """In a float32 DenseNet step each block's backward takes its transition's (or the head's)
     gradient of F as its gradient buffer instead of copying it into a new one.  Measured (CPU
-    allocator) on DenseNet-BC-100 at batch 64: 194.5 MiB with the handoff, 220.0 without (a
+    allocator) on DenseNet-BC-100 at batch 64: 182.5 MiB with the handoff, 220.0 without (a
     block-1 buffer is 54 MiB; since each block hands its input gradient on as a copy of C0
     channels instead of a view of G, DenseNet-BC-40's peak is no longer where the handoff acts);
     the results are unchanged (test_equivalence against torchvision)."""

@@ -179,7 +179,7 @@ def test_efficient_step_stores_less_than_naive():
     """Peak memory of a training step of FC-DenseNet56 (CPU allocator, 64x64, batch 2): the
     efficient model keeps no concatenation per layer, no BN-ReLU output, and of each transition
     down only one byte per pooled output; its backward rebuilds the prefix's BN-ReLU 32 channels
-    at a time.  Measured 133.1 MiB naive, 33.7 MiB ours (4.0x less; the peak is in the first
+    at a time.  Measured 133.1 MiB naive, 35.2 MiB ours (3.8x less; the peak is in the first
     transition down's backward); the bound leaves room for allocator differences between torch
     versions."""
     x = seeded_input((2, 3, 64, 64), 10, torch.float32)
