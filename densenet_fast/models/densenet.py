@@ -86,25 +86,25 @@ class DenseNet(nn.Module):
         pooled = buffer = handoff = None
         children = dict(self.features.named_children())
         names, modules = list(children), list(children.values())
-        skip = {"relu0"} if "norm0" in children else set()  # applied with norm0 (or conv0)
+        # torchvision's stem ends norm0, relu0, pool0 (3x3/2 max): relu0 (and such a pool0) run
+        # fused with norm0 (or with conv0 too, below)
+        n0 = names.index("norm0") if "norm0" in children else -1
+        max_pool = n0 >= 0 and names[n0 + 1:n0 + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
+        skip = ({"relu0"} if n0 >= 0 else set()) | ({"pool0"} if max_pool else set())
         for i, (name, module) in enumerate(children.items()):
             if name in skip:
                 continue
-            if name == "conv0" and names[i + 1:i + 4] == ["norm0", "relu0", "pool0"] and _is_pool0(children["pool0"]) \
-                    and fusable_stem_conv(module):
+            if name == "conv0" and max_pool and i + 1 == n0 and fusable_stem_conv(module):
                 # torchvision's stem (conv0, norm0, relu0, pool0) as one Function that keeps only
                 # the image for backward and computes conv0 again there.
                 norm0 = children["norm0"]
                 h = stem_conv_bn_relu_pool(h, module, norm0, kernels=kernels, check=lambda y: check_input(
                     y, "DenseNet.norm0", norm0.num_features, norm0.weight, norm0.training))
-                skip |= {"norm0", "pool0"}
+                skip.add("norm0")
             elif name == "norm0":
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
-                max_pool = names[i + 1:i + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
-                if max_pool:
-                    skip.add("pool0")
                 h = bn_relu_pool_conv(h, module, None, pool="max3" if max_pool else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands

@@ -89,7 +89,6 @@ class TransitionUp(nn.Module):
             raise ValueError(f"TransitionUp: x[:, {start}:] must have {self.conv.in_channels} channels, "
                              f"got x of shape {tuple(x.shape)}")
         y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True, stride=self.conv.stride)
-        x = x[:, start:]
         h, w = int(size[0]), int(size[1])
         if not (2 * x.shape[2] <= h <= y.shape[2] and 2 * x.shape[3] <= w <= y.shape[3]):
             raise ValueError(f"TransitionUp: size must be between twice the input's ({2 * x.shape[2]}, "
