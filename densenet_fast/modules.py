@@ -9,23 +9,50 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .backends import check_backend_name, kernels_for
-from .reference import dense_layer_modules
+from .reference import dense_block_ref, dense_layer_modules, dense_layer_ref
 from .ops.amp import autocast_dtype
+from .ops.channel_stats import stats_dtype
 from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input"]
+__all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input", "recording_graph", "refuse_script"]
+
+
+def recording_graph() -> bool:
+    """Whether torch.export or torch.jit.trace is recording the call.
+
+    The modules and models then run the textbook computation (torch.cat, BatchNorm, ReLU, conv,
+    per layer: torchvision's graph) with their own submodules, so that the recorded program
+    holds only ATen ops (nothing of this package: it runs wherever an exported torchvision
+    DenseNet runs) and is differentiable by plain autograd.  Values are the same up to rounding;
+    what is given up is the memory saving, which an inference graph does not need.
+    torch.compile is not recording in this sense: it compiles the memory-efficient ops.
+    """
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def refuse_script(module: nn.Module) -> nn.Module:
+    """__prepare_scriptable__ of densenet_fast's modules: torch.jit.script cannot compile them."""
+    raise TypeError(f"densenet_fast.{type(module).__name__} cannot be compiled by torch.jit.script (its forward runs "
+                    "autograd Functions and custom ops): record it with torch.export.export or torch.jit.trace "
+                    "instead, which record the plain graph (torch.cat, BatchNorm, ReLU, conv: ATen ops only), "
+                    "or train it under torch.compile")
 
 
 def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: bool) -> None:
     """Clear errors for what would otherwise fail deep inside a kernel, or silently.
 
     x: (N, C, H, W).  `param` is any parameter of the module (device and dtype reference).
+    Under torch.jit.trace nothing is checked: the trace records the plain ATen graph, whose ops
+    check their inputs, and each test here would be a TracerWarning.
     """
+    if torch.jit.is_tracing():
+        return
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: input x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -92,6 +119,8 @@ class DenseLayer(nn.Module):
     DenseBlock the block drives it.
     """
 
+    __prepare_scriptable__ = refuse_script
+
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0, *,
                  backend: str = "auto", save_bottleneck: bool = False) -> None:
         super().__init__()
@@ -104,6 +133,8 @@ class DenseLayer(nn.Module):
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         x, buffer, c_in = input, None, self.conv1.in_channels
+        if recording_graph():
+            return dense_layer_ref(self, [x] if isinstance(x, Tensor) else x)
         if not isinstance(x, Tensor):  # written straight into the one-layer block's buffer (no torch.cat)
             x, buffer = concat_input(x, "DenseLayer", c_in, c_in + growth_rate_of([self]), self.conv1.weight, None)
         check_input(x, "DenseLayer", c_in, self.conv1.weight, self.training)
@@ -126,6 +157,8 @@ class DenseBlock(nn.ModuleDict):
     """
 
     _version = 2
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
                  drop_rate: float = 0.0, *, backend: str = "auto", save_bottleneck: bool = False,
@@ -171,6 +204,10 @@ class DenseBlock(nn.ModuleDict):
         the backward adopts that consumer's gradient of F instead of copying it.
         """
         layers = list(self.values())
+        if recording_graph():  # torch.cat per layer; no statistics cache (as in eval mode)
+            fbuf = dense_block_ref(self, x)
+            empty = torch.empty(0, dtype=stats_dtype(fbuf.dtype), device=fbuf.device)
+            return fbuf, empty, empty
         if not isinstance(x, Tensor):
             x, buffer = concat_input(x, "DenseBlock", self.num_input_features, self.num_output_features,
                                      layers[0].conv1.weight, buffer)
@@ -180,6 +217,8 @@ class DenseBlock(nn.ModuleDict):
                                compute_stats=self.training, buffer=buffer, handoff=handoff)
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        if recording_graph():
+            return dense_block_ref(self, x)
         return self.forward_with_stats(x)[0]
 
 
@@ -198,6 +237,8 @@ class Transition(nn.Sequential):
     ReLU that way) runs them one by one, with the plain modules' results.
     """
 
+    __prepare_scriptable__ = refuse_script
+
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()
         self.add_module("norm", nn.BatchNorm2d(num_input_features))
@@ -211,5 +252,8 @@ class Transition(nn.Sequential):
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None,
                 handoff: Optional[GradHandoff] = None) -> Tensor:
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
+        if recording_graph():  # torchvision's order: norm, relu, conv, pool
+            y = super().forward(x)
+            return y if out is None else out.copy_(y)
         return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,
                                  kernels=kernels_for(self.backend, x.device, self.process_group))

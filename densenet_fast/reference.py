@@ -34,6 +34,7 @@ __all__ = [
     "bn_relu_conv3x3_ref",
     "bn_backward_ref",
     "transition_ref",
+    "dense_layer_ref",
     "dense_block_ref",
 ]
 
@@ -109,25 +110,36 @@ def transition_ref(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: T
     return F.avg_pool2d(bn_relu_conv1x1_ref(x, mean, var, weight, bias, eps, conv_weight), 2, 2)
 
 
-def dense_block_ref(block: nn.Module, x: Tensor) -> Tensor:
+def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
+    """One dense layer the naive way: its new channels from torch.cat(inputs, 1).
+
+    layer: any dense layer module (this module's, torchvision's, densenet_fast's: norm1/conv1
+    [/norm2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose channels add up
+    to the layer's input width.  Returns (N, k, H, W).  Running statistics move as
+    nn.BatchNorm2d moves them; dropout follows layer.training.
+    """
+    h = torch.cat(list(inputs), 1)
+    h = layer.conv1(F.relu(layer.norm1(h)))
+    if has_bottleneck(layer):
+        h = layer.conv2(F.relu(layer.norm2(h)))
+    if layer.drop_rate > 0:
+        h = F.dropout(h, p=layer.drop_rate, training=layer.training)
+    return h
+
+
+def dense_block_ref(block: nn.Module, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
     """Run any dense block module's layers the naive way (torch.cat per layer).
 
     Works with this module's DenseBlock, torchvision's _DenseBlock and densenet_fast.DenseBlock,
     since all three name their layers denselayer1..L with norm1/conv1/norm2/conv2 children.
+    x: (N, C0, H, W), or tensors whose channels add up to C0 (concatenated first).
     Returns the concatenation (N, C0 + L*k, H, W).  Running statistics are updated as
-    nn.BatchNorm2d would update them.
+    nn.BatchNorm2d would update them.  densenet_fast's modules run this under torch.export and
+    torch.jit.trace (densenet_fast.modules.recording_graph).
     """
-    features = [x]
+    features = [x] if isinstance(x, Tensor) else list(x)
     for layer in block.children():
-        h = torch.cat(features, 1)
-        h = F.relu(layer.norm1(h))
-        h = layer.conv1(h)
-        if has_bottleneck(layer):
-            h = F.relu(layer.norm2(h))
-            h = layer.conv2(h)
-        if layer.drop_rate > 0:
-            h = F.dropout(h, p=layer.drop_rate, training=layer.training)
-        features.append(h)
+        features.append(dense_layer_ref(layer, features))
     return torch.cat(features, 1)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import DenseBlock, Transition, check_input
+from ..modules import DenseBlock, Transition, check_input, recording_graph, refuse_script
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
 
@@ -40,6 +40,8 @@ class DenseNet(nn.Module):
       chunk_channels, small_inputs (CIFAR stem: one 3x3 conv), compression (transition width
       factor), in_channels.
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0, num_classes: int = 1000,
@@ -79,7 +81,7 @@ class DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv0 = self.features.conv0
         check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
-        if not self.memory_efficient:
+        if not self.memory_efficient or recording_graph():  # torch.export / jit.trace: torchvision's graph
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None

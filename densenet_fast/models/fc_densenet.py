@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import DenseBlock, check_input
+from ..modules import DenseBlock, check_input, recording_graph, refuse_script
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -54,6 +54,8 @@ class TransitionDown(nn.Sequential):
     a plain nn.Sequential (the naive FCDenseNet does) it is the textbook computation.
     """
 
+    __prepare_scriptable__ = refuse_script
+
     def __init__(self, channels: int, drop_rate: float = 0.2, *, backend: str = "auto") -> None:
         super().__init__(_transition_down_modules(channels, drop_rate))
         self.backend = check_backend_name(backend)
@@ -61,6 +63,8 @@ class TransitionDown(nn.Sequential):
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
+        if recording_graph():  # torch.export / jit.trace: the plain modules in order
+            return super().forward(x)
         h = bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="none", cache=stats,
                               kernels=kernels_for(self.backend, x.device, self.process_group))
         return dropout_max_pool2d(h, self.drop.p, self.training)  # keeps 1 byte per output for backward
@@ -76,19 +80,29 @@ class TransitionUp(nn.Module):
     given, the block adopts this backward's gradient of fbuf instead of copying it.
     """
 
+    __prepare_scriptable__ = refuse_script
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.ConvTranspose2d(channels, channels, kernel_size=3, stride=2, bias=False)
 
     def forward(self, x: Tensor, size: Sequence[int], start: int = 0, handoff: Optional[GradHandoff] = None
                 ) -> Tensor:
+        if torch.jit.is_tracing():  # sizes are traced values: the crop follows them, unchecked
+            y = self.conv(x[:, start:])
+            top, left = (y.shape[2] - size[0]) // 2, (y.shape[3] - size[1]) // 2
+            return y[:, :, top:top + size[0], left:left + size[1]]
         if not isinstance(x, Tensor) or x.dim() != 4:
             raise ValueError(f"TransitionUp: x must be a 4-D tensor (N, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         if not 0 <= start < x.shape[1] or x.shape[1] - start != self.conv.in_channels:
             raise ValueError(f"TransitionUp: x[:, {start}:] must have {self.conv.in_channels} channels, "
                              f"got x of shape {tuple(x.shape)}")
-        y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True, stride=self.conv.stride)
+        if recording_graph():  # torch.export: the plain transposed conv of the suffix
+            y = self.conv(x[:, start:])
+        else:
+            y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True,
+                            stride=self.conv.stride)
         h, w = int(size[0]), int(size[1])
         if not (2 * x.shape[2] <= h <= y.shape[2] and 2 * x.shape[3] <= w <= y.shape[3]):
             raise ValueError(f"TransitionUp: size must be between twice the input's ({2 * x.shape[2]}, "
@@ -124,6 +138,8 @@ class FCDenseNet(nn.Module):
     there is absorbed by the normalisation), as in torchvision's DenseNet; the first convolution
     and the classifier have one.
     """
+
+    __prepare_scriptable__ = refuse_script
 
     def __init__(self, in_channels: int = 3, num_classes: int = 11, down_blocks: Sequence[int] = (5, 5, 5, 5, 5),
                  bottleneck_layers: int = 5, up_blocks: Sequence[int] = (5, 5, 5, 5, 5), growth_rate: int = 16,
@@ -188,24 +204,26 @@ class FCDenseNet(nn.Module):
         check_input(x, "FCDenseNet", self.stem.in_channels, self.stem.weight, False)
         levels = self.num_levels
         side = 2 ** levels
-        if x.shape[2] < side or x.shape[3] < side:
+        if not torch.jit.is_tracing() and (x.shape[2] < side or x.shape[3] < side):
             raise ValueError(f"FCDenseNet: input x must be at least {side}x{side} ({levels} poolings by 2), "
                              f"got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
-        if self.training and x.shape[0] * (x.shape[2] >> levels) * (x.shape[3] >> levels) == 1:
+        if self.training and not torch.jit.is_tracing() \
+                and x.shape[0] * (x.shape[2] >> levels) * (x.shape[3] >> levels) == 1:
             raise ValueError(f"FCDenseNet: training needs more than one value per channel in the bottleneck block "
                              f"(N * H/{side} * W/{side} > 1, batch statistics), got input x of shape {tuple(x.shape)}; "
                              "use a larger batch or image")
         h = self.stem(x)
         skips = []
+        naive = not self.memory_efficient or recording_graph()  # torch.export / jit.trace: the naive graph
         for blk, td in zip(self.down, self.trans_down):
-            if self.memory_efficient:
+            if not naive:
                 fbuf, mean, var = blk.forward_with_stats(h)
                 h = td(fbuf, stats=(mean, var))
             else:
                 fbuf = blk(h)
                 h = td(fbuf)
             skips.append(fbuf)
-        if not self.memory_efficient:
+        if naive:
             fbuf = self.bottleneck(h)
             new = fbuf[:, _block_input_channels(self.bottleneck):]
             for tu, blk, skip in zip(self.trans_up, self.up, reversed(skips)):

@@ -1,0 +1,172 @@
+"""torch.export and torch.jit.trace of the memory-efficient modules record the plain graph
+(torch.cat, BatchNorm, ReLU, conv per layer: ATen ops only, nothing of this package) with the
+eager model's outputs, gradients and running statistics; torch.jit.script is refused with an
+error that says what to use instead.  float64 throughout: tolerances.TOLERANCES[float64].
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import densenet_fast
+from densenet_fast.models.fc_densenet import TransitionDown, TransitionUp
+from builders import assert_same_step, randomize_bn_, seeded_input
+from tolerances import assert_close
+
+F64 = torch.float64
+
+
+class _ListBlock(nn.Module):
+    """A DenseBlock called with a list input (a decoder's upsampled map and skip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = densenet_fast.DenseBlock(3, 7, bn_size=2, growth_rate=3)
+
+    def forward(self, a, b):
+        return self.block([a, b])
+
+
+class _LoneLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = densenet_fast.DenseLayer(7, growth_rate=3, bn_size=2)
+
+    def forward(self, a, b):
+        return self.layer([a, b])
+
+
+def _model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name == "cifar-bc":  # CIFAR stem, bottleneck layers, transitions, norm5
+        model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+                                       num_classes=5, small_inputs=True)
+    elif name == "imagenet-stem":  # torchvision's conv0/norm0/relu0/pool0 stem
+        model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                       num_classes=5)
+    elif name == "plain-layers":  # bn_size=0: BN-ReLU-Conv3x3 layers
+        model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=0,
+                                       num_classes=5, small_inputs=True)
+    elif name == "fc-densenet":  # transitions down and up, skip connections, per-pixel logits
+        model = densenet_fast.FCDenseNet(num_classes=3, down_blocks=(2, 2), bottleneck_layers=2, up_blocks=(2, 2),
+                                         growth_rate=4, first_channels=6, drop_rate=0.0)
+    elif name in ("list-block", "lone-layer"):
+        model = _ListBlock() if name == "list-block" else _LoneLayer()
+    else:
+        raise AssertionError(name)
+    return randomize_bn_(model.to(F64), seed=1)
+
+
+def _inputs(name: str, seed: int):
+    if name in ("list-block", "lone-layer"):
+        return seeded_input((2, 4, 5, 6), seed, F64), seeded_input((2, 3, 5, 6), seed + 1, F64)
+    # odd sizes: the FC-DenseNet crops its upsampled maps, the stems pool with remainders
+    return (seeded_input((2, 3, 21, 19) if name == "fc-densenet" else (2, 3, 17, 15), seed, F64),)
+
+
+MODELS = ["cifar-bc", "imagenet-stem", "plain-layers", "fc-densenet", "list-block", "lone-layer"]
+
+
+def _graph_targets(ep) -> set:
+    return {n.target for n in ep.graph.nodes if n.op == "call_function"}
+
+
+def _assert_aten_only(ep, what: str) -> None:
+    foreign = sorted(str(t) for t in _graph_targets(ep)
+                     if t is not operator.getitem and not str(t).startswith("aten."))
+    assert not foreign, f"{what}: the exported graph calls non-ATen ops {foreign}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_export_eval_matches_eager(name):
+    """An exported inference model: the eager model's output on another input, ATen ops only,
+    and the graph concatenates (it is the plain formulation, not ours)."""
+    model = _model(name).eval()
+    ep = torch.export.export(model, _inputs(name, 0))
+    _assert_aten_only(ep, name)
+    assert torch.ops.aten.cat.default in _graph_targets(ep)
+    x = _inputs(name, 5)
+    got = ep.module()(*x)  # with autograd on, as a user would call it (parameters require grad)
+    assert_close(got, model(*x), F64, f"{name}: exported output")
+
+
+@pytest.mark.parametrize("name", ["cifar-bc", "imagenet-stem", "fc-densenet"])
+def test_export_train_step_matches_eager(name):
+    """An exported training-mode model (training IR): output, input and parameter gradients of
+    one step and the running statistics it moves (once, as nn.BatchNorm2d) equal the eager
+    memory-efficient model's."""
+    model = _model(name).train()
+    eager, exported_src = copy.deepcopy(model), copy.deepcopy(model)
+    (x,) = _inputs(name, 2)
+    ep = torch.export.export(exported_src, (x,))
+    _assert_aten_only(ep, name)
+    assert_same_step(ep.module(), eager, x, seed=3, what=name)  # running statistics and counters included
+
+
+def test_export_dynamic_batch_and_size():
+    """One exported program serves other batch sizes and image sizes."""
+    model = _model("cifar-bc").eval()
+    dim = torch.export.Dim
+    batch, h, w = dim("batch"), dim("h", min=4, max=256), dim("w", min=4, max=256)
+    ep = torch.export.export(model, _inputs("cifar-bc", 0), dynamic_shapes={"x": {0: batch, 2: h, 3: w}})
+    x = seeded_input((3, 3, 12, 22), 7, F64)
+    with torch.no_grad():
+        assert_close(ep.module()(x), model(x), F64, "exported output, batch 3, 12x22")
+
+
+@pytest.mark.parametrize("name", ["cifar-bc", "imagenet-stem", "fc-densenet"])
+def test_jit_trace_matches_eager(name, recwarn):
+    """torch.jit.trace records the plain graph (no Python autograd Function, no op of this
+    package), with the eager model's output on an input of another batch and image size (the
+    FC-DenseNet's crops follow the traced sizes), and without TracerWarnings."""
+    model = _model(name).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, _inputs(name, 0))
+        x = (seeded_input((1, 3, 13, 11), 4, F64),)
+        assert_close(traced(*x), model(*x), F64, f"{name}: traced output")
+    kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+    foreign = sorted(k for k in kinds if k == "prim::PythonOp" or k.startswith("densenet_fast"))
+    assert not foreign, f"{name}: the trace holds {foreign}"
+    assert "aten::cat" in kinds
+    tracer_warnings = [str(w.message) for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]
+    assert not tracer_warnings, tracer_warnings
+
+
+@pytest.mark.parametrize("make", [
+    lambda: densenet_fast.densenet_bc(depth=16, growth_rate=4),
+    lambda: densenet_fast.densenet_bc(depth=16, growth_rate=4, memory_efficient=False),
+    lambda: densenet_fast.DenseBlock(2, 4, bn_size=2, growth_rate=2),
+    lambda: densenet_fast.DenseLayer(4, growth_rate=2, bn_size=2),
+    lambda: densenet_fast.Transition(4, 2),
+    lambda: TransitionDown(4),
+    lambda: TransitionUp(4),
+    lambda: densenet_fast.fc_densenet56(),
+], ids=["densenet", "densenet-naive", "block", "layer", "transition", "transition-down", "transition-up",
+        "fc-densenet"])
+def test_jit_script_is_refused_with_advice(make):
+    with pytest.raises(TypeError, match=r"cannot be compiled by torch\.jit\.script.*torch\.export\.export or "
+                                        r"torch\.jit\.trace"):
+        torch.jit.script(make())
+
+
+def test_eager_and_compile_do_not_record():
+    """recording_graph() is False in eager mode and under torch.compile (which compiles our ops),
+    True under export and jit.trace."""
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(densenet_fast.modules.recording_graph())
+            return x + 1
+
+    x = torch.zeros(2)
+    Probe()(x)
+    torch.compile(Probe(), backend="eager", fullgraph=True)(x)
+    torch.export.export(Probe(), (x,))
+    torch.jit.trace(Probe(), x, check_trace=False)
+    assert seen[:2] == [False, False] and seen[2:] and all(seen[2:]), seen
