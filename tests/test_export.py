@@ -170,3 +170,26 @@ def test_eager_and_compile_do_not_record():
     torch.export.export(Probe(), (x,))
     torch.jit.trace(Probe(), x, check_trace=False)
     assert seen[:2] == [False, False] and seen[2:] and all(seen[2:]), seen
+
+
+def test_exported_program_runs_without_the_package(tmp_path):
+    """torch.export.save of an exported model loads and runs in a fresh interpreter that never
+    imports densenet_fast, with the eager model's output."""
+    import subprocess
+    import sys
+
+    model = _model("imagenet-stem").eval()
+    x = _inputs("imagenet-stem", 6)[0]
+    torch.export.save(torch.export.export(model, (x,)), str(tmp_path / "model.pt2"))
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch\n"
+        f"ep = torch.export.load({str(tmp_path / 'model.pt2')!r})\n"
+        f"y = ep.module()(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+        f"torch.save(y.detach(), {str(tmp_path / 'y.pt')!r})\n"
+        "assert not any(m.startswith('densenet_fast') for m in sys.modules), 'densenet_fast was imported'\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with torch.no_grad():
+        assert_close(torch.load(tmp_path / "y.pt"), model(x), F64, "output of the reloaded program")
