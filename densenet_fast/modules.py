@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.fx import _symbolic_trace
 
 from .backends import check_backend_name, kernels_for
 from .reference import dense_block_ref, dense_layer_modules, dense_layer_ref
@@ -20,20 +21,33 @@ from .ops.channel_stats import stats_dtype
 from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
 
-__all__ = ["DenseLayer", "DenseBlock", "Transition", "check_input", "recording_graph", "refuse_script"]
+__all__ = ["DenseLayer", "DenseBlock", "BlockStats", "Transition", "check_input", "recording_graph", "refuse_script",
+           "shapes_traced"]
 
 
 def recording_graph() -> bool:
-    """Whether torch.export or torch.jit.trace is recording the call.
+    """Whether torch.export, torch.jit.trace or torch.fx.symbolic_trace is recording the call.
 
     The modules and models then run the textbook computation (torch.cat, BatchNorm, ReLU, conv,
     per layer: torchvision's graph) with their own submodules, so that the recorded program
     holds only ATen ops (nothing of this package: it runs wherever an exported torchvision
-    DenseNet runs) and is differentiable by plain autograd.  Values are the same up to rounding;
-    what is given up is the memory saving, which an inference graph does not need.
-    torch.compile is not recording in this sense: it compiles the memory-efficient ops.
+    DenseNet runs) and is differentiable by plain autograd, and an FX graph has torchvision's
+    nodes (torchvision's create_feature_extractor finds the same names).  Values are the same up
+    to rounding; what is given up is the memory saving.  An FX tracer that keeps DenseBlock and
+    Transition as leaf modules calls them instead, memory-efficient.  torch.compile is not
+    recording in this sense: it compiles the memory-efficient ops.
     """
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    return torch.compiler.is_exporting() or shapes_traced()
+
+
+def shapes_traced() -> bool:
+    """Whether shapes are traced values (torch.jit.trace, torch.fx.symbolic_trace), which input
+    checks must not test: each test would be a TracerWarning, or an FX TraceError."""
+    return torch.jit.is_tracing() or _is_fx_symbolic_tracing()
+
+
+# torch >= 2.14 names the symbolic-trace test apart (its is_fx_tracing also answers under torch.export, with a warning)
+_is_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
 
 
 def refuse_script(module: nn.Module) -> nn.Module:
@@ -48,10 +62,10 @@ def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: b
     """Clear errors for what would otherwise fail deep inside a kernel, or silently.
 
     x: (N, C, H, W).  `param` is any parameter of the module (device and dtype reference).
-    Under torch.jit.trace nothing is checked: the trace records the plain ATen graph, whose ops
-    check their inputs, and each test here would be a TracerWarning.
+    Under torch.jit.trace and torch.fx.symbolic_trace nothing is checked (shapes_traced): the
+    recorded plain graph's ops check their inputs when it runs.
     """
-    if torch.jit.is_tracing():
+    if shapes_traced():
         return
     if not isinstance(x, Tensor):
         raise TypeError(f"{where}: input x must be a torch.Tensor, got {type(x).__name__}")
@@ -134,13 +148,29 @@ class DenseLayer(nn.Module):
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         x, buffer, c_in = input, None, self.conv1.in_channels
         if recording_graph():
-            return dense_layer_ref(self, [x] if isinstance(x, Tensor) else x)
+            return dense_layer_ref(self, x if isinstance(x, (list, tuple)) else [x])
         if not isinstance(x, Tensor):  # written straight into the one-layer block's buffer (no torch.cat)
             x, buffer = concat_input(x, "DenseLayer", c_in, c_in + growth_rate_of([self]), self.conv1.weight, None)
         check_input(x, "DenseLayer", c_in, self.conv1.weight, self.training)
         fbuf, _, _ = run_dense_block(x, [self], kernels_for(self.backend, x.device, self.process_group),
                                      save_bottleneck=self.save_bottleneck, compute_stats=self.training, buffer=buffer)
         return fbuf[:, c_in:]
+
+
+class BlockStats:
+    """Receives a DenseBlock call's statistics cache: block(x, stats_out=s) leaves the batch
+    (mean, var) of F's channels (what forward_with_stats returns beside F) in s.mean and s.var.
+
+    For callers that call the block as a module, so that its hooks run (FSDP's among them), and
+    still hand its statistics to the transition after it.  A plain object, not a list: hooks that
+    cast or copy the call's arguments (FSDP's mixed precision) rebuild containers, not this.
+    """
+
+    __slots__ = ("mean", "var")
+
+    def __init__(self) -> None:
+        self.mean: Optional[Tensor] = None
+        self.var: Optional[Tensor] = None
 
 
 class DenseBlock(nn.ModuleDict):
@@ -216,10 +246,20 @@ class DenseBlock(nn.ModuleDict):
                                save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
                                compute_stats=self.training, buffer=buffer, handoff=handoff)
 
-    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        if recording_graph():
-            return dense_block_ref(self, x)
-        return self.forward_with_stats(x)[0]
+    def forward(self, x: Union[Tensor, Sequence[Tensor]], buffer: Optional[Tensor] = None,
+                handoff: Optional[GradHandoff] = None, stats_out: Optional[BlockStats] = None) -> Tensor:
+        """F = torch.cat([x, new_1, ..., new_L], 1).  buffer, handoff: as forward_with_stats's;
+        stats_out: a BlockStats that receives the statistics cache (what DenseNet and FCDenseNet
+        pass, calling their blocks as modules so that hooks on them run)."""
+        if recording_graph():  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
+            features = list(x) if isinstance(x, (list, tuple)) else [x]
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features, 1)
+        fbuf, mean, var = self.forward_with_stats(x, buffer, handoff)
+        if stats_out is not None:
+            stats_out.mean, stats_out.var = mean, var
+        return fbuf
 
 
 class Transition(nn.Sequential):
@@ -251,9 +291,9 @@ class Transition(nn.Sequential):
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None,
                 handoff: Optional[GradHandoff] = None) -> Tensor:
-        check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
         if recording_graph():  # torchvision's order: norm, relu, conv, pool
             y = super().forward(x)
             return y if out is None else out.copy_(y)
+        check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
         return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,
                                  kernels=kernels_for(self.backend, x.device, self.process_group))

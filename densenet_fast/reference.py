@@ -113,15 +113,15 @@ def transition_ref(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: T
 def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
     """One dense layer the naive way: its new channels from torch.cat(inputs, 1).
 
-    layer: any dense layer module (this module's, torchvision's, densenet_fast's: norm1/conv1
-    [/norm2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose channels add up
+    layer: any dense layer module (this module's, torchvision's, densenet_fast's: norm1/relu1/
+    conv1[/norm2/relu2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose channels add up
     to the layer's input width.  Returns (N, k, H, W).  Running statistics move as
     nn.BatchNorm2d moves them; dropout follows layer.training.
     """
     h = torch.cat(list(inputs), 1)
-    h = layer.conv1(F.relu(layer.norm1(h)))
+    h = layer.conv1(layer.relu1(layer.norm1(h)))
     if has_bottleneck(layer):
-        h = layer.conv2(F.relu(layer.norm2(h)))
+        h = layer.conv2(layer.relu2(layer.norm2(h)))
     if layer.drop_rate > 0:
         h = F.dropout(h, p=layer.drop_rate, training=layer.training)
     return h
@@ -137,7 +137,7 @@ def dense_block_ref(block: nn.Module, x: Union[Tensor, Sequence[Tensor]]) -> Ten
     nn.BatchNorm2d would update them.  densenet_fast's modules run this under torch.export and
     torch.jit.trace (densenet_fast.modules.recording_graph).
     """
-    features = [x] if isinstance(x, Tensor) else list(x)
+    features = list(x) if isinstance(x, (list, tuple)) else [x]  # x may be an FX Proxy
     for layer in block.children():
         features.append(dense_layer_ref(layer, features))
     return torch.cat(features, 1)

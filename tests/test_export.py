@@ -12,10 +12,11 @@ import operator
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 
 import densenet_fast
 from densenet_fast.models.fc_densenet import TransitionDown, TransitionUp
-from builders import assert_same_step, randomize_bn_, seeded_input
+from builders import assert_same_step, randomize_bn_, seeded_input, states, step_grads, torchvision_densenet
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -193,3 +194,80 @@ def test_exported_program_runs_without_the_package(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         assert_close(torch.load(tmp_path / "y.pt"), model(x), F64, "output of the reloaded program")
+
+
+# --------------------------------------------------------------------------------------------
+# torch.fx: torchvision's feature extraction
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_fx_node_names_are_torchvision_s(train):
+    """torch.fx sees torchvision's DenseNet-121 graph, node for node, so that
+    create_feature_extractor's return_nodes name the same places."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    with torch.device("meta"):
+        ours, tv = densenet_fast.densenet121(), torchvision.models.densenet121()
+    ours.train(train), tv.train(train)
+    assert get_graph_node_names(ours) == get_graph_node_names(tv)
+
+
+def _tv_twin(model: nn.Module) -> nn.Module:
+    tv = torchvision_densenet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2, num_classes=5,
+                              small_inputs=False).to(F64)
+    tv.load_state_dict(model.state_dict())
+    return tv
+
+
+@pytest.mark.parametrize("leaf", [False, True], ids=["traced-through", "blocks-as-leaves"])
+def test_feature_extractor_matches_torchvision(leaf):
+    """create_feature_extractor on our model against the same on torchvision's, float64, one
+    training step: the features, the input gradient, every parameter gradient and the running
+    statistics.  With DenseBlock and Transition as leaf modules the extractor calls them, and they
+    run memory-efficient (no torch.cat in the step but the test's own)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = densenet_fast.DenseNet(growth_rate=4, block_config=(2, 3), num_init_features=8, bn_size=2,
+                                   num_classes=5).to(F64)
+    randomize_bn_(model, seed=2)
+    tv = _tv_twin(model)
+    nodes = {"features.denseblock1": "block1", "features.transition1.conv": "trans1_conv",
+             "features.denseblock2": "block2"}
+    kwargs = {"tracer_kwargs": {"leaf_modules": [densenet_fast.DenseBlock, densenet_fast.Transition]}} if leaf else {}
+    if leaf:
+        nodes = {"features.denseblock1": "block1", "features.denseblock2": "block2"}
+    ours_fe = create_feature_extractor(model, return_nodes=nodes, **kwargs)
+    tv_fe = create_feature_extractor(tv, return_nodes=nodes)
+
+    def joined(fe):
+        def run(x):
+            out = fe(x)
+            return torch.cat([out[k].flatten(1) for k in sorted(out)], 1)
+        return run
+
+    x = seeded_input((2, 3, 20, 18), 8, F64)
+    with torch.profiler.profile() as prof:
+        got = step_grads(ours_fe, x, seed=9, forward=joined(ours_fe))
+    want = step_grads(tv_fe, x, seed=9, forward=joined(tv_fe))
+    assert_close(got[0], want[0], F64, "features")
+    assert_close(got[1], want[1], F64, "input grad")
+    assert set(got[2]) == set(want[2]) and got[2]
+    for key in want[2]:
+        assert_close(got[2][key], want[2][key], F64, f"grad {key}")
+    s_got, s_want = states(ours_fe), states(tv_fe)
+    for key in s_want:
+        assert_close(s_got[key].double(), s_want[key].double(), F64, key)
+    cats = sum(e.count for e in prof.key_averages() if e.key == "aten::cat")
+    assert (cats == 1) if leaf else (cats > 1), f"aten::cat ran {cats} times (one is the test's own join)"
+
+
+def test_fx_symbolic_trace_fc_densenet():
+    """torch.fx.symbolic_trace of an FC-DenseNet (crops that follow the traced sizes) gives the
+    eager model's output, also at another image size."""
+    model = _model("fc-densenet").eval()
+    traced = torch.fx.symbolic_trace(model)
+    for seed, shape in ((0, (2, 3, 21, 19)), (1, (1, 3, 13, 16))):
+        x = seeded_input(shape, seed, F64)
+        with torch.no_grad():
+            assert_close(traced(x), model(x), F64, f"traced output {shape}")

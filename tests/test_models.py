@@ -488,3 +488,31 @@ def test_convert_without_dense_block_raises():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
     with pytest.raises(ValueError, match="no dense block"):
         densenet_fast.convert(model)
+
+
+@pytest.mark.parametrize("arch", ["densenet", "fc_densenet"])
+def test_models_call_blocks_and_transitions_as_modules(arch):
+    """The efficient models call every dense block and transition through nn.Module.__call__, so
+    forward hooks on them (and FSDP's, tests/test_train.py) run, once per forward, and see the
+    block's whole buffer F as its output."""
+    from densenet_fast.models.fc_densenet import TransitionDown, TransitionUp
+
+    torch.manual_seed(36)
+    if arch == "densenet":
+        model = densenet_fast.DenseNet(4, (2, 3), 8, 2, num_classes=3)
+        x = seeded_input((2, 3, 32, 32), 37)
+    else:
+        model = densenet_fast.FCDenseNet(num_classes=3, down_blocks=(2, 2), bottleneck_layers=2, up_blocks=(2, 2),
+                                         growth_rate=4, first_channels=6, drop_rate=0.0)
+        x = seeded_input((2, 3, 16, 16), 37)
+    kinds = (densenet_fast.DenseBlock, densenet_fast.Transition, TransitionDown, TransitionUp)
+    seen, expected = {}, {}
+    for name, module in model.named_modules():
+        if isinstance(module, kinds):
+            expected[name] = module
+            module.register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(out.shape))
+    model(x).sum().backward()
+    assert sorted(seen) == sorted(expected) and all(len(v) == 1 for v in seen.values()), seen
+    for name, module in expected.items():
+        if isinstance(module, densenet_fast.DenseBlock):
+            assert seen[name][0][1] == module.num_output_features, (name, seen[name])

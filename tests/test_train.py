@@ -167,6 +167,9 @@ def _ddp_worker(rank: int, world: int, port: int, case: str) -> None:
         assert env.distributed and env.owns_group and env.rank == rank
         batches = _global_batches()
         ours = _efficient_model()
+        if case == "fsdp":
+            _fsdp_case(ours, batches, rank, world, device, env)
+            return
         if case == "naive":
             # Unsynchronized BN: each process normalises its own half, DDP averages the gradients;
             # the naive model under DDP must follow the same trajectory.
@@ -187,6 +190,37 @@ def _ddp_worker(rank: int, world: int, port: int, case: str) -> None:
         assert all(torch.equal(p, q) for p, q in zip(params[0], params[1], strict=True))
     finally:
         distributed.teardown(env)
+
+
+def _fsdp_case(ours, batches, rank, world, device, env) -> None:
+    """FSDP2 (fully_shard on every dense block, then on the model) against the naive model under
+    DDP: the same semantics (each process normalises its own half, gradients averaged), so the same
+    parameters, and on rank 0 the same running statistics and counters.  The blocks are called as modules, so their FSDP
+    hooks (which gather their parameters) and a user's forward hook run."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    naive = reference.DenseNet(BC["growth_rate"], BC["block_config"], BC["num_init_features"],
+                               num_classes=BC["num_classes"], small_inputs=True).double()
+    naive.load_state_dict(ours.state_dict())
+    _fit(prepare_model(naive, device, env), _shard(batches, rank, world))
+    calls = []
+    blocks = [m for m in ours.modules() if isinstance(m, densenet_fast.DenseBlock)]
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape)))
+        fully_shard(block)
+    fully_shard(ours)
+    _fit(Prepared(ours, ours, None), _shard(batches, rank, world))
+    assert len(calls) == len(blocks) * STEPS, calls
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in ours.state_dict().items()}
+    assert full.keys() == naive.state_dict().keys()
+    for name, want in naive.state_dict().items():
+        if rank != 0 and name not in dict(naive.named_parameters()):
+            continue  # DDP broadcasts rank 0's buffers before each forward, FSDP does not: rank 0's agree
+        if want.is_floating_point():
+            assert_close(full[name], want, torch.float64, f"rank {rank}, FSDP2 vs naive under DDP: {name}")
+        else:
+            assert torch.equal(full[name], want), f"rank {rank}: {name}"
 
 
 def _spawn(case: str) -> None:
@@ -243,6 +277,10 @@ def test_graphed_train_epoch_matches_eager(monkeypatch):
 
 def test_ddp_matches_naive_model():
     _spawn("naive")
+
+
+def test_fsdp2_per_block_matches_naive_ddp():
+    _spawn("fsdp")
 
 
 @pytest.mark.skipif(not hasattr(densenet_fast, "convert_sync_batchnorm"), reason="convert_sync_batchnorm not available")

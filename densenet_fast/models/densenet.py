@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import DenseBlock, Transition, check_input, recording_graph, refuse_script
+from ..modules import BlockStats, DenseBlock, Transition, check_input, recording_graph, refuse_script
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
 
@@ -79,9 +79,11 @@ class DenseNet(nn.Module):
         reference.init_densenet_(self)
 
     def forward(self, x: Tensor) -> Tensor:
+        if recording_graph():  # torch.export, jit.trace, fx: torchvision's graph (modules.recording_graph)
+            return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         conv0 = self.features.conv0
         check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
-        if not self.memory_efficient or recording_graph():  # torch.export / jit.trace: torchvision's graph
+        if not self.memory_efficient:
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
@@ -111,9 +113,10 @@ class DenseNet(nn.Module):
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
                 # its gradient of F to the block's backward as G (GradHandoff, no copy).
-                handoff = GradHandoff()
-                h, mean, var = module.forward_with_stats(h, buffer=buffer, handoff=handoff)
-                cache, buffer = (mean, var), None
+                # Called as a module, so that hooks on it (FSDP's too) run.
+                handoff, stats = GradHandoff(), BlockStats()
+                h = module(h, buffer=buffer, handoff=handoff, stats_out=stats)
+                cache, buffer = (stats.mean, stats.var), None
             elif isinstance(module, Transition):
                 nxt = modules[i + 1] if i + 1 < len(modules) else None
                 if isinstance(nxt, DenseBlock) and not torch.compiler.is_compiling():

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import DenseBlock, check_input, recording_graph, refuse_script
+from ..modules import BlockStats, DenseBlock, check_input, recording_graph, refuse_script, shapes_traced
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -62,9 +62,9 @@ class TransitionDown(nn.Sequential):
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
-        if recording_graph():  # torch.export / jit.trace: the plain modules in order
+        if recording_graph():  # torch.export / jit.trace / fx: the plain modules in order
             return super().forward(x)
+        check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
         h = bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="none", cache=stats,
                               kernels=kernels_for(self.backend, x.device, self.process_group))
         return dropout_max_pool2d(h, self.drop.p, self.training)  # keeps 1 byte per output for backward
@@ -88,7 +88,7 @@ class TransitionUp(nn.Module):
 
     def forward(self, x: Tensor, size: Sequence[int], start: int = 0, handoff: Optional[GradHandoff] = None
                 ) -> Tensor:
-        if torch.jit.is_tracing():  # sizes are traced values: the crop follows them, unchecked
+        if shapes_traced():  # sizes are traced values: the crop follows them, unchecked
             y = self.conv(x[:, start:])
             top, left = (y.shape[2] - size[0]) // 2, (y.shape[3] - size[1]) // 2
             return y[:, :, top:top + size[0], left:left + size[1]]
@@ -196,29 +196,33 @@ class FCDenseNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _check_input(self, x: Tensor) -> None:
+        check_input(x, "FCDenseNet", self.stem.in_channels, self.stem.weight, False)
+        levels = self.num_levels
+        side = 2 ** levels
+        if x.shape[2] < side or x.shape[3] < side:
+            raise ValueError(f"FCDenseNet: input x must be at least {side}x{side} ({levels} poolings by 2), "
+                             f"got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
+        if self.training and x.shape[0] * (x.shape[2] >> levels) * (x.shape[3] >> levels) == 1:
+            raise ValueError(f"FCDenseNet: training needs more than one value per channel in the bottleneck block "
+                             f"(N * H/{side} * W/{side} > 1, batch statistics), got input x of shape {tuple(x.shape)}; "
+                             "use a larger batch or image")
+
     @property
     def num_levels(self) -> int:
         return len(self.down)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, "FCDenseNet", self.stem.in_channels, self.stem.weight, False)
-        levels = self.num_levels
-        side = 2 ** levels
-        if not torch.jit.is_tracing() and (x.shape[2] < side or x.shape[3] < side):
-            raise ValueError(f"FCDenseNet: input x must be at least {side}x{side} ({levels} poolings by 2), "
-                             f"got {x.shape[2]}x{x.shape[3]} (shape {tuple(x.shape)})")
-        if self.training and not torch.jit.is_tracing() \
-                and x.shape[0] * (x.shape[2] >> levels) * (x.shape[3] >> levels) == 1:
-            raise ValueError(f"FCDenseNet: training needs more than one value per channel in the bottleneck block "
-                             f"(N * H/{side} * W/{side} > 1, batch statistics), got input x of shape {tuple(x.shape)}; "
-                             "use a larger batch or image")
+        if not shapes_traced():  # (under jit.trace / fx the shapes are traced values)
+            self._check_input(x)
         h = self.stem(x)
         skips = []
-        naive = not self.memory_efficient or recording_graph()  # torch.export / jit.trace: the naive graph
+        naive = not self.memory_efficient or recording_graph()  # torch.export / jit.trace / fx: the naive graph
         for blk, td in zip(self.down, self.trans_down):
-            if not naive:
-                fbuf, mean, var = blk.forward_with_stats(h)
-                h = td(fbuf, stats=(mean, var))
+            if not naive:  # blocks are called as modules: hooks on them (FSDP's too) run
+                stats = BlockStats()
+                fbuf = blk(h, stats_out=stats)
+                h = td(fbuf, stats=(stats.mean, stats.var))
             else:
                 fbuf = blk(h)
                 h = td(fbuf)
@@ -234,13 +238,13 @@ class FCDenseNet(nn.Module):
         # transition up or the classifier: its backward hands the block the gradient of F
         # (GradHandoff, no copy).  A down block's F has two (its transition down and the skip).
         handoff = GradHandoff()
-        fbuf = self.bottleneck.forward_with_stats(h, handoff=handoff)[0]
+        fbuf = self.bottleneck(h, handoff=handoff)
         below = self.bottleneck
         for tu, blk, skip in zip(self.trans_up, self.up, reversed(skips)):
             upsampled = tu(fbuf, skip.shape[2:], start=_block_input_channels(below), handoff=handoff)
             handoff = GradHandoff()
             # The efficient block writes the two parts straight into its buffer.
-            fbuf = blk.forward_with_stats([upsampled, skip], handoff=handoff)[0]
+            fbuf = blk([upsampled, skip], handoff=handoff)
             below = blk
         return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
