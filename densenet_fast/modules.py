@@ -37,17 +37,21 @@ def recording_graph() -> bool:
     Transition as leaf modules calls them instead, memory-efficient.  torch.compile is not
     recording in this sense: it compiles the memory-efficient ops.
     """
-    return torch.compiler.is_exporting() or shapes_traced()
+    return _exporting() or shapes_traced()
 
 
 def shapes_traced() -> bool:
     """Whether shapes are traced values (torch.jit.trace, torch.fx.symbolic_trace), which input
     checks must not test: each test would be a TracerWarning, or an FX TraceError."""
-    return torch.jit.is_tracing() or _is_fx_symbolic_tracing()
+    return torch.jit.is_tracing() or _symbolic_trace.is_fx_symbolic_tracing()
 
 
-# torch >= 2.14 names the symbolic-trace test apart (its is_fx_tracing also answers under torch.export, with a warning)
-_is_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)
+def _exporting() -> bool:
+    # torch 2.11's dynamo folds torch.compiler.is_exporting() to True in every torch.compile trace
+    # (2.14's reads the flag); the flag itself reads False there and True under torch.export
+    # (strict or not) in both
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def refuse_script(module: nn.Module) -> nn.Module:
