@@ -288,3 +288,29 @@ def test_fx_symbolic_trace_fc_densenet():
         x = seeded_input(shape, seed, F64)
         with torch.no_grad():
             assert_close(traced(x), model(x), F64, f"traced output {shape}")
+
+
+def test_feature_extractor_with_leaf_blocks_saves_memory():
+    """The extracted backbone with DenseBlock and Transition as leaves keeps the blocks'
+    memory saving: its training step's measured CPU peak is under 0.4x the traced-through one's
+    (DenseNet-BC-40, batch 32, 32x32: 78.9 vs 270.7 MiB when written; DenseNet-121 batch 4 at
+    224x224 measured 109.8 vs 508.3 MiB, torchvision's extractor 508.3)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from densenet_fast.bench.memory import cpu_peak_bytes
+
+    nodes = {"features.denseblock2": "c4", "features.norm5": "c5"}
+    x = seeded_input((32, 3, 32, 32), 10)
+    peaks = {}
+    for leaf in (False, True):
+        torch.manual_seed(0)
+        leaves = [densenet_fast.DenseBlock, densenet_fast.Transition] if leaf else []
+        fe = create_feature_extractor(densenet_fast.densenet_bc(depth=40, growth_rate=12), nodes,
+                                      tracer_kwargs={"leaf_modules": leaves})
+
+        def step():
+            out = fe(x)
+            sum(v.pow(2).mean() for v in out.values()).backward()
+
+        step()
+        peaks[leaf] = cpu_peak_bytes(step)
+    assert peaks[True] < 0.4 * peaks[False], {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
