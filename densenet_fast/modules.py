@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.fx import _symbolic_trace
 
 from .backends import check_backend_name, kernels_for
-from .reference import dense_block_ref, dense_layer_modules, dense_layer_ref
+from .reference import dense_layer_modules, dense_layer_ref
 from .ops.amp import autocast_dtype
 from .ops.channel_stats import stats_dtype
 from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
@@ -239,7 +239,7 @@ class DenseBlock(nn.ModuleDict):
         """
         layers = list(self.values())
         if recording_graph():  # torch.cat per layer; no statistics cache (as in eval mode)
-            fbuf = dense_block_ref(self, x)
+            fbuf = self._plain_forward(x)
             empty = torch.empty(0, dtype=stats_dtype(fbuf.dtype), device=fbuf.device)
             return fbuf, empty, empty
         if not isinstance(x, Tensor):
@@ -255,15 +255,20 @@ class DenseBlock(nn.ModuleDict):
         """F = torch.cat([x, new_1, ..., new_L], 1).  buffer, handoff: as forward_with_stats's;
         stats_out: a BlockStats that receives the statistics cache (what DenseNet and FCDenseNet
         pass, calling their blocks as modules so that hooks on them run)."""
-        if recording_graph():  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
-            features = list(x) if isinstance(x, (list, tuple)) else [x]
-            for layer in self.values():
-                features.append(layer(features))
-            return torch.cat(features, 1)
+        if recording_graph():
+            return self._plain_forward(x)
         fbuf, mean, var = self.forward_with_stats(x, buffer, handoff)
         if stats_out is not None:
             stats_out.mean, stats_out.var = mean, var
         return fbuf
+
+    def _plain_forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+        """torchvision's _DenseBlock.forward (each layer called on the list of earlier features,
+        then one torch.cat): what torch.export, jit.trace and fx record (recording_graph)."""
+        features = list(x) if isinstance(x, (list, tuple)) else [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
 
 
 class Transition(nn.Sequential):

@@ -114,9 +114,10 @@ def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
     """One dense layer the naive way: its new channels from torch.cat(inputs, 1).
 
     layer: any dense layer module (this module's, torchvision's, densenet_fast's: norm1/relu1/
-    conv1[/norm2/relu2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose channels add up
-    to the layer's input width.  Returns (N, k, H, W).  Running statistics move as
-    nn.BatchNorm2d moves them; dropout follows layer.training.
+    conv1[/norm2/relu2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose
+    channels add up to the layer's input width.  Returns (N, k, H, W).  Running statistics move
+    as nn.BatchNorm2d moves them; dropout follows layer.training.  densenet_fast.DenseLayer runs
+    this while torch.export, jit.trace or fx records (densenet_fast.modules.recording_graph).
     """
     h = torch.cat(list(inputs), 1)
     h = layer.conv1(layer.relu1(layer.norm1(h)))
@@ -134,8 +135,7 @@ def dense_block_ref(block: nn.Module, x: Union[Tensor, Sequence[Tensor]]) -> Ten
     since all three name their layers denselayer1..L with norm1/conv1/norm2/conv2 children.
     x: (N, C0, H, W), or tensors whose channels add up to C0 (concatenated first).
     Returns the concatenation (N, C0 + L*k, H, W).  Running statistics are updated as
-    nn.BatchNorm2d would update them.  densenet_fast's modules run this under torch.export and
-    torch.jit.trace (densenet_fast.modules.recording_graph).
+    nn.BatchNorm2d would update them.
     """
     features = list(x) if isinstance(x, (list, tuple)) else [x]  # x may be an FX Proxy
     for layer in block.children():
