@@ -27,6 +27,7 @@ from .bench import sweep as sweeping
 from .bench.report import HEADER, conditions, group_rows, markdown, plot, table_rows
 from .bench.harness import BenchError, Case
 from .bench.memory import format_size, parse_size
+from .models import is_segmentation_model
 
 DEFAULT_MODEL = {"cpu": "densenet_bc_100_12", "cuda": "densenet121"}
 # `bench` with no --model: DenseNet-BC-100 at 32x32 and DenseNet-121 at 224x224, each at a batch
@@ -196,7 +197,7 @@ def resolve_providers(text: Optional[str], device: str, default: Sequence[str]) 
 
 def default_image_size(model: str) -> int:
     """32 for CIFAR-stem models (DenseNet-BC), 224 for the ImageNet ones and the FC-DenseNets."""
-    if harness.is_segmentation(model):
+    if is_segmentation_model(model):
         return 224
     return 32 if dict(harness.reference_config_for(model))["small_inputs"] else 224
 

@@ -199,15 +199,10 @@ def reference_config_for(name: str) -> Tuple[Tuple[str, object], ...]:
         return tuple(reference_config(get_model(name)).items())
 
 
-def is_segmentation(name: str) -> bool:
-    """Whether get_model(name) is an FC-DenseNet: per-pixel logits (N, classes, H, W), per-pixel labels."""
-    return is_segmentation_model(name)
-
-
 def build_model(provider: str, name: str) -> nn.Module:
     """The provider's model for `name`, on the CPU, float32, freshly initialised."""
     base, saved = split_provider(provider)
-    if is_segmentation(name):  # one class for all providers: memory_efficient=False is the naive twin
+    if is_segmentation_model(name):  # one class for all providers: memory_efficient=False is the naive twin
         if saved:
             raise BenchError(f"provider {provider!r}: {name}'s layers have no bottleneck to save")
         if base in REFERENCE_PROVIDERS:
@@ -290,7 +285,7 @@ def make_inputs(case: Case, num_classes: int, device: str, seed: int = 0) -> Tup
     (batch, S, S) per-pixel labels for a segmentation model."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=gen)
-    labels = (case.batch, case.image_size, case.image_size) if is_segmentation(case.model) else (case.batch,)
+    labels = (case.batch, case.image_size, case.image_size) if is_segmentation_model(case.model) else (case.batch,)
     y = torch.randint(0, num_classes, labels, generator=gen)
     x = x.to(device)
     if case.channels_last:

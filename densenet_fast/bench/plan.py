@@ -24,8 +24,9 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .harness import (DTYPES, Case, Step, bc_depth, build_model, is_segmentation, make_inputs, num_classes_of,
-                      reference_config_for, split_provider)
+from ..models import is_segmentation_model
+from .harness import (DTYPES, Case, Step, bc_depth, build_model, make_inputs, num_classes_of, reference_config_for,
+                      split_provider)
 from .memory import CUDA_BLOCK, StorageTracker
 
 MAX_BC_DEPTH = 6 * 5000 + 4  # the depth search stops here (5000 layers per block)
@@ -45,7 +46,7 @@ def planned_peak_bytes(case: Case, device: str = "cpu") -> int:
         tracker = _planned_step(model, case, "meta", granularity)
     else:
         # Autocast has no meta device: fake tensors report the CPU as their device.
-        if not is_segmentation(case.model):
+        if not is_segmentation_model(case.model):
             reference_config_for(case.model)  # built on the meta device, which FakeTensorMode would reject
         with FakeTensorMode():
             model = build_model(provider, case.model).train()
