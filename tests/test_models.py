@@ -3,6 +3,8 @@ and convert().  Tolerances: tolerances.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -516,3 +518,86 @@ def test_models_call_blocks_and_transitions_as_modules(arch):
     for name, module in expected.items():
         if isinstance(module, densenet_fast.DenseBlock):
             assert seen[name][0][1] == module.num_output_features, (name, seen[name])
+
+
+def _pruned_pair(reparametrize):
+    torch.manual_seed(38)
+    ours = densenet_fast.DenseNet(4, (2, 2), 8, 2, num_classes=3).double()  # torchvision's stem: conv0 is fused
+    randomize_bn_(ours, 39)
+    naive = densenet_fast.DenseNet(4, (2, 2), 8, 2, num_classes=3, memory_efficient=False).double()
+    naive.load_state_dict(ours.state_dict())
+    for model in (ours, naive):
+        torch.manual_seed(43)  # spectral_norm draws its power-iteration vectors
+        for name in ("features.conv0", "features.denseblock1.denselayer2.conv1",
+                     "features.denseblock2.denselayer1.conv2", "features.transition1.conv"):
+            reparametrize(model.get_submodule(name))
+    return ours, naive
+
+
+@pytest.mark.parametrize("method", ["prune", "weight_norm", "spectral_norm"])
+def test_weight_recomputing_pre_hooks_run(method):
+    """torch.nn.utils' prune, weight_norm and spectral_norm recompute a weight in a forward
+    pre-hook; the fused forward runs those hooks itself (before, the second step failed with
+    'backward through the graph a second time'): three SGD steps equal the naive model's, float64,
+    with no warning."""
+    import warnings
+
+    from torch.nn.utils import prune, spectral_norm, weight_norm
+
+    how = {"prune": lambda m: prune.l1_unstructured(m, "weight", amount=0.4), "weight_norm": weight_norm,
+           "spectral_norm": spectral_norm}[method]
+    ours, naive = _pruned_pair(how)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, naive)]
+    x = seeded_input((2, 3, 32, 32), 40, F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "hooks do not run" warning for these
+        for step in range(3):
+            outs = []
+            for model, opt in zip((ours, naive), opts):
+                opt.zero_grad()
+                out = model(x)
+                projection_loss(out, step).backward()
+                opt.step()
+                outs.append(out.detach())
+            assert_close(outs[0], outs[1], F64, f"{method}: output at step {step}")
+    for name, p in naive.named_parameters():
+        assert_close(dict(ours.named_parameters())[name], p, F64, f"{method}: {name} after 3 steps")
+
+
+@pytest.mark.parametrize("where, owner, relative", [
+    ("features.denseblock1.denselayer1.conv1", "DenseBlock", "denselayer1.conv1"),
+    ("features.transition1.norm", "Transition", "norm"),
+    ("features.norm0", "DenseNet", "features.norm0"),
+    ("features.norm5", "DenseNet", "features.norm5"),
+    ("features", "DenseNet", "features"),
+    ("fc:classifier", "FCDenseNet", "classifier"),
+    ("fc:trans_up.0.conv", "TransitionUp", "conv"),
+    ("fc:trans_down.0.pool", "TransitionDown", "pool"),
+    ("layer:norm1", "DenseLayer", "norm1"),
+])
+def test_hooks_that_cannot_run_are_reported(where, owner, relative):
+    """A forward hook on a module that the fused forward computes without calling it is reported
+    by a warning naming that module (not silently skipped); without such hooks nothing warns."""
+    import warnings
+
+    torch.manual_seed(41)
+    kind, _, name = where.rpartition(":")
+    if kind == "fc":
+        model = densenet_fast.FCDenseNet(num_classes=3, down_blocks=(2,), bottleneck_layers=1, up_blocks=(2,),
+                                         growth_rate=4, first_channels=6, drop_rate=0.0)
+        x = seeded_input((2, 3, 8, 8), 42)
+    elif kind == "layer":
+        model = densenet_fast.DenseLayer(6, growth_rate=4, bn_size=2)
+        x = seeded_input((2, 6, 5, 5), 42)
+    else:
+        model = densenet_fast.DenseNet(4, (2, 2), 8, 2, num_classes=3)
+        x = seeded_input((2, 3, 32, 32), 42)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x).sum().backward()  # no hooks: no warning
+    calls = []
+    model.get_submodule(name).register_forward_hook(lambda m, args, out: calls.append(1))
+    message = rf"^{owner}: the hooks registered on its {re.escape(relative)} \(\w+\) do not run"
+    with pytest.warns(UserWarning, match=message):
+        model(x).sum().backward()
+    assert not calls

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import BlockStats, DenseBlock, Transition, check_input, recording_graph, refuse_script
+from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_module_hooks, recording_graph,
+                       refuse_script)
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
 
@@ -85,6 +86,7 @@ class DenseNet(nn.Module):
         check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
         if not self.memory_efficient:
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
+        fused_module_hooks([self.features], self, "DenseNet")  # walked here, not called
         kernels = kernels_for(self.backend, x.device, self.process_group)
         h, cache = x, None
         pooled = buffer = handoff = None
@@ -102,6 +104,7 @@ class DenseNet(nn.Module):
                 # torchvision's stem (conv0, norm0, relu0, pool0) as one Function that keeps only
                 # the image for backward and computes conv0 again there.
                 norm0 = children["norm0"]
+                fused_module_hooks([module, norm0, children["relu0"], children["pool0"]], self, "DenseNet")
                 h = stem_conv_bn_relu_pool(h, module, norm0, kernels=kernels, check=lambda y: check_input(
                     y, "DenseNet.norm0", norm0.num_features, norm0.weight, norm0.training))
                 skip.add("norm0")
@@ -109,6 +112,8 @@ class DenseNet(nn.Module):
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
+                fused_module_hooks([children[n] for n in ("norm0", "relu0", "pool0") if n == "norm0" or n in skip],
+                                   self, "DenseNet")
                 h = bn_relu_pool_conv(h, module, None, pool="max3" if max_pool else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
@@ -129,6 +134,7 @@ class DenseNet(nn.Module):
             elif name == "norm5":
                 # norm5 + ReLU + global average pool fused, reading the last block's statistics.
                 check_input(h, "DenseNet.norm5", module.num_features, module.weight, module.training)
+                fused_module_hooks([module], self, "DenseNet")
                 pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels,
                                            handoff=handoff)
             else:

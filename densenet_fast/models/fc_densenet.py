@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import BlockStats, DenseBlock, check_input, recording_graph, refuse_script, shapes_traced
+from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, recording_graph, refuse_script,
+                       shapes_traced)
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -65,6 +66,7 @@ class TransitionDown(nn.Sequential):
         if recording_graph():  # torch.export / jit.trace / fx: the plain modules in order
             return super().forward(x)
         check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
+        fused_module_hooks(self.children(), self, "TransitionDown")
         h = bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="none", cache=stats,
                               kernels=kernels_for(self.backend, x.device, self.process_group))
         return dropout_max_pool2d(h, self.drop.p, self.training)  # keeps 1 byte per output for backward
@@ -101,6 +103,7 @@ class TransitionUp(nn.Module):
         if recording_graph():  # torch.export: the plain transposed conv of the suffix
             y = self.conv(x[:, start:])
         else:
+            fused_module_hooks([self.conv], self, "TransitionUp")
             y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True,
                             stride=self.conv.stride)
         h, w = int(size[0]), int(size[1])
@@ -246,6 +249,7 @@ class FCDenseNet(nn.Module):
             # The efficient block writes the two parts straight into its buffer.
             fbuf = blk([upsampled, skip], handoff=handoff)
             below = blk
+        fused_module_hooks([self.classifier], self, "FCDenseNet")
         return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
 
