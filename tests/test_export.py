@@ -1,7 +1,9 @@
-"""torch.export and torch.jit.trace of the memory-efficient modules record the plain graph
-(torch.cat, BatchNorm, ReLU, conv per layer: ATen ops only, nothing of this package) with the
-eager model's outputs, gradients and running statistics; torch.jit.script is refused with an
-error that says what to use instead.  float64 throughout: tolerances.TOLERANCES[float64].
+"""torch.export, torch.jit.trace and torch.fx of the memory-efficient modules record the plain
+graph (torch.cat, BatchNorm, ReLU, conv per layer: ATen ops only, nothing of this package;
+torchvision's FX node names) with the eager model's outputs, gradients and running statistics;
+torchvision's feature extractor with the blocks as leaf modules stays memory-efficient;
+torch.jit.script is refused with an error that says what to use instead; torch.compile does not
+record.  Comparisons in float64: tolerances.TOLERANCES[float64].
 """
 
 from __future__ import annotations
