@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.fx import _symbolic_trace
 
 from .backends import check_backend_name, kernels_for
+from . import reference
 from .reference import dense_layer_modules, dense_layer_ref
 from .ops.amp import autocast_dtype
 from .ops.channel_stats import stats_dtype
@@ -67,24 +68,28 @@ def fused_module_hooks(modules: Iterable[nn.Module], owner: nn.Module, where: st
     """Account for the hooks of modules that a fused forward computes without calling them.
 
     modules: those modules (each with its direct children when `children`: a block's layers);
-    owner: the module whose forward it is (for names).  Forward pre-hooks that only recompute a weight (torch.nn.utils'
-    prune, weight_norm and spectral_norm) are run here, before the weights are read: skipped, they
-    left a weight computed in an earlier step, whose graph backward had freed.  Any other forward
-    or backward hook cannot run, and a UserWarning names its module (a hook that silently never
-    runs would be a silently wrong result).  Nothing is checked under torch.compile.
+    owner: the module whose forward it is (for names).  Forward pre-hooks that only recompute a
+    weight (torch.nn.utils' prune, weight_norm and spectral_norm) are run here, before the weights
+    are read: skipped, they left a weight computed in an earlier step, whose graph backward had
+    freed.  Any other forward or backward hook cannot run, and a UserWarning names its module (a
+    hook that silently never runs would be a silently wrong result).  Nothing is checked under
+    torch.compile.
     """
     if torch.compiler.is_compiling():
         return
     # Plain loops over _modules: Module.modules() builds names and a memo set, ~5x the cost (this
     # runs on every forward; ~60 us per DenseNet-121 step as written).
     for m in modules:
-        if m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if _has_hooks(m):
             _run_weight_hooks_or_warn(m, owner, where)
         if children:
             for c in m._modules.values():
-                if c is not None and (c._forward_pre_hooks or c._forward_hooks or c._backward_hooks
-                                      or c._backward_pre_hooks):
+                if c is not None and _has_hooks(c):
                     _run_weight_hooks_or_warn(c, owner, where)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _run_weight_hooks_or_warn(m: nn.Module, owner: nn.Module, where: str) -> None:
@@ -99,7 +104,7 @@ def _run_weight_hooks_or_warn(m: nn.Module, owner: nn.Module, where: str) -> Non
         else:
             others = True
     if others or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks:
-        name = next((n for n, sub in owner.named_modules() if sub is m), type(m).__name__) or "itself"
+        name = next((n for n, sub in owner.named_modules() if sub is m), type(m).__name__)
         warnings.warn(f"{where}: the hooks registered on its {name} ({type(m).__name__}) do not run: the "
                       "memory-efficient forward computes its math without calling it. Register them on a DenseBlock, "
                       "Transition or the model, use torch.nn.utils.parametrize for a weight's reparametrisation, or "
@@ -284,7 +289,7 @@ class DenseBlock(nn.ModuleDict):
         """
         layers = list(self.values())
         if recording_graph():  # torch.cat per layer; no statistics cache (as in eval mode)
-            fbuf = self._plain_forward(x)
+            fbuf = reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
             empty = torch.empty(0, dtype=stats_dtype(fbuf.dtype), device=fbuf.device)
             return fbuf, empty, empty
         fused_module_hooks(self._modules.values(), self, "DenseBlock", children=True)
@@ -301,20 +306,12 @@ class DenseBlock(nn.ModuleDict):
         """F = torch.cat([x, new_1, ..., new_L], 1).  buffer, handoff: as forward_with_stats's;
         stats_out: a BlockStats that receives the statistics cache (what DenseNet and FCDenseNet
         pass, calling their blocks as modules so that hooks on them run)."""
-        if recording_graph():
-            return self._plain_forward(x)
+        if recording_graph():  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
+            return reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
         fbuf, mean, var = self.forward_with_stats(x, buffer, handoff)
         if stats_out is not None:
             stats_out.mean, stats_out.var = mean, var
         return fbuf
-
-    def _plain_forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        """torchvision's _DenseBlock.forward (each layer called on the list of earlier features,
-        then one torch.cat): what torch.export, jit.trace and fx record (recording_graph)."""
-        features = list(x) if isinstance(x, (list, tuple)) else [x]
-        for layer in self.values():
-            features.append(layer(features))
-        return torch.cat(features, 1)
 
 
 class Transition(nn.Sequential):

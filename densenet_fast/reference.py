@@ -110,17 +110,23 @@ def transition_ref(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: T
     return F.avg_pool2d(bn_relu_conv1x1_ref(x, mean, var, weight, bias, eps, conv_weight), 2, 2)
 
 
-def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
+def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor], checkpoint: bool = False) -> Tensor:
     """One dense layer the naive way: its new channels from torch.cat(inputs, 1).
 
     layer: any dense layer module (this module's, torchvision's, densenet_fast's: norm1/relu1/
     conv1[/norm2/relu2/conv2] children and drop_rate); inputs: (N, C_i, H, W) tensors whose
     channels add up to the layer's input width.  Returns (N, k, H, W).  Running statistics move
-    as nn.BatchNorm2d moves them; dropout follows layer.training.  densenet_fast.DenseLayer runs
-    this while torch.export, jit.trace or fx records (densenet_fast.modules.recording_graph).
+    as nn.BatchNorm2d moves them; dropout follows layer.training.  checkpoint: torchvision's
+    memory_efficient path, the concatenation and norm1-relu1-conv1 recomputed in backward (its
+    known flaw kept on purpose, this being the baseline we compare against: the recomputation
+    runs norm1 in training mode again, so norm1's running statistics move a second time).
+    densenet_fast.DenseLayer runs this while torch.export, jit.trace or fx records
+    (densenet_fast.modules.recording_graph); this module's DenseLayer always.
     """
-    h = torch.cat(list(inputs), 1)
-    h = layer.conv1(layer.relu1(layer.norm1(h)))
+    def bottleneck(*parts: Tensor) -> Tensor:  # torchvision's bn_function
+        return layer.conv1(layer.relu1(layer.norm1(torch.cat(parts, 1))))
+
+    h = cp.checkpoint(bottleneck, *inputs, use_reentrant=False) if checkpoint else bottleneck(*inputs)
     if has_bottleneck(layer):
         h = layer.conv2(layer.relu2(layer.norm2(h)))
     if layer.drop_rate > 0:
@@ -128,16 +134,15 @@ def dense_layer_ref(layer: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
     return h
 
 
-def dense_block_ref(block: nn.Module, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
+def dense_block_ref(block: nn.Module, x: Tensor) -> Tensor:
     """Run any dense block module's layers the naive way (torch.cat per layer).
 
     Works with this module's DenseBlock, torchvision's _DenseBlock and densenet_fast.DenseBlock,
     since all three name their layers denselayer1..L with norm1/conv1/norm2/conv2 children.
-    x: (N, C0, H, W), or tensors whose channels add up to C0 (concatenated first).
     Returns the concatenation (N, C0 + L*k, H, W).  Running statistics are updated as
     nn.BatchNorm2d would update them.
     """
-    features = list(x) if isinstance(x, (list, tuple)) else [x]  # x may be an FX Proxy
+    features = [x]
     for layer in block.children():
         features.append(dense_layer_ref(layer, features))
     return torch.cat(features, 1)
@@ -181,7 +186,7 @@ def dense_layer_modules(num_input_features: int, growth_rate: int, bn_size: int)
 
 class DenseLayer(nn.Module):
     """BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 on the concatenation of its inputs (torchvision's _DenseLayer);
-    with bn_size=0, BN-ReLU-Conv3x3 (no bottleneck: bn_function's result is the new channels).
+    with bn_size=0, BN-ReLU-Conv3x3 (no bottleneck: norm1-relu1-conv1's result is the new channels).
 
     forward(x): x is a tensor (N, C_in, H, W) or a list of tensors whose channels add up to C_in.
     Returns the k = growth_rate new channels (N, k, H, W).
@@ -195,24 +200,10 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.checkpoint = checkpoint
 
-    def bn_function(self, inputs: List[Tensor]) -> Tensor:
-        concated = torch.cat(inputs, 1)
-        return self.conv1(self.relu1(self.norm1(concated)))
-
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         prev = [input] if isinstance(input, Tensor) else list(input)
-        if self.checkpoint and any(t.requires_grad for t in prev) and torch.is_grad_enabled():
-            # torchvision's memory_efficient path: the bottleneck is recomputed in backward.  Its
-            # known flaw is kept on purpose (this is the baseline we compare against): the
-            # recomputation re-runs norm1 in training mode, so norm1's running statistics move a
-            # second time during backward.
-            bottleneck = cp.checkpoint(lambda *t: self.bn_function(list(t)), *prev, use_reentrant=False)
-        else:
-            bottleneck = self.bn_function(prev)
-        new_features = self.conv2(self.relu2(self.norm2(bottleneck))) if has_bottleneck(self) else bottleneck
-        if self.drop_rate > 0:
-            new_features = F.dropout(new_features, p=self.drop_rate, training=self.training)
-        return new_features
+        checkpoint = self.checkpoint and any(t.requires_grad for t in prev) and torch.is_grad_enabled()
+        return dense_layer_ref(self, prev, checkpoint)
 
 
 class DenseBlock(nn.ModuleDict):
@@ -228,8 +219,10 @@ class DenseBlock(nn.ModuleDict):
                                bn_size=bn_size, drop_rate=drop_rate, checkpoint=checkpoint)
             self.add_module("denselayer%d" % (i + 1), layer)
 
-    def forward(self, init_features: Tensor) -> Tensor:
-        features = [init_features]
+    def forward(self, init_features: Union[Tensor, List[Tensor]]) -> Tensor:
+        """init_features: (N, C0, H, W), or tensors whose channels add up to C0 (densenet_fast.DenseBlock
+        runs this, list input included, while torch.export, jit.trace or fx records)."""
+        features = list(init_features) if isinstance(init_features, (list, tuple)) else [init_features]
         for layer in self.values():
             features.append(layer(features))
         return torch.cat(features, 1)

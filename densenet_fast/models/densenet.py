@@ -112,8 +112,7 @@ class DenseNet(nn.Module):
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
-                fused_module_hooks([children[n] for n in ("norm0", "relu0", "pool0") if n == "norm0" or n in skip],
-                                   self, "DenseNet")
+                fused_module_hooks([module] + [children[n] for n in ("relu0", "pool0") if n in skip], self, "DenseNet")
                 h = bn_relu_pool_conv(h, module, None, pool="max3" if max_pool else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
