@@ -110,6 +110,21 @@ def test_options_smoke(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
 
 
+def test_train_restores_process_settings(tmp_path):
+    """train() called from Python sets threads, deterministic algorithms and cuDNN benchmarking
+    for its run, and puts back the caller's afterwards (the shapes dataset's default of 2 threads,
+    left set, changed the float32 results of a later equivalence test in the same process)."""
+    def settings():
+        return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+
+    before = settings()
+    for extra in (["--deterministic", "--threads", "2"], ["--dataset", "shapes", "--model", "fc_densenet_2_1_4"]):
+        train(parse_args(["--dataset", "synthetic", "--model", "densenet_bc_10_4", "--image-size", "8",
+                          "--train-samples", "8", "--test-samples", "4", "--batch-size", "4", "--epochs", "1",
+                          "--device", "cpu", "--no-progress", "--no-plot", "--output-dir", str(tmp_path)] + extra))
+        assert settings() == before, f"train({' '.join(extra)}) left {settings()}, was {before}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Two processes (gloo)
 # ------------------------------------------------------------------------------------------------

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -37,13 +38,28 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     """
     args = resolve(args)
     build_model(args, 3, 2, device=torch.device("meta"))  # an unknown --model or --weights fails before any work
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    env, device = distributed.setup(args.device)
+    with _process_settings():
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        env, device = distributed.setup(args.device)
+        try:
+            return _train(args, env, device)
+        finally:
+            distributed.teardown(env)
+
+
+@contextlib.contextmanager
+def _process_settings() -> Iterator[None]:
+    """Restores what a run sets for the whole process (threads, deterministic algorithms, cuDNN
+    benchmarking): train() called from Python must not change how the caller's code runs after."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     try:
-        return _train(args, env, device)
+        yield
     finally:
-        distributed.teardown(env)
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
 
 
 class _Run:
