@@ -22,6 +22,8 @@ from .ops.amp import autocast_dtype
 from .ops.channel_stats import stats_dtype
 from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
 from .ops.transition import bn_relu_pool_conv
+from .structure import (LAYER_MATH, TRANSITION_MATH, dense_block_issue, dense_layer_issue, raise_structure_error,
+                        transition_issue)
 
 __all__ = ["DenseLayer", "DenseBlock", "BlockStats", "Transition", "check_input", "fused_module_hooks",
            "recording_graph", "refuse_script", "shapes_traced"]
@@ -199,9 +201,11 @@ class DenseLayer(nn.Module):
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
-        x, buffer, c_in = input, None, self.conv1.in_channels
+        x, buffer = input, None
         if recording_graph():
             return dense_layer_ref(self, x if isinstance(x, (list, tuple)) else [x])
+        raise_structure_error("DenseLayer", dense_layer_issue(self), LAYER_MATH)
+        c_in = self.conv1.in_channels
         fused_module_hooks(self.children(), self, "DenseLayer")
         if not isinstance(x, Tensor):  # written straight into the one-layer block's buffer (no torch.cat)
             x, buffer = concat_input(x, "DenseLayer", c_in, c_in + growth_rate_of([self]), self.conv1.weight, None)
@@ -292,6 +296,8 @@ class DenseBlock(nn.ModuleDict):
             fbuf = reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
             empty = torch.empty(0, dtype=stats_dtype(fbuf.dtype), device=fbuf.device)
             return fbuf, empty, empty
+        raise_structure_error("DenseBlock", dense_block_issue(list(self._modules.items()), self.num_input_features,
+                                                             self.growth_rate), LAYER_MATH)
         fused_module_hooks(self._modules.values(), self, "DenseBlock", children=True)
         if not isinstance(x, Tensor):
             x, buffer = concat_input(x, "DenseBlock", self.num_input_features, self.num_output_features,
@@ -346,6 +352,7 @@ class Transition(nn.Sequential):
         if recording_graph():  # torchvision's order: norm, relu, conv, pool
             y = super().forward(x)
             return y if out is None else out.copy_(y)
+        raise_structure_error("Transition", transition_issue(self), TRANSITION_MATH)
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
         fused_module_hooks(self.children(), self, "Transition")
         return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,

@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
@@ -22,6 +23,7 @@ from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_mo
                        refuse_script)
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
+from ..structure import bn_issue, module_width, relu_issue
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
            "densenet_cifar"]
@@ -94,7 +96,11 @@ class DenseNet(nn.Module):
         names, modules = list(children), list(children.values())
         # torchvision's stem ends norm0, relu0, pool0 (3x3/2 max): relu0 (and such a pool0) run
         # fused with norm0 (or with conv0 too, below)
+        # (only an affine nn.BatchNorm2d followed by an nn.ReLU: other stems run module by module)
         n0 = names.index("norm0") if "norm0" in children else -1
+        if n0 >= 0 and not (names[n0 + 1:n0 + 2] == ["relu0"] and relu_issue(children["relu0"]) is None
+                            and bn_issue(children["norm0"], module_width(children["norm0"])) is None):
+            n0 = -1
         max_pool = n0 >= 0 and names[n0 + 1:n0 + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
         skip = ({"relu0"} if n0 >= 0 else set()) | ({"pool0"} if max_pool else set())
         for i, (name, module) in enumerate(children.items()):
@@ -108,7 +114,7 @@ class DenseNet(nn.Module):
                 h = stem_conv_bn_relu_pool(h, module, norm0, kernels=kernels, check=lambda y: check_input(
                     y, "DenseNet.norm0", norm0.num_features, norm0.weight, norm0.training))
                 skip.add("norm0")
-            elif name == "norm0":
+            elif name == "norm0" and n0 >= 0:
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
@@ -130,14 +136,18 @@ class DenseNet(nn.Module):
                 else:
                     h = module(h, stats=cache, handoff=handoff)
                 cache = handoff = None
-            elif name == "norm5":
-                # norm5 + ReLU + global average pool fused, reading the last block's statistics.
+            elif name == "norm5" and i + 1 == len(modules) and bn_issue(module, module_width(module)) is None:
+                # norm5 + ReLU + global average pool fused, reading the last block's statistics
+                # (an affine nn.BatchNorm2d last in features; anything else runs as a module).
                 check_input(h, "DenseNet.norm5", module.num_features, module.weight, module.training)
                 fused_module_hooks([module], self, "DenseNet")
                 pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels,
                                            handoff=handoff)
-            else:
+            else:  # any other module (a stem of another shape, a norm5 of another kind): called as it is
                 h = module(h)
+                cache = handoff = buffer = None
+        if pooled is None:  # torchvision's head after features: ReLU, global average pool
+            pooled = F.adaptive_avg_pool2d(F.relu(h), 1)
         return self.classifier(torch.flatten(pooled, 1))
 
 
