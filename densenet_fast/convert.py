@@ -1,69 +1,356 @@
 """convert(): turn existing DenseNets, or any model built from dense blocks, into efficient ones.
 
-Recognised by structure, not by class, so torchvision's DenseNet/_DenseBlock/_Transition,
-densenet_fast.reference's modules and look-alikes in third-party segmentation nets all convert:
-  * a DenseNet (features Sequential with conv0 ... norm5, a Linear classifier) becomes a
-    densenet_fast.models.DenseNet (the fused forward that shares statistics across modules);
+Recognised by structure, and checked module by module (densenet_fast.structure), so torchvision's
+and timm's DenseNet/_DenseBlock/_Transition, densenet_fast.reference's modules and look-alikes in
+third-party segmentation nets convert:
+  * a DenseNet (features Sequential with conv0 ... norm5, a Linear classifier after ReLU and a
+    global average pool) becomes a densenet_fast.models.DenseNet (the fused forward that shares
+    statistics across modules); stem modules of other shapes (timm's deep stem, blur pooling)
+    are kept as they are and run as modules;
   * a densenet_fast FCDenseNet (memory_efficient=False, or another backend) becomes the efficient
     FCDenseNet of the same architecture;
   * anywhere else, a dense block (a ModuleDict of layers with norm1/conv1/norm2/conv2) becomes a
     densenet_fast.DenseBlock and a transition (norm, conv 1x1, 2x2 average pool) a
     densenet_fast.Transition.
+A module that looks like one of these but computes something else (another activation, a dilated
+or biased convolution, a BatchNorm subclass with its own forward, a class with its own forward
+that gives other values) is left as it is, and a UserWarning names it and says why (strict=True:
+a ValueError).  Classes other than torchvision's, timm's and densenet_fast.reference's are
+compared with their replacement on a random input before they are replaced.
 Weights, buffers (running statistics, num_batches_tracked), BatchNorm eps/momentum, the
-train/eval mode, device and dtype are carried over.
+train/eval mode, device, dtype and the modules' hooks are carried over.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from .modules import DenseBlock, Transition
 from .models.densenet import DenseNet
 from .models.fc_densenet import FCDenseNet
-from .reference import has_bottleneck
+from .structure import Issue, avg_pool_issue, bn_issue, conv_issue, first_issue, module_width, relu_issue
 
 __all__ = ["convert"]
 
+# The forwards whose computation is known to be the textbook one (module, qualified name): their
+# modules are converted on structure alone; other classes are also compared numerically.
+_KNOWN_FORWARDS = {
+    ("torchvision.models.densenet", "_DenseLayer.forward"), ("torchvision.models.densenet", "_DenseBlock.forward"),
+    ("torchvision.models.densenet", "DenseNet.forward"),
+    ("timm.models.densenet", "DenseLayer.forward"), ("timm.models.densenet", "DenseBlock.forward"),
+    ("timm.models.densenet", "DenseNet.forward"),
+    ("densenet_fast.reference", "DenseLayer.forward"), ("densenet_fast.reference", "DenseBlock.forward"),
+    ("densenet_fast.reference", "DenseNet.forward"), ("densenet_fast.models.densenet", "DenseNet.forward"),
+    ("torch.nn.modules.container", "Sequential.forward"),
+}
+_LAYER_CHILDREN = {"norm1", "relu1", "conv1", "norm2", "relu2", "conv2"}
+_TRANSITION_CHILDREN = {"norm", "relu", "conv", "pool"}
 
-def _is_dense_layer(m: nn.Module) -> bool:
-    """norm1/conv1/norm2/conv2 (bottleneck), or norm1 and a 3x3 conv1 alone (bn_size=0)."""
-    if all(isinstance(getattr(m, n, None), nn.BatchNorm2d) for n in ("norm1", "norm2")) and \
-            all(isinstance(getattr(m, n, None), nn.Conv2d) for n in ("conv1", "conv2")):
-        return True
-    conv1 = getattr(m, "conv1", None)
-    return (isinstance(getattr(m, "norm1", None), nn.BatchNorm2d) and isinstance(conv1, nn.Conv2d)
-            and conv1.kernel_size == (3, 3) and conv1.padding == (1, 1) and conv1.stride == (1, 1)
-            and conv1.bias is None and not hasattr(m, "norm2") and not hasattr(m, "conv2"))
+
+def _known_forward(m: nn.Module) -> bool:
+    f = type(m).forward
+    return (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) in _KNOWN_FORWARDS
 
 
-def _is_dense_block(m: nn.Module) -> bool:
+def _bn_act_relu(m: Optional[nn.Module]) -> bool:
+    """timm's BatchNormAct2d with a ReLU and no drop: batch norm then ReLU in one module."""
+    return (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
+            and relu_issue(getattr(m, "act", None)) is None
+            and isinstance(getattr(m, "drop", nn.Identity()), nn.Identity))
+
+
+def _norm_relu_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> Issue:
+    """parent.<norm> then parent.<relu>: an nn.BatchNorm2d and an nn.ReLU, or one of timm's
+    BatchNormAct2d with a ReLU (and no <relu> module, or an identity)."""
+    get = parent._modules.get
+    m = get(norm)
+    if type(m).__name__ != "BatchNormAct2d":
+        return first_issue([(norm, bn_issue(m, channels)), (relu, relu_issue(get(relu)))])
+    if not _bn_act_relu(m):
+        return norm, (f"is BatchNormAct2d with act {type(getattr(m, 'act', None)).__name__} and drop "
+                      f"{type(getattr(m, 'drop', None)).__name__}; expected act ReLU and no drop")
+    if not m.affine or m.num_features != channels:
+        return norm, f"is BatchNormAct2d(affine={m.affine}, num_features={m.num_features}); expected affine, {channels}"
+    extra = get(relu)
+    if extra is None or isinstance(extra, nn.Identity):
+        return None
+    return first_issue([(relu, relu_issue(extra))])
+
+
+def _source_layer_issue(layer: nn.Module, in_channels: int, growth_rate: Optional[int]) -> Issue:
+    extra = sorted(set(layer._modules) - _LAYER_CHILDREN)
+    if extra:
+        return extra[0], "is a child that a dense layer does not have"
+    get = layer._modules.get
+    if "conv2" not in layer._modules:
+        return first_issue([_pair_issue(layer, "norm1", "relu1", in_channels),
+                            ("conv1", conv_issue(get("conv1"), 3, in_channels, growth_rate))])
+    conv1 = get("conv1")
+    width = conv1.out_channels if isinstance(conv1, nn.Conv2d) else -1
+    return first_issue([_pair_issue(layer, "norm1", "relu1", in_channels), ("conv1", conv_issue(conv1, 1, in_channels)),
+                        _pair_issue(layer, "norm2", "relu2", width),
+                        ("conv2", conv_issue(get("conv2"), 3, width, growth_rate))])
+
+
+def _pair_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> Tuple[str, Optional[str]]:
+    issue = _norm_relu_issue(parent, norm, relu, channels)
+    return ("", None) if issue is None else issue
+
+
+def _growth_rate(layer: nn.Module) -> int:
+    conv = layer._modules.get("conv2", layer._modules.get("conv1"))
+    return conv.out_channels if isinstance(conv, nn.Conv2d) else -1
+
+
+def _block_issue(m: nn.Module) -> Issue:
+    """Why the dense-block-like m cannot become a DenseBlock (None: it can)."""
+    layers = list(m.named_children())
+    k = _growth_rate(layers[0][1])
+    c = module_width(layers[0][1]._modules.get("norm1"))
+    for name, layer in layers:
+        issue = _source_layer_issue(layer, c, k)
+        if issue is not None:
+            return f"{name}.{issue[0]}", issue[1]
+        c += k
+    rates = sorted({float(getattr(layer, "drop_rate", 0.0)) for _, layer in layers})
+    if len(rates) > 1:
+        return "drop_rate", f"differs between its layers ({rates}); a DenseBlock has one"
+    for what in [m] + [layer for _, layer in layers]:
+        if not _known_forward(what):
+            problem = _compare(m, lambda: _new_block(m, "torch", False), (2, module_width(layers[0][1].norm1), 5, 4),
+                               _drop_rate(m) == 0.0)
+            return None if problem is None else ("forward", problem)
+    return None
+
+
+def _looks_like_layer(m: nn.Module) -> bool:
+    return "norm1" in m._modules and "conv1" in m._modules
+
+
+def _looks_like_block(m: nn.Module) -> bool:
     children = list(m.children())
     return (isinstance(m, nn.ModuleDict) and not isinstance(m, DenseBlock) and len(children) > 0
-            and all(_is_dense_layer(c) for c in children))
+            and all(_looks_like_layer(c) for c in children))
 
 
-def _is_transition(m: nn.Module) -> bool:
-    if isinstance(m, Transition):
-        return False
-    norm, conv, pool = (getattr(m, n, None) for n in ("norm", "conv", "pool"))
-    return (isinstance(norm, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and isinstance(pool, nn.AvgPool2d)
-            and conv.kernel_size == (1, 1) and conv.bias is None and pool.kernel_size in (2, (2, 2))
-            and pool.stride in (2, (2, 2)) and set(n for n, _ in m.named_children()) <= {"norm", "relu", "conv", "pool"})
+def _looks_like_transition(m: nn.Module) -> bool:
+    """norm, conv and pool children (and relu), nothing else: FC-DenseNet's transition down, with
+    its dropout, is another thing, not a transition that fails a check."""
+    names = set(m._modules)
+    return not isinstance(m, Transition) and {"norm", "conv", "pool"} <= names <= _TRANSITION_CHILDREN
 
 
-def _is_densenet(m: nn.Module) -> bool:
+def _transition_issue(m: nn.Module) -> Issue:
+    order = [n for n in m._modules if n != "relu"]
+    if isinstance(m, nn.Sequential) and order[0] != "norm":  # (pooling and the 1x1 conv commute)
+        return order[0], "comes first; a transition's Sequential runs norm, relu, conv and pool in that order"
+    get = m._modules.get
+    width = module_width(get("norm"))
+    issue = first_issue([_pair_issue(m, "norm", "relu", width), ("conv", conv_issue(get("conv"), 1, width)),
+                         ("pool", avg_pool_issue(get("pool")))])
+    if issue is None and not _known_forward(m):
+        problem = _compare(m, lambda: _new_transition(m, "torch"), (2, width, 6, 4), True)
+        issue = None if problem is None else ("forward", problem)
+    return issue
+
+
+def _drop_rate(block: nn.Module) -> float:
+    return float(getattr(next(iter(block.children())), "drop_rate", 0.0))
+
+
+def _compare(old: nn.Module, build: Callable[[], nn.Module], shape: Tuple[int, ...], train_too: bool
+             ) -> Optional[str]:
+    """None when `old` and the module `build` makes (given old's state) agree on a random float64
+    input, in eval mode and (train_too: no dropout) in train mode, else what differs."""
+    with torch.no_grad():
+        a = copy.deepcopy(old).to(device="cpu", dtype=torch.float64)
+        b = build().to(device="cpu", dtype=torch.float64)
+        try:
+            b.load_state_dict(a.state_dict())
+        except RuntimeError as exc:
+            detail = str(exc).splitlines()[-1].strip()
+            return f"has parameters or buffers that the converted module does not: {detail}"
+        gen = torch.Generator().manual_seed(0)
+        for mode in ((False, True) if train_too else (False,)):
+            a.train(mode)
+            b.train(mode)
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+            try:
+                ya, yb = a(x), b(x)
+            except Exception as exc:  # noqa: BLE001 -- any failure means: not the same function
+                return f"could not be compared with its replacement ({type(exc).__name__}: {exc})"
+            tol = 1e-9 * (1 + ya.abs().max().item())
+            if ya.shape != yb.shape or not torch.allclose(ya, yb, rtol=1e-9, atol=tol):
+                diff = (ya - yb).abs().max().item() if ya.shape == yb.shape else f"shape {tuple(ya.shape)}"
+                return (f"gives other values than the dense computation ({type(old).__name__}'s own forward; "
+                        f"{'train' if mode else 'eval'} mode, largest difference {diff})")
+    return None
+
+
+def _block_config(block: nn.Module) -> dict:
+    layers = list(block.children())
+    first = layers[0]
+    k = _growth_rate(first)
+    bottleneck = "conv2" in first._modules
+    return dict(num_layers=len(layers), num_input_features=first.norm1.num_features,
+                bn_size=first.conv1.out_channels // k if bottleneck else 0, growth_rate=k,
+                drop_rate=_drop_rate(block))
+
+
+def _new_block(m: nn.Module, backend: str, save_bottleneck: bool) -> DenseBlock:
+    return DenseBlock(**_block_config(m), backend=backend, save_bottleneck=save_bottleneck,
+                      chunk_channels=getattr(m, "chunk_channels", 0))
+
+
+def _new_transition(m: nn.Module, backend: str) -> Transition:
+    return Transition(m.conv.in_channels, m.conv.out_channels, backend=backend)
+
+
+class _Conversion:
+    """One convert() call: the options, and the modules left as they are, with the reasons."""
+
+    def __init__(self, backend: str, save_bottleneck: bool) -> None:
+        self.backend, self.save_bottleneck = backend, save_bottleneck
+        self.skipped: List[str] = []
+        self.pending: List[Tuple[nn.Module, str, nn.Module]] = []  # (parent, name, replacement)
+
+    def skip(self, path: str, what: str, issue: Tuple[str, str]) -> None:
+        where = ".".join(p for p in (path, issue[0]) if p)
+        self.skipped.append(f"{what} {path or '(the model itself)'}: its {where or 'self'} {issue[1]}")
+
+    def module(self, m: nn.Module, path: str) -> Optional[nn.Module]:
+        """The replacement of m, or None (m is left; skipped if it looked convertible)."""
+        if isinstance(m, FCDenseNet):
+            issue = _fc_densenet_issue(m)
+            if issue is None:
+                return _finish(FCDenseNet(**m.config, memory_efficient=True, backend=self.backend), m)
+            self.skip(path, "the FCDenseNet", issue)
+            return None
+        if _looks_like_densenet(m):
+            issue = _densenet_issue(m)
+            if issue is None:
+                issue, new = self.densenet(m, path)
+                if new is not None:
+                    return new
+            self.skip(path, "the DenseNet", issue)
+            return None
+        if _looks_like_block(m):
+            issue = _block_issue(m)
+            if issue is None:
+                return _finish(_new_block(m, self.backend, self.save_bottleneck), m)
+            self.skip(path, "the dense block", issue)
+        elif _looks_like_transition(m):
+            issue = _transition_issue(m)
+            if issue is None:
+                return _finish(_new_transition(m, self.backend), m)
+            self.skip(path, "the transition", issue)
+        return None
+
+    def children(self, parent: nn.Module, path: str) -> int:
+        """Plans the replacement of parent's convertible descendants (self.pending); returns how many."""
+        n = 0
+        for name, child in list(parent.named_children()):
+            sub = f"{path}.{name}" if path else name
+            new = self.module(child, sub)
+            if new is not None:
+                self.pending.append((parent, name, new))
+                n += 1
+            else:
+                n += self.children(child, sub)
+        return n
+
+    def densenet(self, model: nn.Module, path: str) -> Tuple[Issue, Optional[DenseNet]]:
+        """(None, the converted model), or (why not, None) when none of its blocks converts."""
+        feats = model.features
+        # a shell whose features and classifier are replaced below
+        new = DenseNet(1, (1,), 1, 1, num_classes=1, memory_efficient=True, backend=self.backend, small_inputs=True,
+                       in_channels=feats.conv0.in_channels)
+        # features rebuilt in the source's order from the source's own modules: blocks and
+        # transitions converted (any growth rate per block, any transition width), norm5 a plain
+        # BatchNorm2d (the head applies the ReLU), a timm norm0 with its ReLU split into norm0 and
+        # relu0 (torchvision's stem, which runs fused), anything else kept as it is.
+        features, efficient = nn.Sequential(), 0
+        for name, child in feats.named_children():
+            sub = f"{path}.features.{name}" if path else f"features.{name}"
+            if isinstance(child, DenseBlock):  # already efficient: rebuilt for this backend
+                converted = _finish(_new_block(child, self.backend, self.save_bottleneck), child)
+            elif isinstance(child, Transition):
+                converted = _finish(_new_transition(child, self.backend), child)
+            else:
+                converted = self.module(child, sub)
+            efficient += converted is not None
+            if converted is not None:
+                features.add_module(name, converted)
+            elif name in ("norm0", "norm5") and _bn_act_relu(child):
+                features.add_module(name, _finish(nn.BatchNorm2d(child.num_features), child))
+                if name == "norm0" and not isinstance(feats._modules.get("relu0"), nn.ReLU):
+                    features.add_module("relu0", nn.ReLU(inplace=True))  # (its place, if an identity held it)
+            elif name == "relu0" and "relu0" in features._modules:
+                continue  # an identity after a norm0 with its ReLU, replaced above
+            else:
+                features.add_module(name, copy.deepcopy(child))
+        new.features = features
+        if not efficient:
+            return ("features", "has no dense block or transition that converts"), None
+        new.classifier = nn.Linear(model.classifier.in_features, model.classifier.out_features,
+                                   bias=model.classifier.bias is not None)
+        return None, _finish(new, model)
+
+
+def _fc_densenet_issue(m: FCDenseNet) -> Issue:
+    """An FCDenseNet is rebuilt from its config: every module must be the one the config builds
+    (same class and settings; batch norms may differ in eps, momentum and running statistics,
+    which are carried over)."""
+    with torch.device("meta"):
+        ref = FCDenseNet(**m.config, memory_efficient=m.memory_efficient, backend=m.backend)
+    have = dict(m.named_modules())
+    for name, r in ref.named_modules():
+        o = have.pop(name, None)
+        if type(o) is not type(r):
+            return name, f"{'is missing' if o is None else 'is ' + type(o).__name__}; expected {type(r).__name__}"
+        same = o.affine == r.affine if isinstance(r, nn.BatchNorm2d) else o.extra_repr() == r.extra_repr()
+        if not same:
+            return name, f"is {type(o).__name__}({o.extra_repr()}); expected {type(r).__name__}({r.extra_repr()})"
+    if have:
+        return next(iter(have)), "is a module that the FCDenseNet of its config does not have"
+    return None
+
+
+def _looks_like_densenet(m: nn.Module) -> bool:
     feats = getattr(m, "features", None)
     return (isinstance(feats, nn.Sequential) and isinstance(getattr(m, "classifier", None), nn.Linear)
-            and hasattr(feats, "conv0") and hasattr(feats, "norm5")
-            and any(_is_dense_block(c) or isinstance(c, DenseBlock) for c in feats.children()))
+            and isinstance(feats._modules.get("conv0"), nn.Conv2d)
+            and any(_looks_like_block(c) or isinstance(c, DenseBlock) for c in feats.children()))
+
+
+def _densenet_issue(m: nn.Module) -> Issue:
+    """Whether the DenseNet-like m computes classifier(avg_pool(relu(features(x)))), flattened."""
+    if not _known_forward(m):
+        return "forward", f"is {type(m).__name__}'s own"
+    pool = getattr(m, "global_pool", None)  # timm's head: global_pool, head_drop, classifier
+    if pool is not None and getattr(pool, "pool_type", "avg") != "avg":
+        return "global_pool", f"is {getattr(pool, 'pool_type', None)!r} pooling; expected 'avg'"
+    drop = getattr(m, "head_drop", None)
+    if drop is not None and not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+        return "head_drop", "is a dropout before the classifier, which densenet_fast.DenseNet does not have"
+    norm5 = m.features._modules.get("norm5")
+    if norm5 is not None and type(norm5).__name__ == "BatchNormAct2d" and not _bn_act_relu(norm5):
+        return "features.norm5", _norm_relu_issue(m.features, "norm5", "", module_width(norm5))[1]
+    return None
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks")
 
 
 def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Copy weights, buffers, BN hyper-parameters, mode, device and dtype from old to new."""
-    old_modules = dict(old.named_modules())
+    """Copy weights, buffers, BN hyper-parameters, mode, device, dtype and hooks from old to new."""
+    old_modules: Dict[str, nn.Module] = dict(old.named_modules())
     for name, m in new.named_modules():
         src = old_modules.get(name)
         if isinstance(m, nn.BatchNorm2d) and isinstance(src, nn.modules.batchnorm._BatchNorm):
@@ -77,85 +364,45 @@ def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
     if ref is not None:
         new = new.to(device=ref.device, dtype=ref.dtype)
     new.load_state_dict(old.state_dict(), strict=True)
+    for name, m in new.named_modules():  # after loading: state-dict hooks are not carried
+        src = old_modules.get(name)
+        if src is not None and src is not m:
+            for attr in _HOOK_DICTS:
+                hooks = getattr(src, attr, None)
+                if hooks:
+                    getattr(m, attr).update(hooks)
+            if src._backward_hooks:
+                m._is_full_backward_hook = src._is_full_backward_hook
     return new
 
 
-def _block_config(block: nn.Module) -> dict:
-    layers = list(block.children())
-    first = layers[0]
-    k = first.conv2.out_channels if has_bottleneck(first) else first.conv1.out_channels
-    return dict(num_layers=len(layers), num_input_features=first.norm1.num_features,
-                bn_size=first.conv1.out_channels // k if has_bottleneck(first) else 0, growth_rate=k,
-                drop_rate=float(getattr(first, "drop_rate", 0.0)))
+def convert(model: nn.Module, *, backend: str = "auto", save_bottleneck: bool = False, inplace: bool = False,
+            strict: bool = False) -> nn.Module:
+    """The memory-efficient equivalent of `model` (same weights, buffers, mode, device, dtype, hooks).
 
-
-def _convert_densenet(model: nn.Module, **opts: Any) -> DenseNet:
-    feats = model.features
-    blocks = [c for c in feats.children() if _is_dense_block(c) or isinstance(c, DenseBlock)]
-    first = _block_config(blocks[0])
-    conv0 = feats.conv0
-    new = DenseNet(growth_rate=first["growth_rate"], block_config=[len(list(b.children())) for b in blocks],
-                   num_init_features=conv0.out_channels, bn_size=first["bn_size"], drop_rate=first["drop_rate"],
-                   num_classes=model.classifier.out_features, memory_efficient=True,
-                   small_inputs=not hasattr(feats, "pool0"), in_channels=conv0.in_channels, **opts)
-    # Rebuild every block and transition from the source's own widths, so any growth rate per
-    # block and any transition width (any compression, any rounding) converts exactly.
-    for name, child in feats.named_children():
-        if _is_dense_block(child) or isinstance(child, DenseBlock):
-            setattr(new.features, name, DenseBlock(**_block_config(child), **opts))
-        elif _is_transition(child) or isinstance(child, Transition):
-            setattr(new.features, name, Transition(child.conv.in_channels, child.conv.out_channels,
-                                                   backend=opts.get("backend", "auto")))
-    new.features.norm5 = nn.BatchNorm2d(feats.norm5.num_features)
-    new.classifier = nn.Linear(model.classifier.in_features, model.classifier.out_features,
-                               bias=model.classifier.bias is not None)
-    return _finish(new, model)
-
-
-def convert(model: nn.Module, *, backend: str = "auto", save_bottleneck: bool = False, inplace: bool = False
-            ) -> nn.Module:
-    """The memory-efficient equivalent of `model` (same weights, buffers, mode, device, dtype).
-
-    model: a torchvision / densenet_fast.reference DenseNet, or any nn.Module containing dense
-    blocks and transitions.  inplace=False (default) leaves `model` untouched.
-    Raises ValueError when nothing in `model` is a dense block.
+    model: a torchvision / timm / densenet_fast.reference DenseNet, or any nn.Module containing
+    dense blocks and transitions.  inplace=False (default) leaves `model` untouched.
+    Modules that look like dense blocks, transitions or DenseNets but compute something else
+    (densenet_fast.structure says what) are left as they are, with a UserWarning naming each;
+    strict=True raises a ValueError instead.  Raises ValueError when nothing in `model` converts.
     """
-    if _is_densenet(model):
-        return _convert_densenet(model, backend=backend, save_bottleneck=save_bottleneck)
-    if isinstance(model, FCDenseNet):
-        return _convert_fc_densenet(model, backend)
-    if _is_dense_block(model) or _is_transition(model):
-        return _convert_module(model, backend, save_bottleneck)
-    target = model if inplace else copy.deepcopy(model)
-    if _replace_children(target, backend, save_bottleneck) == 0:
+    conv = _Conversion(backend, save_bottleneck)
+    result = conv.module(model, "")
+    if result is None:
+        target = model if inplace else copy.deepcopy(model)
+        count = conv.children(target, "")
+        result = target if count else None
+    if conv.skipped:
+        message = ("; ".join(dict.fromkeys(conv.skipped)) + ". The memory-efficient modules compute BN-ReLU-Conv "
+                   "dense layers and BN-ReLU-Conv1x1-AvgPool2x2 transitions only (densenet_fast.structure)")
+        if result is None:
+            raise ValueError(f"convert: found nothing it can convert in {type(model).__name__}. "
+                             f"Not converted: {message}")
+        if strict:
+            raise ValueError(f"convert(strict=True): not converted: {message}")
+        warnings.warn(f"convert: left as they are: {message}", UserWarning, stacklevel=2)
+    if result is None:
         raise ValueError(f"convert: found no dense block, transition or DenseNet in {type(model).__name__}")
-    return target
-
-
-def _convert_fc_densenet(model: FCDenseNet, backend: str) -> FCDenseNet:
-    """Its layers have no bottleneck, so save_bottleneck does not apply."""
-    return _finish(FCDenseNet(**model.config, memory_efficient=True, backend=backend), model)
-
-
-def _convert_module(m: nn.Module, backend: str, save_bottleneck: bool) -> nn.Module:
-    if _is_dense_block(m):
-        return _finish(DenseBlock(**_block_config(m), backend=backend, save_bottleneck=save_bottleneck), m)
-    return _finish(Transition(m.conv.in_channels, m.conv.out_channels, backend=backend), m)
-
-
-def _replace_children(parent: nn.Module, backend: str, save_bottleneck: bool) -> int:
-    n = 0
-    for name, child in list(parent.named_children()):
-        if _is_densenet(child):
-            setattr(parent, name, _convert_densenet(child, backend=backend, save_bottleneck=save_bottleneck))
-            n += 1
-        elif isinstance(child, FCDenseNet):
-            setattr(parent, name, _convert_fc_densenet(child, backend))
-            n += 1
-        elif _is_dense_block(child) or _is_transition(child):
-            setattr(parent, name, _convert_module(child, backend, save_bottleneck))
-            n += 1
-        else:
-            n += _replace_children(child, backend, save_bottleneck)
-    return n
-
+    for parent, name, new in conv.pending:  # only now: strict=True leaves an inplace model untouched
+        setattr(parent, name, new)
+    return result

@@ -1,8 +1,9 @@
 # Sourced (not run) by scripts/test.sh and scripts/bench.sh, from the repository root.
 # From nothing: creates .venv (or reuses it when its torch is already the pinned one), installs
-# the pinned torch/torchvision (CUDA 13.0 builds) and the tools, then builds densenet_fast in
-# place. Where nvcc exists the compiled extension is required: the build is forced, so it fails
-# loudly instead of silently installing the pure-Python package, and densenet_fast._C must import.
+# the pinned torch/torchvision (CUDA 13.0 builds) and the tools (timm: convert()'s tests convert its
+# DenseNets), then builds densenet_fast in place. Where nvcc exists the compiled extension is
+# required: the build is forced, so it fails loudly instead of silently installing the
+# pure-Python package, and densenet_fast._C must import.
 
 VENV=.venv
 NVCC=/usr/local/cuda/bin/nvcc
@@ -14,7 +15,7 @@ if ! python -c 'import sys, torch, torchvision; sys.exit(not torch.__version__.s
     python -m pip install torch==2.14.1 torchvision==0.29.1
 fi
 # setuptools >= 64 builds PEP 660 editable installs; ninja makes MAX_JOBS effective.
-python -m pip install -q "setuptools>=64" wheel ninja pytest numpy scikit-learn rich matplotlib
+python -m pip install -q "setuptools>=64" wheel ninja pytest numpy scikit-learn rich matplotlib timm
 
 if [ -x "$NVCC" ]; then
     export DENSENET_FAST_FORCE_CUDA_BUILD=1

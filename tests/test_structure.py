@@ -1,5 +1,5 @@
-"""Swapped submodules: the fused modules refuse what they would silently ignore, and DenseNet's stem
-and head run other modules as modules.
+"""Swapped submodules: the fused modules refuse what they would silently ignore, DenseNet's stem and
+head run other modules as modules, and convert() converts only what computes the dense math.
 
 Every value comparison is float64 against the naive computation with the same modules, under
 tolerances.py's float64 tolerance (1e-8)."""
@@ -7,16 +7,18 @@ tolerances.py's float64 tolerance (1e-8)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torchvision.models.densenet as tvd
 from torch.nn.utils import parametrize
 
 import densenet_fast
 from densenet_fast import reference
 from densenet_fast.models.fc_densenet import FCDenseNet
-from builders import assert_same_step, randomize_bn_, seeded_input
+from builders import assert_same_step, randomize_bn_, seeded_input, states
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -159,3 +161,235 @@ def test_densenet_runs_other_stem_and_head_modules_as_modules(swap):
     naive.eval()
     x = seeded_input((2, 3, 32, 30), 15, F64)
     assert_close(ours(x), naive(x), F64, f"{swap}: eval output")
+
+
+# --------------------------------------------------------------------------------------------
+# convert()
+# --------------------------------------------------------------------------------------------
+
+
+def _tv(**kw) -> tvd.DenseNet:
+    torch.manual_seed(21)
+    model = tvd.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5, **kw)
+    return randomize_bn_(model, 22).double()
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, tvd._DenseLayer)]
+
+
+CONVERT_SWAPS = {
+    # what is changed, and which modules (by path) must stay unconverted
+    "relu1-silu": (lambda m: [setattr(l, "relu1", nn.SiLU()) for l in _layers(m)],
+                   ["features.denseblock1", "features.denseblock2"]),
+    "conv2-dilated": (lambda m: setattr(m.features.denseblock2.denselayer1, "conv2",
+                                        _dilated(m.features.denseblock2.denselayer1.conv2)),
+                      ["features.denseblock2"]),
+    "norm1-subclass": (lambda m: setattr(m.features.denseblock1.denselayer2, "norm1", _ScaledBN(12)),
+                       ["features.denseblock1"]),
+    "transition-relu6": (lambda m: setattr(m.features.transition1, "relu", nn.ReLU6()), ["features.transition1"]),
+    "transition-ceil": (lambda m: setattr(m.features.transition1, "pool", nn.AvgPool2d(2, 2, ceil_mode=True)),
+                        ["features.transition1"]),
+    "relu0-silu": (lambda m: setattr(m.features, "relu0", nn.SiLU()), []),
+    "pool0-avg": (lambda m: setattr(m.features, "pool0", nn.AvgPool2d(3, 2, 1)), []),
+    "conv0-5x5": (lambda m: setattr(m.features, "conv0", nn.Conv2d(3, 8, 5, 2, 2, bias=False)), []),
+    "norm5-no-affine": (lambda m: setattr(m.features, "norm5", nn.BatchNorm2d(m.features.norm5.num_features,
+                                                                              affine=False)), []),
+}
+
+
+@pytest.mark.parametrize("swap", list(CONVERT_SWAPS))
+def test_convert_leaves_what_it_cannot_compute(swap):
+    """A torchvision DenseNet with a module swapped: convert() still returns a DenseNet (stem and
+    head modules of other kinds are kept and run as modules), converts every block and transition
+    that computes the dense math, leaves the others with a warning naming each, and the result
+    computes what the original computes (a training step, then eval)."""
+    change, left = CONVERT_SWAPS[swap]
+    tv = _tv()
+    change(tv)
+    tv.double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = densenet_fast.convert(tv, backend="torch")
+    messages = " ".join(str(w.message) for w in caught if "convert: left" in str(w.message))
+    assert isinstance(ours, densenet_fast.DenseNet)
+    for name in ("features.denseblock1", "features.denseblock2", "features.transition1"):
+        kept = name in left
+        assert isinstance(ours.get_submodule(name), (densenet_fast.DenseBlock, densenet_fast.Transition)) != kept, name
+        assert (name + ":" in messages) == kept, (name, messages)
+    if not left:
+        assert not messages
+    assert_same_step(ours, tv, seeded_input((2, 3, 33, 35), 23, F64), 24, f"converted {swap}")
+    ours.eval()
+    tv.eval()
+    x = seeded_input((2, 3, 33, 35), 25, F64)
+    assert_close(ours(x), tv(x), F64, f"converted {swap}: eval")
+
+
+def test_convert_strict_raises_and_leaves_the_model_untouched():
+    tv = _tv()
+    tv.features.denseblock2.denselayer1.relu2 = nn.SiLU()
+    holder = nn.Sequential(nn.Identity(), tv.features)  # blocks found below another module
+    with pytest.raises(ValueError, match=r"strict=True.*block 1\.denseblock2: its 1\.denseblock2\."
+                                         r"denselayer1\.relu2 is SiLU"):
+        densenet_fast.convert(holder, backend="torch", strict=True, inplace=True)
+    assert isinstance(holder[1].denseblock1, tvd._DenseBlock), "strict convert modified the inplace model"
+    with pytest.raises(ValueError, match="found nothing it can convert"):
+        densenet_fast.convert(tv.features.denseblock2, backend="torch")
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, as far as convert() relies on it: batch norm, drop, act."""
+
+    def __init__(self, num_features, act=nn.ReLU):
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = act()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+_BatchNormAct2d.__name__ = "BatchNormAct2d"
+
+
+def _timm_like(act=nn.ReLU):
+    """A torchvision DenseNet whose norms carry the activation (timm's layout: no relu modules).
+    norm5 stays (torchvision's forward applies an in-place ReLU after it; timm_test has timm's)."""
+    tv = _tv()
+    for parent in [tv.features] + _layers(tv) + [tv.features.transition1]:
+        for name in ("norm0", "norm1", "norm2", "norm"):
+            bn = parent._modules.get(name)
+            if bn is not None:
+                new = _BatchNormAct2d(bn.num_features, act)
+                new.load_state_dict(bn.state_dict())
+                setattr(parent, name, new.double())
+        for name in ("relu0", "relu1", "relu2", "relu"):
+            if name in parent._modules:
+                setattr(parent, name, nn.Identity())
+    return tv
+
+
+def test_convert_norms_that_carry_their_relu():
+    """Norms with the ReLU inside (timm's BatchNormAct2d) convert to BatchNorm2d + ReLU (the
+    stem's norm0 gets a relu0, so the stem runs fused); with another activation nothing converts."""
+    model = _timm_like()
+    ours = densenet_fast.convert(model, backend="torch")
+    assert list(ours.features._modules)[:4] == ["conv0", "norm0", "relu0", "pool0"]
+    assert all(type(m) is not _BatchNormAct2d for m in ours.modules())
+    assert_same_step(ours, model, seeded_input((2, 3, 33, 35), 26, F64), 27, "converted BN-act model")
+    with pytest.raises(ValueError, match="act SiLU"):
+        densenet_fast.convert(_timm_like(nn.SiLU), backend="torch")
+
+
+class _ResidualBlock(nn.ModuleDict):
+    """A dense block look-alike whose forward is not the dense one (it adds its input back)."""
+
+    def __init__(self, residual):
+        super().__init__({f"denselayer{i + 1}": tvd._DenseLayer(6 + 4 * i, 4, 2, 0.0) for i in range(2)})
+        self.residual = residual
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.values():
+            feats.append(layer(feats) + (feats[-1][:, :4] if self.residual else 0))
+        return torch.cat(feats, 1)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["dense", "residual"])
+def test_convert_compares_unknown_classes_before_replacing(residual):
+    """A block class convert() does not know is compared with its replacement on a random input:
+    the dense one is converted, the residual one left with a warning."""
+    holder = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False), _ResidualBlock(residual))
+    randomize_bn_(holder, 28).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = densenet_fast.convert(holder, backend="torch") if not residual else None
+        if residual:
+            with pytest.raises(ValueError, match="gives other values than the dense computation"):
+                densenet_fast.convert(holder, backend="torch")
+    if not residual:
+        assert isinstance(ours[1], densenet_fast.DenseBlock)
+        assert not [w for w in caught if "convert:" in str(w.message)]
+        assert_same_step(ours, holder, seeded_input((2, 3, 7, 6), 29, F64), 30, "converted look-alike")
+
+
+def test_convert_checks_fc_densenet_module_by_module():
+    """A naive FCDenseNet is rebuilt from its config, so convert() first checks that each module is
+    the one the config builds: a swapped activation or another dropout rate keeps the model (its
+    unchanged blocks still convert inside it) and the values stay the original's."""
+    torch.manual_seed(36)
+    base = FCDenseNet(3, 2, (1, 1), 1, (1, 1), growth_rate=4, first_channels=6, drop_rate=0.0, memory_efficient=False)
+    for where, module, words in [("down.0.denselayer1.relu1", nn.SiLU(), "relu1 is SiLU; expected ReLU"),
+                                 ("trans_down.1.drop", nn.Dropout(0.5), "expected Dropout(p=0.0")]:
+        model = randomize_bn_(copy.deepcopy(base), 37).double()
+        parent, _, leaf = where.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, module)
+        with pytest.warns(UserWarning, match="the FCDenseNet") as caught:
+            ours = densenet_fast.convert(model, backend="torch")
+        assert words in " ".join(str(w.message) for w in caught)
+        assert isinstance(ours, FCDenseNet) and not ours.memory_efficient
+        assert isinstance(ours.up[0], densenet_fast.DenseBlock)
+        model.eval()
+        ours.eval()
+        x = seeded_input((2, 3, 9, 8), 38, F64)
+        assert_close(ours(x), model(x), F64, f"FCDenseNet with {where} swapped, eval")
+
+
+def test_convert_rebuilds_efficient_models_for_the_backend():
+    """An efficient DenseNet converted for another backend gets blocks and transitions of that
+    backend (with their chunk setting and save_bottleneck), the same state and the same values."""
+    torch.manual_seed(39)
+    model = randomize_bn_(densenet_fast.densenet_bc(10, 4, backend="torch", chunk_channels=3), 40).double()
+    for backend in ("cuda", "torch"):
+        ours = densenet_fast.convert(model, backend=backend, save_bottleneck=True)
+        fused = [m for m in ours.modules() if isinstance(m, (densenet_fast.DenseBlock, densenet_fast.Transition))]
+        assert len(fused) == 5 and all(m.backend == backend for m in fused), backend
+        blocks = [m for m in fused if isinstance(m, densenet_fast.DenseBlock)]
+        assert all(b.chunk_channels == 3 and b.save_bottleneck for b in blocks)
+        for name, t in states(model).items():
+            assert torch.equal(states(ours)[name], t), name
+    assert_same_step(ours, model, seeded_input((2, 3, 8, 8), 41, F64), 42, "efficient model converted again")
+
+
+def test_convert_carries_hooks():
+    """Forward hooks and pre-hooks on the model and on its blocks run on the converted modules."""
+    tv = _tv()
+    seen = []
+    tv.features.denseblock2.register_forward_hook(lambda m, args, out: seen.append(("block2", out.detach())))
+    tv.register_forward_pre_hook(lambda m, args: seen.append(("model", args[0].detach())))
+    x = seeded_input((2, 3, 33, 35), 31, F64)
+    tv(x)
+    ours = densenet_fast.convert(tv, backend="torch")
+    want, seen[:] = list(seen), []
+    ours(x)
+    assert [n for n, _ in seen] == [n for n, _ in want] == ["model", "block2"]
+    for (name, got), (_, expected) in zip(seen, want):
+        assert_close(got, expected, F64, f"hooked {name}")
+
+
+def test_torch_sync_batchnorm_converter_is_refused_with_advice():
+    """torch's SyncBatchNorm.convert_sync_batchnorm swaps the fused modules' norms, which they
+    would not synchronise: the block names densenet_fast.convert_sync_batchnorm instead."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(densenet_fast.densenet_bc(10, 4, backend="torch"))
+    with pytest.raises(ValueError, match="densenet_fast.convert_sync_batchnorm"):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_convert_timm_densenets():
+    """timm's DenseNet-121 (ReLU) and its deep-stem blur-pool variant convert exactly; with
+    act_layer="silu" nothing converts."""
+    timm = pytest.importorskip("timm", reason="timm is not installed (CI's main lane installs it)")
+    for name in ("densenet121", "densenetblur121d"):
+        torch.manual_seed(32)
+        model = randomize_bn_(timm.create_model(name, pretrained=False, num_classes=7), 33).double()
+        ours = densenet_fast.convert(model, backend="torch")
+        assert isinstance(ours, densenet_fast.DenseNet), name
+        n_blocks = sum(isinstance(m, densenet_fast.DenseBlock) for m in ours.modules())
+        assert n_blocks == 4, name
+        x = seeded_input((2, 3, 64, 64), 34, F64)
+        assert_same_step(ours, model, x, 35, f"timm {name}")
+        before = states(model)
+        assert set(before) == set(states(ours))
+    with pytest.raises(ValueError, match="act SiLU"):
+        densenet_fast.convert(timm.create_model("densenet121", pretrained=False, act_layer="silu"), backend="torch")
