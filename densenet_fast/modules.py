@@ -26,7 +26,7 @@ from .structure import (LAYER_MATH, TRANSITION_MATH, dense_block_issue, dense_la
                         transition_issue)
 
 __all__ = ["DenseLayer", "DenseBlock", "BlockStats", "Transition", "check_input", "fused_module_hooks",
-           "recording_graph", "refuse_script", "shapes_traced"]
+           "recording", "recording_graph", "refuse_script", "shapes_traced"]
 
 
 def recording_graph() -> bool:
@@ -42,6 +42,20 @@ def recording_graph() -> bool:
     recording in this sense: it compiles the memory-efficient ops.
     """
     return _exporting() or shapes_traced()
+
+
+def recording(module: nn.Module, where: str) -> bool:
+    """recording_graph(), and a UserWarning when `module` is in training mode with synchronized
+    batch norm (a process_group from convert_sync_batchnorm): the recorded plain graph's batch
+    norms normalise with this process's batch statistics only."""
+    if not recording_graph():
+        return False
+    if module.training and getattr(module, "process_group", None) is not None:
+        warnings.warn(f"{where}: the recorded graph (torch.export, jit.trace, fx) of a training-mode module with "
+                      "synchronized batch norm normalises with each process's own batch statistics: the "
+                      "synchronisation across process_group is not recorded. Record it in eval mode, or train it "
+                      "eagerly or under torch.compile", UserWarning, stacklevel=3)
+    return True
 
 
 def shapes_traced() -> bool:
@@ -202,7 +216,7 @@ class DenseLayer(nn.Module):
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         x, buffer = input, None
-        if recording_graph():
+        if recording(self, "DenseLayer"):
             return dense_layer_ref(self, x if isinstance(x, (list, tuple)) else [x])
         raise_structure_error("DenseLayer", dense_layer_issue(self), LAYER_MATH)
         c_in = self.conv1.in_channels
@@ -292,7 +306,7 @@ class DenseBlock(nn.ModuleDict):
         the backward adopts that consumer's gradient of F instead of copying it.
         """
         layers = list(self.values())
-        if recording_graph():  # torch.cat per layer; no statistics cache (as in eval mode)
+        if recording(self, "DenseBlock"):  # torch.cat per layer; no statistics cache (as in eval mode)
             fbuf = reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
             empty = torch.empty(0, dtype=stats_dtype(fbuf.dtype), device=fbuf.device)
             return fbuf, empty, empty
@@ -312,7 +326,7 @@ class DenseBlock(nn.ModuleDict):
         """F = torch.cat([x, new_1, ..., new_L], 1).  buffer, handoff: as forward_with_stats's;
         stats_out: a BlockStats that receives the statistics cache (what DenseNet and FCDenseNet
         pass, calling their blocks as modules so that hooks on them run)."""
-        if recording_graph():  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
+        if recording(self, "DenseBlock"):  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
             return reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
         fbuf, mean, var = self.forward_with_stats(x, buffer, handoff)
         if stats_out is not None:
@@ -349,7 +363,7 @@ class Transition(nn.Sequential):
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None, out: Optional[Tensor] = None,
                 handoff: Optional[GradHandoff] = None) -> Tensor:
-        if recording_graph():  # torchvision's order: norm, relu, conv, pool
+        if recording(self, "Transition"):  # torchvision's order: norm, relu, conv, pool
             y = super().forward(x)
             return y if out is None else out.copy_(y)
         raise_structure_error("Transition", transition_issue(self), TRANSITION_MATH)

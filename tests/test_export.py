@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 
 import pytest
 import torch
@@ -139,6 +140,28 @@ def test_jit_trace_matches_eager(name, recwarn):
     assert "aten::cat" in kinds
     tracer_warnings = [str(w.message) for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]
     assert not tracer_warnings, tracer_warnings
+
+
+def test_recording_sync_batchnorm_in_training_mode_warns():
+    """Synchronized batch norm (a process_group, as convert_sync_batchnorm sets it) is not in the
+    recorded plain graph: recording a training-mode model warns (non-strict torch.export, torch
+    2.14's default, and jit.trace), an eval-mode one does not."""
+    model = densenet_fast.densenet_bc(depth=16, growth_rate=4)
+    for m in model.modules():
+        if hasattr(m, "process_group"):
+            m.process_group = object()  # a stand-in: the recording path never uses it
+    x = torch.randn(2, 3, 8, 8)
+    for train, record in [(True, lambda: torch.export.export(model, (x,), strict=False)),
+                          (True, lambda: torch.jit.trace(model, (x,), check_trace=False)),
+                          (False, lambda: torch.export.export(model, (x,), strict=False))]:
+        model.train(train)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record()
+        sync = [str(w.message) for w in caught if "synchronized batch norm" in str(w.message)]
+        assert bool(sync) == train, (train, sync)
+        if train:
+            assert any(s.startswith("DenseNet: ") for s in sync), sync
 
 
 @pytest.mark.parametrize("make", [

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_module_hooks, recording_graph,
+from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_module_hooks, recording,
                        refuse_script)
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
@@ -82,7 +82,7 @@ class DenseNet(nn.Module):
         reference.init_densenet_(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        if recording_graph():  # torch.export, jit.trace, fx: torchvision's graph (modules.recording_graph)
+        if recording(self, "DenseNet"):  # torch.export, jit.trace, fx: torchvision's graph (modules.recording_graph)
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         conv0 = self.features.conv0
         check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)

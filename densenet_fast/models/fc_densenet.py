@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, recording_graph, refuse_script,
-                       shapes_traced)
+from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, recording, recording_graph,
+                       refuse_script, shapes_traced)
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -80,7 +80,7 @@ class TransitionDown(nn.Sequential):
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        if recording_graph():  # torch.export / jit.trace / fx: the plain modules in order
+        if recording(self, "TransitionDown"):  # torch.export / jit.trace / fx: the plain modules in order
             return super().forward(x)
         raise_structure_error("TransitionDown", _transition_down_issue(self), "BN-ReLU-Conv1x1-Dropout-MaxPool2x2")
         check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
