@@ -30,7 +30,9 @@ __all__ = ["DenseLayer", "DenseBlock", "BlockStats", "Transition", "check_input"
 
 
 def recording_graph() -> bool:
-    """Whether torch.export, torch.jit.trace or torch.fx.symbolic_trace is recording the call.
+    """Whether torch.export, torch.jit.trace or torch.fx.symbolic_trace is recording the call, or
+    a torch.func transform (vmap, grad, jacrev, ...) is running it: its autograd Functions have no
+    functorch rules, so per-sample gradients and Jacobians take the plain graph too.
 
     The modules and models then run the textbook computation (torch.cat, BatchNorm, ReLU, conv,
     per layer: torchvision's graph) with their own submodules, so that the recorded program
@@ -41,7 +43,7 @@ def recording_graph() -> bool:
     Transition as leaf modules calls them instead, memory-efficient.  torch.compile is not
     recording in this sense: it compiles the memory-efficient ops.
     """
-    return _exporting() or shapes_traced()
+    return _exporting() or shapes_traced() or torch._C._are_functorch_transforms_active()
 
 
 def recording(module: nn.Module, where: str) -> bool:

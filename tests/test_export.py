@@ -3,7 +3,7 @@ graph (torch.cat, BatchNorm, ReLU, conv per layer: ATen ops only, nothing of thi
 torchvision's FX node names) with the eager model's outputs, gradients and running statistics;
 torchvision's feature extractor with the blocks as leaf modules stays memory-efficient;
 torch.jit.script is refused with an error that says what to use instead; torch.compile does not
-record.  Comparisons in float64: tolerances.TOLERANCES[float64].
+record; torch.func transforms (vmap, grad) run the plain graph.  Comparisons in float64: tolerances.TOLERANCES[float64].
 """
 
 from __future__ import annotations
@@ -140,6 +140,27 @@ def test_jit_trace_matches_eager(name, recwarn):
     assert "aten::cat" in kinds
     tracer_warnings = [str(w.message) for w in recwarn if issubclass(w.category, torch.jit.TracerWarning)]
     assert not tracer_warnings, tracer_warnings
+
+
+@pytest.mark.parametrize("name", ["cifar-bc", "imagenet-stem", "plain-layers", "fc-densenet"])
+def test_torch_func_per_sample_gradients(name):
+    """torch.func.vmap(grad(...)) (per-sample gradients) runs the plain graph (the autograd
+    Functions have no functorch rules) and gives, sample by sample, the gradients of an ordinary
+    backward of that sample alone (eval mode: batch norm with running statistics)."""
+    model = _model(name).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    x = _inputs(name, 5)[0]
+
+    def loss(p, sample):
+        return torch.func.functional_call(model, {**p, **buffers}, (sample[None],)).square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        model(x[i:i + 1]).square().sum().backward()
+        for k, p in model.named_parameters():
+            assert_close(per_sample[k][i], p.grad, F64, f"{name}: sample {i} grad {k}")
 
 
 def test_recording_sync_batchnorm_in_training_mode_warns():
