@@ -97,15 +97,43 @@ def test_plain_layer_and_transitions_refuse_swapped_modules():
     for path, module, words in [("trans_down.0.relu", nn.ReLU6(), "TransitionDown: its relu is ReLU6"),
                                 ("trans_down.1.pool", nn.AvgPool2d(2, 2), "TransitionDown: its pool is AvgPool2d"),
                                 ("trans_up.0.conv", nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, bias=False),
-                                 "TransitionUp: its conv has padding=(1, 1) (expected (0, 0))"),
-                                ("classifier", nn.Conv2d(fc.classifier.in_channels, 2, 3, padding=1),
-                                 "FCDenseNet: its classifier has kernel_size=(3, 3)")]:
+                                 "TransitionUp: its conv has padding=(1, 1) (expected (0, 0))")]:
         model = copy.deepcopy(fc)
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, module.double())
         with pytest.raises(ValueError) as err:
             model(img)
         assert words in str(err.value), str(err.value)
+
+
+FC_SWAPS = {
+    "trans-down-avg-pool": lambda m: m.trans_down.__setitem__(
+        0, nn.Sequential(*list(m.trans_down[0].children())[:-1], nn.AvgPool2d(2, 2))),
+    "naive-down-block": lambda m: m.down.__setitem__(1, reference.DenseBlock(1, 10, 0, 4, 0.0)),
+    "naive-bottleneck": lambda m: setattr(m, "bottleneck", reference.DenseBlock(1, 14, 0, 4, 0.0)),
+    "naive-up-block": lambda m: m.up.__setitem__(0, reference.DenseBlock(1, 18, 0, 4, 0.0)),
+    "classifier-3x3": lambda m: setattr(m, "classifier", nn.Conv2d(m.classifier.in_channels, 2, 3, padding=1)),
+}
+
+
+@pytest.mark.parametrize("swap", list(FC_SWAPS))
+def test_fc_densenet_runs_replaced_modules_as_modules(swap):
+    """An FCDenseNet whose block, transition down or classifier is replaced by a module of another
+    class calls it plainly (a block with torch.cat of its input parts) and computes what the naive
+    model with the same modules computes: a training step, then eval."""
+    torch.manual_seed(43)
+    ours = FCDenseNet(3, 2, (1, 1), 1, (1, 1), growth_rate=4, first_channels=6, drop_rate=0.0, backend="torch")
+    FC_SWAPS[swap](ours)
+    randomize_bn_(ours, 44).double()
+    naive = FCDenseNet(3, 2, (1, 1), 1, (1, 1), growth_rate=4, first_channels=6, drop_rate=0.0,
+                       memory_efficient=False).double()
+    FC_SWAPS[swap](naive)
+    naive.double().load_state_dict(ours.state_dict())
+    assert_same_step(ours, naive, seeded_input((2, 3, 9, 8), 45, F64), 46, swap)
+    ours.eval()
+    naive.eval()
+    x = seeded_input((2, 3, 9, 8), 47, F64)
+    assert_close(ours(x), naive(x), F64, f"{swap}: eval output")
 
 
 def test_subclasses_that_keep_torch_forward_are_accepted():

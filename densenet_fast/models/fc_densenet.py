@@ -243,13 +243,15 @@ class FCDenseNet(nn.Module):
         skips = []
         naive = not self.memory_efficient or recording_graph()  # torch.export / jit.trace / fx: the naive graph
         for blk, td in zip(self.down, self.trans_down):
-            if not naive:  # blocks are called as modules: hooks on them (FSDP's too) run
+            # Blocks are called as modules: hooks on them (FSDP's too) run.  A block or transition
+            # replaced by a module of another class is called plainly.
+            if not naive and isinstance(blk, DenseBlock):
                 stats = BlockStats()
                 fbuf = blk(h, stats_out=stats)
-                h = td(fbuf, stats=(stats.mean, stats.var))
+                cache: Optional[Tuple[Tensor, Tensor]] = (stats.mean, stats.var)
             else:
-                fbuf = blk(h)
-                h = td(fbuf)
+                fbuf, cache = blk(h), None
+            h = td(fbuf, stats=cache) if not naive and isinstance(td, TransitionDown) else td(fbuf)
             skips.append(fbuf)
         if naive:
             fbuf = self.bottleneck(h)
@@ -261,17 +263,23 @@ class FCDenseNet(nn.Module):
         # Every block of the upsampling path (and the bottleneck block) has one consumer, the
         # transition up or the classifier: its backward hands the block the gradient of F
         # (GradHandoff, no copy).  A down block's F has two (its transition down and the skip).
-        handoff = GradHandoff()
-        fbuf = self.bottleneck(h, handoff=handoff)
+        handoff = GradHandoff() if isinstance(self.bottleneck, DenseBlock) else None
+        fbuf = self.bottleneck(h, handoff=handoff) if handoff is not None else self.bottleneck(h)
         below = self.bottleneck
         for tu, blk, skip in zip(self.trans_up, self.up, reversed(skips)):
-            upsampled = tu(fbuf, skip.shape[2:], start=_block_input_channels(below), handoff=handoff)
-            handoff = GradHandoff()
-            # The efficient block writes the two parts straight into its buffer.
-            fbuf = blk([upsampled, skip], handoff=handoff)
+            start = _block_input_channels(below)
+            if isinstance(tu, TransitionUp):
+                upsampled = tu(fbuf, skip.shape[2:], start=start, handoff=handoff)
+            else:
+                upsampled = tu(fbuf[:, start:], skip.shape[2:])
+            if isinstance(blk, DenseBlock):  # writes the two parts straight into its buffer
+                handoff = GradHandoff()
+                fbuf = blk([upsampled, skip], handoff=handoff)
+            else:
+                handoff, fbuf = None, blk(torch.cat([upsampled, skip], 1))
             below = blk
-        raise_structure_error("FCDenseNet", _conv_issue("classifier", self.classifier, 1, fbuf.shape[1], bias=True),
-                              "the classifier as a 1x1 convolution of the last block's buffer")
+        if _conv_issue("classifier", self.classifier, 1, fbuf.shape[1], bias=True) is not None:
+            return self.classifier(fbuf)  # another classifier: called as it is
         fused_module_hooks([self.classifier], self, "FCDenseNet")
         return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
