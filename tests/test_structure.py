@@ -159,6 +159,8 @@ STEM_HEAD_SWAPS = {
     "norm5-identity": lambda f: setattr(f, "norm5", nn.Identity()),
     "module-after-norm5": lambda f: f.add_module("extra", nn.Conv2d(f.norm5.num_features, f.norm5.num_features, 1)),
     "module-between": lambda f: f.add_module("denseblock1", nn.Sequential(f.denseblock1, nn.Tanh())),
+    "conv0-sequential": lambda f: setattr(f, "conv0", nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False),
+                                                                    nn.Conv2d(8, 8, 3, 1, 1, bias=False))),
 }
 
 

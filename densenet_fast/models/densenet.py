@@ -84,8 +84,9 @@ class DenseNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if recording(self, "DenseNet"):  # torch.export, jit.trace, fx: torchvision's graph (modules.recording_graph)
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
-        conv0 = self.features.conv0
-        check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
+        conv0 = self.features._modules.get("conv0")
+        if isinstance(conv0, nn.Conv2d):  # (a stem of another kind checks its input itself)
+            check_input(x, "DenseNet", conv0.in_channels, conv0.weight, False)
         if not self.memory_efficient:
             return reference.DenseNet.forward(self, x)  # type: ignore[arg-type]
         fused_module_hooks([self.features], self, "DenseNet")  # walked here, not called
