@@ -36,7 +36,7 @@ def module_width(m: Optional[nn.Module]) -> int:
 
 
 def _kind(m: Optional[nn.Module]) -> str:
-    return "missing" if m is None else f"is {type(m).__name__}"
+    return "is missing" if m is None else f"is {type(m).__name__}"
 
 
 def _plain(m: nn.Module, cls: type) -> bool:
