@@ -26,7 +26,7 @@ from .structure import (LAYER_MATH, TRANSITION_MATH, dense_block_issue, dense_la
                         transition_issue)
 
 __all__ = ["DenseLayer", "DenseBlock", "BlockStats", "Transition", "check_input", "fused_module_hooks",
-           "recording", "recording_graph", "refuse_script", "shapes_traced"]
+           "has_hooks", "recording", "recording_graph", "refuse_script", "shapes_traced"]
 
 
 def recording_graph() -> bool:
@@ -98,15 +98,16 @@ def fused_module_hooks(modules: Iterable[nn.Module], owner: nn.Module, where: st
     # Plain loops over _modules: Module.modules() builds names and a memo set, ~5x the cost (this
     # runs on every forward; ~60 us per DenseNet-121 step as written).
     for m in modules:
-        if _has_hooks(m):
+        if has_hooks(m):
             _run_weight_hooks_or_warn(m, owner, where)
         if children:
             for c in m._modules.values():
-                if c is not None and _has_hooks(c):
+                if c is not None and has_hooks(c):
                     _run_weight_hooks_or_warn(c, owner, where)
 
 
-def _has_hooks(m: nn.Module) -> bool:
+def has_hooks(m: nn.Module) -> bool:
+    """Whether m has forward or backward hooks of its own (global hooks aside)."""
     return bool(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 

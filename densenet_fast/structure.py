@@ -36,12 +36,15 @@ def module_width(m: Optional[nn.Module]) -> int:
 
 
 def _kind(m: Optional[nn.Module]) -> str:
-    return "is missing" if m is None else f"is {type(m).__name__}"
+    if m is None:
+        return "is missing"
+    return f"is {type(m).__name__}" + (" with a forward replaced on the instance" if "forward" in m.__dict__ else "")
 
 
 def _plain(m: nn.Module, cls: type) -> bool:
-    """m is a cls whose forward is cls's own (a subclass that only adds attributes counts)."""
-    return isinstance(m, cls) and type(m).forward is cls.forward
+    """m is a cls whose forward is cls's own (a subclass that only adds attributes counts; a
+    forward replaced on the instance, as some wrappers do, does not)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward and "forward" not in m.__dict__
 
 
 def bn_issue(m: Optional[nn.Module], channels: int) -> Optional[str]:
@@ -49,7 +52,8 @@ def bn_issue(m: Optional[nn.Module], channels: int) -> Optional[str]:
     if isinstance(m, nn.SyncBatchNorm):
         return ("is torch.nn.SyncBatchNorm; expected nn.BatchNorm2d (densenet_fast.convert_sync_batchnorm makes the "
                 "memory-efficient modules synchronise their batch statistics)")
-    if m is None or not isinstance(m, nn.BatchNorm2d) or type(m).forward is not _BN_FORWARD:
+    if m is None or not isinstance(m, nn.BatchNorm2d) or type(m).forward is not _BN_FORWARD \
+            or "forward" in m.__dict__:
         return f"{_kind(m)}; expected nn.BatchNorm2d"
     if not m.affine:
         return "is a BatchNorm2d with affine=False; expected affine=True"
@@ -120,12 +124,17 @@ def dense_layer_issue(layer: nn.Module, in_channels: Optional[int] = None, growt
 
 
 def _bn_ok(m: nn.Module, channels: int) -> bool:
-    return type(m) is nn.BatchNorm2d and m.affine and m.num_features == channels
+    return type(m) is nn.BatchNorm2d and "forward" not in m.__dict__ and m.affine and m.num_features == channels
+
+
+def _relu_ok(m: nn.Module) -> bool:
+    return type(m) is nn.ReLU and "forward" not in m.__dict__
 
 
 def _conv_ok(m: nn.Module, kernel: int, in_channels: int, out_channels: Optional[int]) -> bool:
     pad = kernel // 2
-    return (type(m) is nn.Conv2d and m.kernel_size == (kernel, kernel) and m.stride == (1, 1)
+    return (type(m) is nn.Conv2d and "forward" not in m.__dict__ and m.kernel_size == (kernel, kernel)
+            and m.stride == (1, 1)
             and m.padding == (pad, pad) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
             and m._parameters["bias"] is None and m.in_channels == in_channels
             and (out_channels is None or m.out_channels == out_channels))
@@ -137,13 +146,13 @@ def _layer_ok(mods: dict, in_channels: int, growth_rate: Optional[int]) -> bool:
     to the full check, which also accepts subclasses that keep torch's forward."""
     norm1, conv1, conv2 = mods.get("norm1"), mods.get("conv1"), mods.get("conv2")
     if conv2 is None:
-        return (_bn_ok(norm1, in_channels) and type(mods.get("relu1")) is nn.ReLU
+        return (_bn_ok(norm1, in_channels) and _relu_ok(mods.get("relu1"))
                 and _conv_ok(conv1, 3, in_channels, growth_rate))
     if type(conv1) is not nn.Conv2d:
         return False
     width = conv1.out_channels
-    return (_bn_ok(norm1, in_channels) and type(mods.get("relu1")) is nn.ReLU and _conv_ok(conv1, 1, in_channels, None)
-            and _bn_ok(mods.get("norm2"), width) and type(mods.get("relu2")) is nn.ReLU
+    return (_bn_ok(norm1, in_channels) and _relu_ok(mods.get("relu1")) and _conv_ok(conv1, 1, in_channels, None)
+            and _bn_ok(mods.get("norm2"), width) and _relu_ok(mods.get("relu2"))
             and _conv_ok(conv2, 3, width, growth_rate))
 
 

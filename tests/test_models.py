@@ -15,8 +15,8 @@ import torchvision.models.densenet as tvd
 import densenet_fast
 from densenet_fast import reference
 from densenet_fast.models import get_model
-from builders import (as_torchvision_checkpoint, copy_weights, efficient_densenet, param_grads, projection_loss,
-                      randomize_bn_, seeded_input, states, torchvision_densenet)
+from builders import (as_torchvision_checkpoint, assert_same_step, copy_weights, efficient_densenet, param_grads,
+                      projection_loss, randomize_bn_, seeded_input, states, torchvision_densenet)
 from tolerances import assert_close
 
 F64 = torch.float64
@@ -564,18 +564,41 @@ def test_weight_recomputing_pre_hooks_run(method):
         assert_close(dict(ours.named_parameters())[name], p, F64, f"{method}: {name} after 3 steps")
 
 
+@pytest.mark.parametrize("where", ["conv0", "norm0", "relu0", "pool0", "norm5", "fc:classifier"])
+def test_hooks_on_stem_and_head_modules_run(where):
+    """DenseNet fuses conv0-norm0-relu0-pool0 and norm5 (and FCDenseNet its classifier) only when
+    they have no hooks: a forward hook that changes a stem or head module's output runs, and the
+    model computes what the naive model with the same hook computes (a training step, float64)."""
+    torch.manual_seed(48)
+    kind, _, name = where.rpartition(":")
+    if kind == "fc":
+        kw = dict(num_classes=3, down_blocks=(2,), bottleneck_layers=1, up_blocks=(2,), growth_rate=4,
+                  first_channels=6, drop_rate=0.0)
+        ours, naive = densenet_fast.FCDenseNet(**kw), densenet_fast.FCDenseNet(**kw, memory_efficient=False)
+        x = seeded_input((2, 3, 8, 8), 49, F64)
+    else:
+        ours = densenet_fast.DenseNet(4, (2, 2), 8, 2, num_classes=3)
+        naive = densenet_fast.DenseNet(4, (2, 2), 8, 2, num_classes=3, memory_efficient=False)
+        name = f"features.{name}"
+        x = seeded_input((2, 3, 32, 32), 49, F64)
+    randomize_bn_(ours, 50).double()
+    naive.double().load_state_dict(ours.state_dict())
+    calls = []
+    for model in (ours, naive):
+        model.get_submodule(name).register_forward_hook(lambda m, args, out: calls.append(1) or out * 1.5 + 0.1)
+    assert_same_step(ours, naive, x, 51, f"hook on {where}")
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("where, owner, relative", [
     ("features.denseblock1.denselayer1.conv1", "DenseBlock", "denselayer1.conv1"),
     ("features.transition1.norm", "Transition", "norm"),
-    ("features.norm0", "DenseNet", "features.norm0"),
-    ("features.norm5", "DenseNet", "features.norm5"),
     ("features", "DenseNet", "features"),
-    ("fc:classifier", "FCDenseNet", "classifier"),
     ("fc:trans_up.0.conv", "TransitionUp", "conv"),
     ("fc:trans_down.0.pool", "TransitionDown", "pool"),
     ("layer:norm1", "DenseLayer", "norm1"),
 ])
-def test_hooks_that_cannot_run_are_reported(where, owner, relative):
+def test_hooks_that_cannot_run_are_reported(where, owner, relative):  # (stem and head: the next test)
     """A forward hook on a module that the fused forward computes without calling it is reported
     by a warning naming that module (not silently skipped); without such hooks nothing warns."""
     import warnings

@@ -19,11 +19,11 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_module_hooks, recording,
+from ..modules import (BlockStats, DenseBlock, Transition, check_input, fused_module_hooks, has_hooks, recording,
                        refuse_script)
 from ..ops.dense_block import GradHandoff
 from ..ops.transition import bn_relu_pool_conv, fusable_stem_conv, stem_conv_bn_relu_pool
-from ..structure import bn_issue, module_width, relu_issue
+from ..structure import bn_issue, class_issue, module_width, relu_issue
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc",
            "densenet_cifar"]
@@ -97,21 +97,22 @@ class DenseNet(nn.Module):
         names, modules = list(children), list(children.values())
         # torchvision's stem ends norm0, relu0, pool0 (3x3/2 max): relu0 (and such a pool0) run
         # fused with norm0 (or with conv0 too, below)
-        # (only an affine nn.BatchNorm2d followed by an nn.ReLU: other stems run module by module)
+        # (only an affine nn.BatchNorm2d followed by an nn.ReLU, without hooks: other stems, and
+        # modules with hooks, run module by module, so that the hooks run)
         n0 = names.index("norm0") if "norm0" in children else -1
-        if n0 >= 0 and not (names[n0 + 1:n0 + 2] == ["relu0"] and relu_issue(children["relu0"]) is None
-                            and bn_issue(children["norm0"], module_width(children["norm0"])) is None):
+        if n0 >= 0 and not (names[n0 + 1:n0 + 2] == ["relu0"] and _plain_bn(children["norm0"])
+                            and relu_issue(children["relu0"]) is None and not has_hooks(children["relu0"])):
             n0 = -1
-        max_pool = n0 >= 0 and names[n0 + 1:n0 + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
+        max_pool = (n0 >= 0 and names[n0 + 1:n0 + 3] == ["relu0", "pool0"] and _is_pool0(children["pool0"])
+                    and not has_hooks(children["pool0"]))
         skip = ({"relu0"} if n0 >= 0 else set()) | ({"pool0"} if max_pool else set())
         for i, (name, module) in enumerate(children.items()):
             if name in skip:
                 continue
-            if name == "conv0" and max_pool and i + 1 == n0 and fusable_stem_conv(module):
+            if name == "conv0" and max_pool and i + 1 == n0 and fusable_stem_conv(module) and not has_hooks(module):
                 # torchvision's stem (conv0, norm0, relu0, pool0) as one Function that keeps only
                 # the image for backward and computes conv0 again there.
                 norm0 = children["norm0"]
-                fused_module_hooks([module, norm0, children["relu0"], children["pool0"]], self, "DenseNet")
                 h = stem_conv_bn_relu_pool(h, module, norm0, kernels=kernels, check=lambda y: check_input(
                     y, "DenseNet.norm0", norm0.num_features, norm0.weight, norm0.training))
                 skip.add("norm0")
@@ -119,7 +120,6 @@ class DenseNet(nn.Module):
                 # Stem BN + ReLU (+ torchvision's 3x3/2 max pool) as one pass that keeps only its
                 # input for backward (and synchronized with the blocks under sync BN).
                 check_input(h, "DenseNet.norm0", module.num_features, module.weight, module.training)
-                fused_module_hooks([module] + [children[n] for n in ("relu0", "pool0") if n in skip], self, "DenseNet")
                 h = bn_relu_pool_conv(h, module, None, pool="max3" if max_pool else "none", kernels=kernels)
             elif isinstance(module, DenseBlock):
                 # The block's F goes to the transition or head after it alone: its backward hands
@@ -137,11 +137,11 @@ class DenseNet(nn.Module):
                 else:
                     h = module(h, stats=cache, handoff=handoff)
                 cache = handoff = None
-            elif name == "norm5" and i + 1 == len(modules) and bn_issue(module, module_width(module)) is None:
+            elif name == "norm5" and i + 1 == len(modules) and _plain_bn(module):
                 # norm5 + ReLU + global average pool fused, reading the last block's statistics
-                # (an affine nn.BatchNorm2d last in features; anything else runs as a module).
+                # (an affine nn.BatchNorm2d without hooks, last in features; anything else runs as
+                # a module).
                 check_input(h, "DenseNet.norm5", module.num_features, module.weight, module.training)
-                fused_module_hooks([module], self, "DenseNet")
                 pooled = bn_relu_pool_conv(h, module, None, pool="global", cache=cache, kernels=kernels,
                                            handoff=handoff)
             else:  # any other module (a stem of another shape, a norm5 of another kind): called as it is
@@ -152,9 +152,14 @@ class DenseNet(nn.Module):
         return self.classifier(torch.flatten(pooled, 1))
 
 
+def _plain_bn(module: nn.Module) -> bool:
+    """An affine nn.BatchNorm2d (structure.bn_issue) without hooks: what the stem and head fuse."""
+    return bn_issue(module, module_width(module)) is None and not has_hooks(module)
+
+
 def _is_pool0(module: Optional[nn.Module]) -> bool:
     """Whether module is torchvision's stem pool, nn.MaxPool2d(3, stride=2, padding=1)."""
-    if not isinstance(module, nn.MaxPool2d) or module.ceil_mode or module.return_indices:
+    if class_issue(module, nn.MaxPool2d) is not None or module.ceil_mode or module.return_indices:
         return False
     pair = nn.modules.utils._pair
     return (pair(module.kernel_size), pair(module.stride), pair(module.padding), pair(module.dilation)) == \

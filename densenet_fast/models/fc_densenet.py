@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, recording, recording_graph,
-                       refuse_script, shapes_traced)
+from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, has_hooks, recording,
+                       recording_graph, refuse_script, shapes_traced)
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -278,9 +278,9 @@ class FCDenseNet(nn.Module):
             else:
                 handoff, fbuf = None, blk(torch.cat([upsampled, skip], 1))
             below = blk
-        if _conv_issue("classifier", self.classifier, 1, fbuf.shape[1], bias=True) is not None:
-            return self.classifier(fbuf)  # another classifier: called as it is
-        fused_module_hooks([self.classifier], self, "FCDenseNet")
+        if has_hooks(self.classifier) or _conv_issue("classifier", self.classifier, 1, fbuf.shape[1],
+                                                      bias=True) is not None:
+            return self.classifier(fbuf)  # another classifier, or one with hooks: called as it is
         return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
 

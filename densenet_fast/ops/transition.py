@@ -207,7 +207,8 @@ class StemFunction(torch.autograd.Function):
 
 def fusable_stem_conv(conv: nn.Module) -> bool:
     """Whether stem_conv_bn_relu_pool can take conv: an nn.Conv2d padding with zeros by integers."""
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+    return (type(conv) is nn.Conv2d and "forward" not in conv.__dict__ and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
 
 
 def stem_conv_bn_relu_pool(image: Tensor, conv: nn.Conv2d, norm: nn.BatchNorm2d, *, kernels: BlockKernels,
