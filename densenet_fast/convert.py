@@ -29,37 +29,46 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
-from .modules import DenseBlock, Transition
+from .modules import DenseBlock, Transition, has_hooks
 from .models.densenet import DenseNet
 from .models.fc_densenet import FCDenseNet
 from .structure import Issue, avg_pool_issue, bn_issue, conv_issue, first_issue, module_width, relu_issue
 
 __all__ = ["convert"]
 
-# The forwards whose computation is known to be the textbook one (module, qualified name): their
-# modules are converted on structure alone; other classes are also compared numerically.
-_KNOWN_FORWARDS = {
-    ("torchvision.models.densenet", "_DenseLayer.forward"), ("torchvision.models.densenet", "_DenseBlock.forward"),
-    ("torchvision.models.densenet", "DenseNet.forward"),
-    ("timm.models.densenet", "DenseLayer.forward"), ("timm.models.densenet", "DenseBlock.forward"),
-    ("timm.models.densenet", "DenseNet.forward"),
-    ("densenet_fast.reference", "DenseLayer.forward"), ("densenet_fast.reference", "DenseBlock.forward"),
-    ("densenet_fast.reference", "DenseNet.forward"), ("densenet_fast.models.densenet", "DenseNet.forward"),
-    ("torch.nn.modules.container", "Sequential.forward"),
+# The classes whose computation is known to be the textbook one (module, qualified name): their
+# modules are converted on structure alone.  Only these exact classes (a subclass may override a
+# method their forward calls, e.g. torchvision's bn_function or timm's forward_head), with their
+# own forward (not one replaced on the instance); other classes are also compared numerically.
+_KNOWN_CLASSES = {
+    ("torchvision.models.densenet", "_DenseLayer"), ("torchvision.models.densenet", "_DenseBlock"),
+    ("torchvision.models.densenet", "_Transition"), ("torchvision.models.densenet", "DenseNet"),
+    ("timm.models.densenet", "DenseLayer"), ("timm.models.densenet", "DenseBlock"),
+    ("timm.models.densenet", "DenseTransition"), ("timm.models.densenet", "DenseNet"),
+    ("densenet_fast.reference", "DenseLayer"), ("densenet_fast.reference", "DenseBlock"),
+    ("densenet_fast.reference", "Transition"), ("densenet_fast.reference", "DenseNet"),
+    ("densenet_fast.models.densenet", "DenseNet"), ("torch.nn.modules.container", "Sequential"),
 }
+# A Sequential transition's children in an order that computes BN-ReLU-Conv1x1-AvgPool2x2 (the
+# pool and the 1x1 conv commute; the ReLU may live in the norm, timm's BatchNormAct2d)
+_TRANSITION_ORDERS = {("norm", "relu", "conv", "pool"), ("norm", "relu", "pool", "conv"), ("norm", "conv", "pool"),
+                      ("norm", "pool", "conv")}
 _LAYER_CHILDREN = {"norm1", "relu1", "conv1", "norm2", "relu2", "conv2"}
 _TRANSITION_CHILDREN = {"norm", "relu", "conv", "pool"}
 
 
 def _known_forward(m: nn.Module) -> bool:
-    f = type(m).forward
-    return (getattr(f, "__module__", None), getattr(f, "__qualname__", None)) in _KNOWN_FORWARDS
+    return (type(m).__module__, type(m).__qualname__) in _KNOWN_CLASSES and "forward" not in m.__dict__
 
 
 def _bn_act_relu(m: Optional[nn.Module]) -> bool:
     """timm's BatchNormAct2d with a ReLU and no drop: batch norm then ReLU in one module."""
-    return (type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)
+    return ((type(m).__module__, type(m).__qualname__) == ("timm.layers.norm_act", "BatchNormAct2d")
+            and isinstance(m, nn.BatchNorm2d) and "forward" not in m.__dict__
             and relu_issue(getattr(m, "act", None)) is None
             and isinstance(getattr(m, "drop", nn.Identity()), nn.Identity))
 
@@ -110,7 +119,17 @@ def _growth_rate(layer: nn.Module) -> int:
 def _block_issue(m: nn.Module) -> Issue:
     """Why the dense-block-like m cannot become a DenseBlock (None: it can)."""
     layers = list(m.named_children())
+    issue = _inner_issue(m)
+    if issue is not None:
+        return issue
+    kinds = {"conv2" in layer._modules for _, layer in layers}
+    widths = {getattr(layer._modules.get("conv1"), "out_channels", -1) for _, layer in layers}
     k = _growth_rate(layers[0][1])
+    if len(kinds) > 1:
+        return "", "mixes layers with and without bottleneck; a DenseBlock's layers are all of one kind"
+    if kinds == {True} and (len(widths) > 1 or min(widths) % k != 0):
+        return "", (f"has bottleneck widths {sorted(widths)} for growth rate {k}; a DenseBlock's are bn_size * "
+                    "growth_rate in every layer")
     c = module_width(layers[0][1]._modules.get("norm1"))
     for name, layer in layers:
         issue = _source_layer_issue(layer, c, k)
@@ -122,9 +141,12 @@ def _block_issue(m: nn.Module) -> Issue:
         return "drop_rate", f"differs between its layers ({rates}); a DenseBlock has one"
     for what in [m] + [layer for _, layer in layers]:
         if not _known_forward(what):
+            if rates != [0.0]:
+                return "", (f"is a {type(what).__name__}, a class convert() does not know, with dropout: its "
+                            "training-mode computation cannot be compared with a DenseBlock's")
             problem = _compare(m, lambda: _new_block(m, "torch", False), (2, module_width(layers[0][1].norm1), 5, 4),
-                               _drop_rate(m) == 0.0)
-            return None if problem is None else ("forward", problem)
+                               True)
+            return None if problem is None else ("", problem)
     return None
 
 
@@ -139,24 +161,45 @@ def _looks_like_block(m: nn.Module) -> bool:
 
 
 def _looks_like_transition(m: nn.Module) -> bool:
-    """norm, conv and pool children (and relu), nothing else: FC-DenseNet's transition down, with
-    its dropout, is another thing, not a transition that fails a check."""
-    names = set(m._modules)
-    return not isinstance(m, Transition) and {"norm", "conv", "pool"} <= names <= _TRANSITION_CHILDREN
+    """norm, conv and pool children (and relu), nothing else, and for a Sequential norm first:
+    FC-DenseNet's transition down (with its dropout) or a conv-norm-relu-pool head are other
+    things, not transitions that fail a check."""
+    names = list(m._modules)
+    return (not isinstance(m, Transition) and {"norm", "conv", "pool"} <= set(names) <= _TRANSITION_CHILDREN
+            and (not isinstance(m, nn.Sequential) or names[0] == "norm"))
 
 
 def _transition_issue(m: nn.Module) -> Issue:
-    order = [n for n in m._modules if n != "relu"]
-    if isinstance(m, nn.Sequential) and order[0] != "norm":  # (pooling and the 1x1 conv commute)
-        return order[0], "comes first; a transition's Sequential runs norm, relu, conv and pool in that order"
+    order = tuple(m._modules)
+    if isinstance(m, nn.Sequential) and order not in _TRANSITION_ORDERS:
+        return "", f"runs {', '.join(order)} in that order; a transition runs norm, relu, conv, pool"
+    issue = _inner_issue(m)
+    if issue is not None:
+        return issue
     get = m._modules.get
     width = module_width(get("norm"))
     issue = first_issue([_pair_issue(m, "norm", "relu", width), ("conv", conv_issue(get("conv"), 1, width)),
                          ("pool", avg_pool_issue(get("pool")))])
     if issue is None and not _known_forward(m):
         problem = _compare(m, lambda: _new_transition(m, "torch"), (2, width, 6, 4), True)
-        issue = None if problem is None else ("forward", problem)
+        issue = None if problem is None else ("", problem)
     return issue
+
+
+def _inner_issue(m: nn.Module) -> Issue:
+    """What the fused module replacing m could not carry: hooks on its submodules (it computes
+    them without calling them) or a reparametrised weight (parametrize, weight_norm,
+    spectral_norm: other state-dict keys)."""
+    for name, sub in m.named_modules():
+        if not name:
+            continue
+        if parametrize.is_parametrized(sub) or any(isinstance(h, (WeightNorm, SpectralNorm))
+                                                   for h in sub._forward_pre_hooks.values()):
+            return name, ("has a reparametrised weight (parametrize, weight_norm or spectral_norm), which convert() "
+                          "does not carry: convert first, then reparametrise the converted model")
+        if has_hooks(sub):
+            return name, "has hooks, which the memory-efficient module would not run (it does not call its submodules)"
+    return None
 
 
 def _drop_rate(block: nn.Module) -> float:
@@ -187,8 +230,8 @@ def _compare(old: nn.Module, build: Callable[[], nn.Module], shape: Tuple[int, .
             tol = 1e-9 * (1 + ya.abs().max().item())
             if ya.shape != yb.shape or not torch.allclose(ya, yb, rtol=1e-9, atol=tol):
                 diff = (ya - yb).abs().max().item() if ya.shape == yb.shape else f"shape {tuple(ya.shape)}"
-                return (f"gives other values than the dense computation ({type(old).__name__}'s own forward; "
-                        f"{'train' if mode else 'eval'} mode, largest difference {diff})")
+                return (f"gives other values than the dense computation it looks like ({'train' if mode else 'eval'} "
+                        f"mode, largest difference {diff})")
     return None
 
 
@@ -228,7 +271,8 @@ class _Conversion:
         if isinstance(m, FCDenseNet):
             issue = _fc_densenet_issue(m)
             if issue is None:
-                return _finish(FCDenseNet(**m.config, memory_efficient=True, backend=self.backend), m)
+                return self.build(path, "the FCDenseNet", m,
+                                  lambda: FCDenseNet(**m.config, memory_efficient=True, backend=self.backend))
             self.skip(path, "the FCDenseNet", issue)
             return None
         if _looks_like_densenet(m):
@@ -237,19 +281,29 @@ class _Conversion:
                 issue, new = self.densenet(m, path)
                 if new is not None:
                     return new
-            self.skip(path, "the DenseNet", issue)
+            if issue is not None:  # (None: build() has said why)
+                self.skip(path, "the DenseNet", issue)
             return None
         if _looks_like_block(m):
             issue = _block_issue(m)
             if issue is None:
-                return _finish(_new_block(m, self.backend, self.save_bottleneck), m)
+                return self.build(path, "the dense block", m, lambda: _new_block(m, self.backend, self.save_bottleneck))
             self.skip(path, "the dense block", issue)
         elif _looks_like_transition(m):
             issue = _transition_issue(m)
             if issue is None:
-                return _finish(_new_transition(m, self.backend), m)
+                return self.build(path, "the transition", m, lambda: _new_transition(m, self.backend))
             self.skip(path, "the transition", issue)
         return None
+
+    def build(self, path: str, what: str, old: nn.Module, make: Callable[[], nn.Module]) -> Optional[nn.Module]:
+        """_finish(make(), old), or None with old skipped when old's state does not load into it."""
+        try:
+            return _finish(make(), old)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())[:300]
+            self.skip(path, what, ("", f"has state that does not load into the converted module ({detail})"))
+            return None
 
     def children(self, parent: nn.Module, path: str) -> int:
         """Plans the replacement of parent's convertible descendants (self.pending); returns how many."""
@@ -264,8 +318,9 @@ class _Conversion:
                 n += self.children(child, sub)
         return n
 
-    def densenet(self, model: nn.Module, path: str) -> Tuple[Issue, Optional[DenseNet]]:
-        """(None, the converted model), or (why not, None) when none of its blocks converts."""
+    def densenet(self, model: nn.Module, path: str) -> Tuple[Issue, Optional[nn.Module]]:
+        """(None, the converted model), (why not, None) when none of its blocks converts, or
+        (None, None) when its state did not load (build() has recorded why)."""
         feats = model.features
         # a shell whose features and classifier are replaced below
         new = DenseNet(1, (1,), 1, 1, num_classes=1, memory_efficient=True, backend=self.backend, small_inputs=True,
@@ -278,9 +333,10 @@ class _Conversion:
         for name, child in feats.named_children():
             sub = f"{path}.features.{name}" if path else f"features.{name}"
             if isinstance(child, DenseBlock):  # already efficient: rebuilt for this backend
-                converted = _finish(_new_block(child, self.backend, self.save_bottleneck), child)
+                converted = self.build(sub, "the dense block", child,
+                                       lambda c=child: _new_block(c, self.backend, self.save_bottleneck))
             elif isinstance(child, Transition):
-                converted = _finish(_new_transition(child, self.backend), child)
+                converted = self.build(sub, "the transition", child, lambda c=child: _new_transition(c, self.backend))
             else:
                 converted = self.module(child, sub)
             efficient += converted is not None
@@ -299,7 +355,7 @@ class _Conversion:
             return ("features", "has no dense block or transition that converts"), None
         new.classifier = nn.Linear(model.classifier.in_features, model.classifier.out_features,
                                    bias=model.classifier.bias is not None)
-        return None, _finish(new, model)
+        return None, self.build(path, "the DenseNet", model, lambda: new)
 
 
 def _fc_densenet_issue(m: FCDenseNet) -> Issue:
@@ -318,6 +374,11 @@ def _fc_densenet_issue(m: FCDenseNet) -> Issue:
             return name, f"is {type(o).__name__}({o.extra_repr()}); expected {type(r).__name__}({r.extra_repr()})"
     if have:
         return next(iter(have)), "is a module that the FCDenseNet of its config does not have"
+    for name, sub in m.named_modules():  # modules the efficient model computes without calling them
+        parts = name.split(".")
+        inner = len(parts) >= (2 if parts[0] == "bottleneck" else 3) and parts[0] != "classifier"
+        if inner and has_hooks(sub):
+            return name, "has hooks, which the memory-efficient model would not run (it does not call this module)"
     return None
 
 
@@ -360,10 +421,17 @@ def _finish(new: nn.Module, old: nn.Module) -> nn.Module:
                 m.running_mean = m.running_var = m.num_batches_tracked = None
         if src is not None:
             m.train(src.training)
-    ref = next(old.parameters(), None)
-    if ref is not None:
-        new = new.to(device=ref.device, dtype=ref.dtype)
-    new.load_state_dict(old.state_dict(), strict=True)
+    # each parameter and buffer on the device and in the dtype of the one it replaces (a bf16 model
+    # whose batch norms stay float32 keeps them so)
+    state = old.state_dict()
+    for mod_name, m in new.named_modules():
+        for table in (m._parameters, m._buffers):
+            for key, t in table.items():
+                src = state.get(f"{mod_name}.{key}" if mod_name else key)
+                if t is not None and src is not None and (t.dtype, t.device) != (src.dtype, src.device):
+                    moved = t.detach().to(device=src.device, dtype=src.dtype)
+                    table[key] = nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
+    new.load_state_dict(state, strict=True)
     for name, m in new.named_modules():  # after loading: state-dict hooks are not carried
         src = old_modules.get(name)
         if src is not None and src is not m:

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models.densenet as tvd
 from torch.nn.utils import parametrize
 
@@ -280,7 +281,9 @@ class _BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(super().forward(x)))
 
 
-_BatchNormAct2d.__name__ = "BatchNormAct2d"
+# as timm names it (convert() recognises timm's class by its module and name)
+_BatchNormAct2d.__module__, _BatchNormAct2d.__name__, _BatchNormAct2d.__qualname__ = \
+    "timm.layers.norm_act", "BatchNormAct2d", "BatchNormAct2d"
 
 
 def _timm_like(act=nn.ReLU):
@@ -380,6 +383,146 @@ def test_convert_rebuilds_efficient_models_for_the_backend():
         for name, t in states(model).items():
             assert torch.equal(states(ours)[name], t), name
     assert_same_step(ours, model, seeded_input((2, 3, 8, 8), 41, F64), 42, "efficient model converted again")
+
+
+def _transition_seq(order, width=8):
+    parts = {"norm": nn.BatchNorm2d(width), "relu": nn.ReLU(), "conv": nn.Conv2d(width, 4, 1, bias=False),
+             "pool": nn.AvgPool2d(2, 2)}
+    return nn.Sequential(__import__("collections").OrderedDict((n, parts[n]) for n in order))
+
+
+@pytest.mark.parametrize("order", [("norm", "relu", "conv", "pool"), ("norm", "relu", "pool", "conv"),
+                                   ("norm", "conv", "relu", "pool"), ("norm", "pool", "relu", "conv"),
+                                   ("norm", "conv", "pool", "relu"), ("relu", "norm", "conv", "pool")],
+                         ids=lambda o: "-".join(o))
+def test_convert_checks_a_transition_s_order(order):
+    """A Sequential transition converts only in an order that computes BN-ReLU-Conv-Pool (the conv
+    and the pool commute, the ReLU does not); one that starts with its norm but puts the ReLU
+    elsewhere is left with its reason; one that does not start with its norm is not a transition."""
+    torch.manual_seed(52)
+    holder = randomize_bn_(nn.Sequential(_transition_seq(order)), 53).double()
+    if order[:2] == ("norm", "relu"):
+        ours = densenet_fast.convert(holder, backend="torch")
+        assert isinstance(ours[0], densenet_fast.Transition)
+        assert_same_step(ours, holder, seeded_input((2, 8, 6, 6), 54, F64), 55, "-".join(order))
+    elif order[0] == "norm":
+        with pytest.raises(ValueError, match=f"runs {', '.join(order)} in that order"):
+            densenet_fast.convert(holder, backend="torch")
+    else:
+        with pytest.raises(ValueError, match="found no dense block, transition or DenseNet"):
+            densenet_fast.convert(holder, backend="torch")
+
+
+class _SiLUBottleneckLayer(tvd._DenseLayer):
+    """torchvision's layer with its forward, but a bn_function of its own (SiLU)."""
+
+    def bn_function(self, inputs):
+        return self.conv1(F.silu(self.norm1(torch.cat(inputs, 1))))
+
+
+def _block_with_layers(make_layer):
+    block = tvd._DenseBlock(2, 8, 2, 4, 0.0)
+    for i, name in enumerate(list(block.keys())):
+        old = block[name]
+        new = make_layer(8 + 4 * i)
+        new.load_state_dict(old.state_dict())
+        block[name] = new
+    return block
+
+
+def test_convert_compares_subclasses_of_known_classes():
+    """Known classes are trusted only as themselves: a torchvision layer subclass that overrides
+    bn_function (which torchvision's forward calls) is compared numerically and left; a module
+    whose forward was replaced on the instance is neither converted nor run by a fused block."""
+    torch.manual_seed(56)
+    holder = randomize_bn_(nn.Sequential(_block_with_layers(lambda c: _SiLUBottleneckLayer(c, 4, 2, 0.0))), 57)
+    with pytest.raises(ValueError, match="gives other values than the dense computation"):
+        densenet_fast.convert(holder.double(), backend="torch", strict=True)
+    patched = randomize_bn_(nn.Sequential(tvd._DenseBlock(2, 8, 2, 4, 0.0)), 58).double()
+    relu = patched[0].denselayer1.relu2
+    relu.forward = lambda x: F.silu(x)
+    with pytest.raises(ValueError, match="relu2 is ReLU with a forward replaced on the instance"):
+        densenet_fast.convert(patched, backend="torch")
+    block = densenet_fast.DenseBlock(2, 8, 2, 4, backend="torch")
+    block.denselayer1.relu2.forward = lambda x: F.silu(x)
+    with pytest.raises(ValueError, match="DenseBlock: its denselayer1.relu2 is ReLU with a forward replaced"):
+        block(torch.randn(2, 8, 4, 4))
+
+
+def _bottleneck_width(block, layer, width):
+    old = block[layer]
+    old.conv1 = nn.Conv2d(old.conv1.in_channels, width, 1, bias=False)
+    old.norm2 = nn.BatchNorm2d(width)
+    old.conv2 = nn.Conv2d(width, 4, 3, padding=1, bias=False)
+
+
+@pytest.mark.parametrize("case", ["widths-differ", "width-not-multiple", "parametrized", "hook-on-norm1",
+                                  "hook-on-transition-relu", "unknown-class-with-dropout"])
+def test_convert_leaves_blocks_it_cannot_rebuild(case):
+    """What a DenseBlock or Transition cannot hold is left, with its reason, instead of failing in
+    load_state_dict or converting into something that computes otherwise: per-layer bottleneck
+    widths, a reparametrised weight, hooks on submodules the fused module would not call, and an
+    unknown class with dropout (its training-mode computation cannot be compared)."""
+    torch.manual_seed(59)
+    block, trans = tvd._DenseBlock(2, 8, 2, 4, 0.0), tvd._Transition(16, 8)
+    if case == "widths-differ":
+        _bottleneck_width(block, "denselayer2", 12)
+        words = "has bottleneck widths [8, 12] for growth rate 4"
+    elif case == "width-not-multiple":
+        _bottleneck_width(block, "denselayer1", 6)
+        _bottleneck_width(block, "denselayer2", 6)
+        words = "has bottleneck widths [6] for growth rate 4"
+    elif case == "parametrized":
+        parametrize.register_parametrization(block.denselayer1.conv2, "weight", _Double())
+        words = "denselayer1.conv2 has a reparametrised weight"
+    elif case == "hook-on-norm1":
+        block.denselayer2.norm1.register_forward_hook(lambda m, a, out: out * 2)
+        words = "denselayer2.norm1 has hooks, which the memory-efficient module would not run"
+    elif case == "hook-on-transition-relu":
+        trans.relu.register_forward_hook(lambda m, a, out: out * 2)
+        words = "1.relu has hooks"
+    else:
+        block = _ResidualBlock(False)
+        for layer in block.values():
+            layer.drop_rate = 0.2
+        words = "a class convert() does not know, with dropout"
+    if isinstance(block, _ResidualBlock):
+        trans = tvd._Transition(14, 8)
+    holder = randomize_bn_(nn.Sequential(block, trans), 60).double()
+    with pytest.warns(UserWarning, match="convert: left as they are") as caught:
+        ours = densenet_fast.convert(holder, backend="torch")
+    assert words in " ".join(str(w.message) for w in caught), [str(w.message) for w in caught]
+    holder.eval()
+    ours.eval()
+    x = seeded_input((2, 8 if case != "unknown-class-with-dropout" else 6, 6, 6), 61, F64)
+    assert_close(ours(x), holder(x), F64, f"{case}: eval output")
+
+
+def test_convert_does_not_mistake_a_head_for_a_transition():
+    """A conv-BN-ReLU-pool head has a transition's child names but not its order: it is no
+    transition, so nothing warns and strict=True converts the rest."""
+    tv = _tv()
+    model = nn.Sequential(tv.features, nn.Sequential(__import__("collections").OrderedDict([
+        ("conv", nn.Conv2d(12, 6, 3, padding=1, bias=False)), ("norm", nn.BatchNorm2d(6)), ("relu", nn.ReLU()),
+        ("pool", nn.AdaptiveAvgPool2d(1))]))).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = densenet_fast.convert(model, backend="torch", strict=True)
+    assert isinstance(ours[0].denseblock1, densenet_fast.DenseBlock)
+    assert isinstance(ours[1].conv, nn.Conv2d) and type(ours[1]) is nn.Sequential
+
+
+def test_convert_keeps_each_tensor_s_dtype():
+    """A bfloat16 model whose batch norms stay float32 keeps them so (each parameter and buffer in
+    the dtype and on the device of the one it replaces)."""
+    tv = _tv().to(torch.bfloat16)
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()
+    ours = densenet_fast.convert(tv, backend="torch")
+    want = {k: v.dtype for k, v in tv.state_dict().items()}
+    assert {k: v.dtype for k, v in ours.state_dict().items()} == want
+    assert {torch.bfloat16, torch.float32} <= set(want.values())
 
 
 def test_convert_carries_hooks():
