@@ -449,7 +449,11 @@ def convert(model: nn.Module, *, backend: str = "auto", save_bottleneck: bool = 
     """The memory-efficient equivalent of `model` (same weights, buffers, mode, device, dtype, hooks).
 
     model: a torchvision / timm / densenet_fast.reference DenseNet, or any nn.Module containing
-    dense blocks and transitions.  inplace=False (default) leaves `model` untouched.
+    dense blocks and transitions.  inplace=False (default) leaves `model` untouched; inplace=True
+    replaces the converted modules inside `model` (a DenseNet or FCDenseNet given itself is always
+    rebuilt: a new object is returned).  A checkpointed source (torchvision's or timm's
+    memory_efficient=True) moves its running statistics twice per training step; the converted
+    model moves them once, as the same model without checkpointing does.
     Modules that look like dense blocks, transitions or DenseNets but compute something else
     (densenet_fast.structure says what) are left as they are, with a UserWarning naming each;
     strict=True raises a ValueError instead.  Raises ValueError when nothing in `model` converts.
