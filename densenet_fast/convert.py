@@ -36,7 +36,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 from .modules import DenseBlock, Transition, has_hooks
 from .models.densenet import DenseNet
 from .models.fc_densenet import FCDenseNet
-from .structure import Issue, avg_pool_issue, bn_issue, conv_issue, first_issue, module_width, relu_issue
+from .structure import (Issue, dense_layer_issue, module_width, named_issue, norm_relu_issue, relu_issue,
+                        transition_issue)
 
 __all__ = ["convert"]
 
@@ -79,7 +80,7 @@ def _norm_relu_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> 
     get = parent._modules.get
     m = get(norm)
     if type(m).__name__ != "BatchNormAct2d":
-        return first_issue([(norm, bn_issue(m, channels)), (relu, relu_issue(get(relu)))])
+        return norm_relu_issue(parent, norm, relu, channels)
     if not _bn_act_relu(m):
         return norm, (f"is BatchNormAct2d with act {type(getattr(m, 'act', None)).__name__} and drop "
                       f"{type(getattr(m, 'drop', None)).__name__}; expected act ReLU and no drop")
@@ -88,27 +89,14 @@ def _norm_relu_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> 
     extra = get(relu)
     if extra is None or isinstance(extra, nn.Identity):
         return None
-    return first_issue([(relu, relu_issue(extra))])
+    return named_issue(relu, relu_issue(extra))
 
 
 def _source_layer_issue(layer: nn.Module, in_channels: int, growth_rate: Optional[int]) -> Issue:
     extra = sorted(set(layer._modules) - _LAYER_CHILDREN)
     if extra:
         return extra[0], "is a child that a dense layer does not have"
-    get = layer._modules.get
-    if "conv2" not in layer._modules:
-        return first_issue([_pair_issue(layer, "norm1", "relu1", in_channels),
-                            ("conv1", conv_issue(get("conv1"), 3, in_channels, growth_rate))])
-    conv1 = get("conv1")
-    width = conv1.out_channels if isinstance(conv1, nn.Conv2d) else -1
-    return first_issue([_pair_issue(layer, "norm1", "relu1", in_channels), ("conv1", conv_issue(conv1, 1, in_channels)),
-                        _pair_issue(layer, "norm2", "relu2", width),
-                        ("conv2", conv_issue(get("conv2"), 3, width, growth_rate))])
-
-
-def _pair_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> Tuple[str, Optional[str]]:
-    issue = _norm_relu_issue(parent, norm, relu, channels)
-    return ("", None) if issue is None else issue
+    return dense_layer_issue(layer, in_channels, growth_rate, norm_relu=_norm_relu_issue)
 
 
 def _growth_rate(layer: nn.Module) -> int:
@@ -176,11 +164,9 @@ def _transition_issue(m: nn.Module) -> Issue:
     issue = _inner_issue(m)
     if issue is not None:
         return issue
-    get = m._modules.get
-    width = module_width(get("norm"))
-    issue = first_issue([_pair_issue(m, "norm", "relu", width), ("conv", conv_issue(get("conv"), 1, width)),
-                         ("pool", avg_pool_issue(get("pool")))])
+    issue = transition_issue(m, norm_relu=_norm_relu_issue)
     if issue is None and not _known_forward(m):
+        width = module_width(m._modules.get("norm"))
         problem = _compare(m, lambda: _new_transition(m, "torch"), (2, width, 6, 4), True)
         issue = None if problem is None else ("", problem)
     return issue
@@ -374,11 +360,13 @@ def _fc_densenet_issue(m: FCDenseNet) -> Issue:
             return name, f"is {type(o).__name__}({o.extra_repr()}); expected {type(r).__name__}({r.extra_repr()})"
     if have:
         return next(iter(have)), "is a module that the FCDenseNet of its config does not have"
-    for name, sub in m.named_modules():  # modules the efficient model computes without calling them
-        parts = name.split(".")
-        inner = len(parts) >= (2 if parts[0] == "bottleneck" else 3) and parts[0] != "classifier"
-        if inner and has_hooks(sub):
-            return name, "has hooks, which the memory-efficient model would not run (it does not call this module)"
+    # the fused modules (blocks, transitions), whose inner modules the efficient model does not call
+    units = [("bottleneck", m.bottleneck)] + [(f"{part}.{i}", unit) for part in ("down", "trans_down", "trans_up", "up")
+                                              for i, unit in enumerate(getattr(m, part))]
+    for path, unit in units:
+        issue = _inner_issue(unit)
+        if issue is not None:
+            return f"{path}.{issue[0]}", issue[1]
     return None
 
 

@@ -14,14 +14,14 @@ forward of the expected torch class: torch.nn.utils.parametrize's parametrised C
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from torch.nn.modules.utils import _pair
 
 __all__ = ["bn_issue", "relu_issue", "conv_issue", "avg_pool_issue", "max_pool_issue", "class_issue",
-           "dense_layer_issue", "dense_block_issue", "transition_issue", "module_width", "first_issue", "Issue",
-           "raise_structure_error", "LAYER_MATH", "TRANSITION_MATH"]
+           "norm_relu_issue", "dense_layer_issue", "dense_block_issue", "transition_issue", "module_width",
+           "first_issue", "named_issue", "Issue", "raise_structure_error", "LAYER_MATH", "TRANSITION_MATH"]
 
 LAYER_MATH = "BN-ReLU-Conv1x1-BN-ReLU-Conv3x3 (BN-ReLU-Conv3x3 without bottleneck) on the concatenated input"
 TRANSITION_MATH = "BN-ReLU-Conv1x1-AvgPool2x2"
@@ -104,23 +104,42 @@ def first_issue(checks: Iterable[Tuple[str, Optional[str]]]) -> Issue:
     return None
 
 
-def dense_layer_issue(layer: nn.Module, in_channels: Optional[int] = None, growth_rate: Optional[int] = None
-                      ) -> Issue:
+def named_issue(name: str, problem: Optional[str]) -> Issue:
+    return None if problem is None else (name, problem)
+
+
+def norm_relu_issue(parent: nn.Module, norm: str, relu: str, channels: int) -> Issue:
+    """parent.<norm> then parent.<relu>: an affine nn.BatchNorm2d over `channels` and an nn.ReLU
+    (densenet_fast.convert passes another checker that also accepts timm's BatchNormAct2d)."""
+    get = parent._modules.get
+    return first_issue([(norm, bn_issue(get(norm), channels)), (relu, relu_issue(get(relu)))])
+
+
+NormReluCheck = Callable[[nn.Module, str, str, int], Issue]
+
+
+def dense_layer_issue(layer: nn.Module, in_channels: Optional[int] = None, growth_rate: Optional[int] = None,
+                      norm_relu: NormReluCheck = norm_relu_issue) -> Issue:
     """A dense layer: norm1, relu1, conv1 (1x1), norm2, relu2, conv2 (3x3), or, without
     bottleneck (no conv2), norm1, relu1 and a 3x3 conv1.  in_channels None: norm1's width."""
-    get = layer._modules.get
     if in_channels is None:
-        in_channels = module_width(get("norm1"))
+        in_channels = module_width(layer._modules.get("norm1"))
     if _layer_ok(layer._modules, in_channels, growth_rate):
         return None
+    return _layer_details(layer, in_channels, growth_rate, norm_relu)
+
+
+def _layer_details(layer: nn.Module, in_channels: int, growth_rate: Optional[int], norm_relu: NormReluCheck) -> Issue:
+    """dense_layer_issue's full check, past the fast path: which module differs, and how."""
+    get = layer._modules.get
     if "conv2" not in layer._modules:
-        return first_issue([("norm1", bn_issue(get("norm1"), in_channels)), ("relu1", relu_issue(get("relu1"))),
-                       ("conv1", conv_issue(get("conv1"), 3, in_channels, growth_rate))])
+        return (norm_relu(layer, "norm1", "relu1", in_channels)
+                or named_issue("conv1", conv_issue(get("conv1"), 3, in_channels, growth_rate)))
     conv1 = get("conv1")
     width = conv1.out_channels if isinstance(conv1, nn.Conv2d) else -1
-    return first_issue([("norm1", bn_issue(get("norm1"), in_channels)), ("relu1", relu_issue(get("relu1"))),
-                   ("conv1", conv_issue(conv1, 1, in_channels)), ("norm2", bn_issue(get("norm2"), width)),
-                   ("relu2", relu_issue(get("relu2"))), ("conv2", conv_issue(get("conv2"), 3, width, growth_rate))])
+    return (norm_relu(layer, "norm1", "relu1", in_channels) or named_issue("conv1", conv_issue(conv1, 1, in_channels))
+            or norm_relu(layer, "norm2", "relu2", width)
+            or named_issue("conv2", conv_issue(get("conv2"), 3, width, growth_rate)))
 
 
 def _bn_ok(m: nn.Module, channels: int) -> bool:
@@ -134,8 +153,8 @@ def _relu_ok(m: nn.Module) -> bool:
 def _conv_ok(m: nn.Module, kernel: int, in_channels: int, out_channels: Optional[int]) -> bool:
     pad = kernel // 2
     return (type(m) is nn.Conv2d and "forward" not in m.__dict__ and m.kernel_size == (kernel, kernel)
-            and m.stride == (1, 1)
-            and m.padding == (pad, pad) and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+            and m.stride == (1, 1) and m.padding == (pad, pad) and m.dilation == (1, 1) and m.groups == 1
+            and m.padding_mode == "zeros"
             and m._parameters["bias"] is None and m.in_channels == in_channels
             and (out_channels is None or m.out_channels == out_channels))
 
@@ -160,23 +179,26 @@ def dense_block_issue(layers: Sequence[Tuple[str, nn.Module]], in_channels: int,
     """Every layer of a block, layer i reading in_channels + i * growth_rate channels."""
     c = in_channels
     for name, layer in layers:
-        if _layer_ok(layer._modules, c, growth_rate):
-            c += growth_rate
-            continue
-        issue = dense_layer_issue(layer, c, growth_rate)
+        if not _layer_ok(layer._modules, c, growth_rate):  # (the fast path, as in dense_layer_issue)
+            issue = _layer_details(layer, c, growth_rate, norm_relu_issue)
+            if issue is not None:
+                return f"{name}.{issue[0]}", issue[1]
         c += growth_rate
-        if issue is not None:
-            return f"{name}.{issue[0]}", issue[1]
     return None
 
 
-def transition_issue(t: nn.Module) -> Issue:
-    """norm, relu, a 1x1 conv and a 2x2/2 average pool (torchvision's _Transition)."""
+def transition_issue(t: nn.Module, norm_relu: NormReluCheck = norm_relu_issue,
+                     pool_issue: Optional[Callable[[Optional[nn.Module]], Optional[str]]] = None, dropout: bool = False,
+                     keep_width: bool = False) -> Issue:
+    """norm, relu, a 1x1 conv and a 2x2/2 average pool (torchvision's _Transition); FC-DenseNet's
+    transition down: pool_issue=max_pool_issue, dropout=True (an nn.Dropout after the conv),
+    keep_width=True (the conv keeps the channel count)."""
     get = t._modules.get
-    norm, conv, pool = get("norm"), get("conv"), get("pool")
-    width = module_width(norm)
-    return first_issue([("norm", bn_issue(norm, width)), ("relu", relu_issue(get("relu"))),
-                   ("conv", conv_issue(conv, 1, width)), ("pool", avg_pool_issue(pool))])
+    width = module_width(get("norm"))
+    return (norm_relu(t, "norm", "relu", width)
+            or named_issue("conv", conv_issue(get("conv"), 1, width, width if keep_width else None))
+            or (named_issue("drop", class_issue(get("drop"), nn.Dropout)) if dropout else None)
+            or named_issue("pool", (pool_issue or avg_pool_issue)(get("pool"))))
 
 
 def avg_pool_issue(m: Optional[nn.Module]) -> Optional[str]:

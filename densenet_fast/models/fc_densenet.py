@@ -31,8 +31,7 @@ from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
 from ..ops.transition import bn_relu_pool_conv
-from ..structure import (Issue, bn_issue, class_issue, conv_issue, first_issue, max_pool_issue, module_width,
-                         raise_structure_error, relu_issue)
+from ..structure import conv_issue, max_pool_issue, named_issue, raise_structure_error, transition_issue
 
 __all__ = ["FCDenseNet", "TransitionDown", "TransitionUp", "fc_densenet56", "fc_densenet67", "fc_densenet103"]
 
@@ -45,21 +44,6 @@ def _transition_down_modules(channels: int, drop_rate: float) -> "OrderedDict[st
         ("drop", nn.Dropout(drop_rate)),
         ("pool", nn.MaxPool2d(kernel_size=2, stride=2)),
     ])
-
-
-def _transition_down_issue(t: nn.Module) -> Issue:
-    get = t._modules.get
-    norm = get("norm")
-    width = module_width(norm)
-    return first_issue([("norm", bn_issue(norm, width)), ("relu", relu_issue(get("relu"))),
-                        ("conv", conv_issue(get("conv"), 1, width, width)),
-                        ("drop", class_issue(get("drop"), nn.Dropout)),
-                        ("pool", max_pool_issue(get("pool")))])
-
-
-def _conv_issue(name: str, m: nn.Module, kernel: int, in_channels: int, **kw: Any) -> Issue:
-    problem = conv_issue(m, kernel, in_channels, **kw)
-    return None if problem is None else (name, problem)
 
 
 class TransitionDown(nn.Sequential):
@@ -82,7 +66,9 @@ class TransitionDown(nn.Sequential):
     def forward(self, x: Tensor, stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         if recording(self, "TransitionDown"):  # torch.export / jit.trace / fx: the plain modules in order
             return super().forward(x)
-        raise_structure_error("TransitionDown", _transition_down_issue(self), "BN-ReLU-Conv1x1-Dropout-MaxPool2x2")
+        raise_structure_error("TransitionDown", transition_issue(self, pool_issue=max_pool_issue, dropout=True,
+                                                                 keep_width=True),
+                              "BN-ReLU-Conv1x1-Dropout-MaxPool2x2")
         check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
         fused_module_hooks(self.children(), self, "TransitionDown")
         h = bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="none", cache=stats,
@@ -121,8 +107,8 @@ class TransitionUp(nn.Module):
         if recording_graph():  # torch.export: the plain transposed conv of the suffix
             y = self.conv(x[:, start:])
         else:
-            raise_structure_error("TransitionUp", _conv_issue("conv", self.conv, 3, self.conv.in_channels, bias=True,
-                                                              stride=2, transposed=True),
+            raise_structure_error("TransitionUp", named_issue("conv", conv_issue(
+                self.conv, 3, self.conv.in_channels, bias=True, stride=2, transposed=True)),
                                   "a 3x3 transposed convolution of stride 2 without padding")
             fused_module_hooks([self.conv], self, "TransitionUp")
             y = suffix_conv(x, start, self.conv.weight, self.conv.bias, handoff, transposed=True,
@@ -278,8 +264,7 @@ class FCDenseNet(nn.Module):
             else:
                 handoff, fbuf = None, blk(torch.cat([upsampled, skip], 1))
             below = blk
-        if has_hooks(self.classifier) or _conv_issue("classifier", self.classifier, 1, fbuf.shape[1],
-                                                      bias=True) is not None:
+        if has_hooks(self.classifier) or conv_issue(self.classifier, 1, fbuf.shape[1], bias=True) is not None:
             return self.classifier(fbuf)  # another classifier, or one with hooks: called as it is
         return suffix_conv(fbuf, 0, self.classifier.weight, self.classifier.bias, handoff)
 
