@@ -3,7 +3,7 @@
     python benchmarks/bench_ops.py [--out CSV] [--dtype float32,bfloat16] [--ops NAME,...]
 
 Every op reads a channel slice of a realistic block buffer (DenseNet-BC-100 block 1 at batch 64:
-N=64, 32x32, the last layer's prefix of 204 channels; DenseNet-121 block 1 at batch 64: 56x56, 232
+N=64, 32x32, the last layer's prefix of 204 channels; DenseNet-121 block 1 at batch 64: 56x56, 224
 channels) and is timed with triton.testing.do_bench (CUDA events, median).  "Bytes" is the fewest
 bytes the op must move (every input read once, every output written once); GB/s = bytes / median
 time; pct_of_copy divides by the copy ceiling measured in the same run (a large D2D copy, bytes
@@ -41,8 +41,16 @@ class Shape:
     b: int        # bottleneck width
     k: int        # growth rate
 
+    def __post_init__(self):
+        # The new channels are written at [c, c + k) of the buffer: they must fit in it.
+        if self.c + self.k > self.c_buf:
+            raise ValueError(f"Shape {self.name}: prefix {self.c} + growth {self.k} exceeds the buffer's {self.c_buf} "
+                             "channels")
 
-SHAPES = [Shape("bc100-b1", 64, 204, 216, 32, 32, 48, 12), Shape("d121-b1", 64, 232, 256, 56, 56, 128, 32)]
+
+# The last layer of each model's first block at batch 64: BC-100 24 + 15*12 = 204 of 216 channels,
+# DenseNet-121 64 + 5*32 = 224 of 256.
+SHAPES = [Shape("bc100-b1", 64, 204, 216, 32, 32, 48, 12), Shape("d121-b1", 64, 224, 256, 56, 56, 128, 32)]
 
 
 def copy_bandwidth(device: str) -> float:
@@ -204,6 +212,25 @@ def _triton_module(name: str):
     return _optional(f"densenet_fast.triton_kernels.{name}")
 
 
+def _measure(fn: Callable, nbytes: int, flop: int, ceiling: float) -> dict:
+    """Median time (do_bench) and the rates derived from it, or an error status."""
+    import triton.testing
+    try:
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except Exception as exc:  # noqa: BLE001 - one failing op must not lose the rest
+        return {"status": f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+    gbs = nbytes / (ms * 1e-3) / 1e9
+    return dict(status="ok", median_ms=round(ms, 4), gb_per_s=round(gbs, 1), pct_of_copy=round(100 * gbs / ceiling, 1),
+                tflops=round(flop / (ms * 1e-3) / 1e12, 2) if flop else "")
+
+
+def _line(r: dict) -> str:
+    head = f"{r['op']:<20} {r['provider']:<7} {r['shape']:<9} {r['dtype']:<8} {r['layout']:<4}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}"
+    return f"{head} {r['median_ms']:>8.4f} {r['gb_per_s']:>7.0f} {r['pct_of_copy']:>6.1f} {str(r['tflops']):>6}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
@@ -214,52 +241,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not torch.cuda.is_available():
         print("bench_ops: needs a GPU (no CUDA device here)", file=sys.stderr)
         return 2
-    import triton.testing
     from densenet_fast.bench import harness
 
     device = "cuda"
     meta = harness.environment(device)
     ceiling = copy_bandwidth(device)
     print(f"copy ceiling: {ceiling:.0f} GB/s (read + write) on {meta.get('device_name')}")
-    rows = []
-    wanted = set(filter(None, args.ops.split(",")))
-    for dt_name in args.dtype.split(","):
-        dtype = harness.DTYPES[dt_name]
-        for layout in args.layout.split(","):
-            for s in SHAPES:
-                for op, provs in cases(s, dtype, layout, device).items():
-                    if wanted and op not in wanted:
-                        continue
-                    for prov, (fn, nbytes, flop) in provs.items():
-                        row = dict(op=op, provider=prov, shape=s.name, dtype=dt_name, layout=layout,
-                                   copy_gb_per_s=round(ceiling, 1), gbytes=round(nbytes / 1e9, 4), **meta)
-                        try:
-                            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-                        except Exception as exc:  # noqa: BLE001 - one failing op must not lose the rest
-                            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                            rows.append(row)
-                            print(op, prov, row["status"])
-                            continue
-                        gbs = nbytes / (ms * 1e-3) / 1e9
-                        row.update(status="ok", median_ms=round(ms, 4), gb_per_s=round(gbs, 1),
-                                   pct_of_copy=round(100 * gbs / ceiling, 1),
-                                   tflops=round(flop / (ms * 1e-3) / 1e12, 2) if flop else "")
-                        rows.append(row)
     out = args.out or str(harness.default_csv_path("ops", device))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     new = not os.path.exists(out)
+    rows = []
+    wanted = set(filter(None, args.ops.split(",")))
+    # Each row is written and printed as soon as it is measured: a run cut short by a time limit
+    # (a GPU lease's) keeps what it measured.
+    print(f"{'op':<20} {'prov':<7} {'shape':<9} {'dtype':<8} {'lay':<4} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'TF/s':>6}",
+          flush=True)
     with open(out, "a", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:
             wr.writeheader()
-        wr.writerows(rows)
-    print(f"{'op':<20} {'prov':<7} {'shape':<9} {'dtype':<8} {'lay':<4} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'TF/s':>6}")
-    for r in rows:
-        if r["status"] != "ok":
-            print(f"{r['op']:<20} {r['provider']:<7} {r['shape']:<9} {r['dtype']:<8} {r['layout']:<4} {r['status']}")
-            continue
-        print(f"{r['op']:<20} {r['provider']:<7} {r['shape']:<9} {r['dtype']:<8} {r['layout']:<4} "
-              f"{r['median_ms']:>8.4f} {r['gb_per_s']:>7.0f} {r['pct_of_copy']:>6.1f} {str(r['tflops']):>6}")
+        for dt_name in args.dtype.split(","):
+            dtype = harness.DTYPES[dt_name]
+            for layout in args.layout.split(","):
+                for s in SHAPES:
+                    for op, provs in cases(s, dtype, layout, device).items():
+                        if wanted and op not in wanted:
+                            continue
+                        for prov, (fn, nbytes, flop) in provs.items():
+                            row = dict(op=op, provider=prov, shape=s.name, dtype=dt_name, layout=layout,
+                                       copy_gb_per_s=round(ceiling, 1), gbytes=round(nbytes / 1e9, 4), **meta)
+                            row.update(_measure(fn, nbytes, flop, ceiling))
+                            rows.append(row)
+                            wr.writerow(row)
+                            f.flush()
+                            print(_line(row), flush=True)
     print(f"wrote {out}; median of medians {statistics.median([r['median_ms'] for r in rows if r['status'] == 'ok'] or [0])}")
     return 0
 

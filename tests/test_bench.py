@@ -273,3 +273,36 @@ def test_reference_config_rebuilds_the_architecture(name):
         twin = reference.DenseNet(**harness.reference_config(model))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: tuple(v.shape) for k, v in twin.state_dict().items()} == want
+
+
+def _bench_ops():
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
+    spec = importlib.util.spec_from_file_location("bench_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_ops"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_bench_ops_cases_have_consistent_shapes(layout):
+    """bench_ops' GPU shapes, at batch 1 and 4x4 pixels on the CPU: each plain-PyTorch case runs (the
+    2026-11-27 lease's DenseNet-121 shape wrote 32 new channels into a 24-channel slice and failed)."""
+    import dataclasses
+
+    bench_ops = _bench_ops()
+    for shape in bench_ops.SHAPES:
+        small = dataclasses.replace(shape, n=1, h=4, w=4)
+        torch.manual_seed(0)
+        cases = bench_ops.cases(small, torch.float32, layout, "cpu")
+        for op, providers in cases.items():
+            if "torch" in providers:
+                providers["torch"][0]()
+        assert {"channel_stats", "bn_relu", "bn_relu_conv1x1", "bn_relu_conv3x3"} <= set(cases)
+
+
+def test_bench_ops_shape_must_fit_its_buffer():
+    bench_ops = _bench_ops()
+    with pytest.raises(ValueError, match="exceeds the buffer"):
+        bench_ops.Shape("bad", 1, 232, 256, 4, 4, 128, 32)
