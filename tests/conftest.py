@@ -33,3 +33,22 @@ def ieee_fp32():
         yield
     finally:
         cudnn.allow_tf32 = saved
+
+
+# DENSENET_FAST_FAILURE_LOG=PATH: each failure is appended to PATH (test id, phase, the end of its
+# report) as soon as it happens. A GPU lease runs test groups under a time limit, and
+# pytest-xdist prints failures only in its final summary, which a killed group never reaches (the
+# 2026-11-27 lease: three F's in the progress dots and no names). Under xdist each worker writes
+# its own tests; the controller adds only reports no worker wrote (a crashed worker's).
+FAILURE_LOG = os.environ.get("DENSENET_FAST_FAILURE_LOG", "")
+
+
+def pytest_runtest_logreport(report):
+    if not FAILURE_LOG or not report.failed:
+        return
+    from_worker = getattr(report, "node", None) is not None  # set by xdist's controller on forwarded reports
+    if from_worker and "crashed" not in report.longreprtext:
+        return
+    where = os.environ.get("PYTEST_XDIST_WORKER", "controller" if from_worker else "main")
+    with open(FAILURE_LOG, "a") as f:
+        f.write(f"FAILED {report.nodeid} ({report.when}, {where})\n{report.longreprtext[-4000:]}\n\n")
