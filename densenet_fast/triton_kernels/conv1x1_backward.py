@@ -72,11 +72,16 @@ def _cfg(bm: int, bc: int, warps: int, stages: int) -> triton.Config:
 # passes' defaults run 32-row tiles on 8 warps: 64 rows on 4 warps spilled 8-824 bytes of stack
 # per thread with triton 3.8 and up to 2,088 with 3.6 (sm_90, DenseNet-121 and -BC layers), 64
 # rows on 8 warps none with 3.8 but 280-400 with 3.6 in NCHW, 32 rows on 8 none with either, in
-# every dtype and layout (scripts/triton_aot_check.py).
+# every dtype and layout (scripts/triton_aot_check.py). Timed on the 2026-11-27 lease (H200, fp32
+# TF32 NCHW, DenseNet-BC-100 shapes; benchmarks/results/gpu-2026-11-27-h200/autotune.jsonl; each
+# config's time over the best, geometric mean), the defaults took 1.93x (pass 1) and 1.12x (pass 2).
+# The faster ones keep stack: pass 1's (128, 32) on 4 warps (1.13x) 1.3-1.5 KB in fp16/bf16 on
+# DenseNet-121 with triton 3.8, the one-stage (32, 32) (1.38x) 40 bytes in fp32 with triton 3.6;
+# pass 2's (64, 32) on 4 warps, 2 stages (1.06x) 688 bytes in fp32 NCHW with triton 3.6. So the
+# defaults stay; autotuning (on by default) picks among all of them.
 CONFIGS_REDUCE_SM90: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(128, 32, 4, 3),
-    _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 32, 4, 2),
-    _cfg(64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
+    _cfg(32, 64, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3),
 ]
 CONFIGS_REDUCE_SM80: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3), _cfg(32, 64, 4, 3),
@@ -85,8 +90,7 @@ CONFIGS_REDUCE_SM80: List[triton.Config] = [
 # Pass 2 holds the W block and dz tile only; it streams x in and grad_x_acc in and out.
 CONFIGS_DX_SM90: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
-    _cfg(256, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(64, 32, 4, 2),
-    _cfg(64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
+    _cfg(256, 64, 8, 3), _cfg(64, 32, 4, 4), _cfg(64, 32, 4, 2), _cfg(64, 64, 4, 3),
 ]
 CONFIGS_DX_SM80: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(64, 128, 4, 3), _cfg(128, 128, 8, 2),

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune_lists, cdiv, config_list, device_sms, next_power_of_2
+from . import INTERPRET, autotune, autotune_lists, cdiv, config_list, device_sms, next_power_of_2
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -67,16 +67,21 @@ def _cfg(names: Tuple[str, str], a: int, b: int, warps: int, stages: int) -> tri
 
 # Small candidate lists. The dense layer's sizes: K = growth rate (12, 32: the narrow GEMM side,
 # chosen on the host as one power-of-two tile, not tuned), B = bn_size * K (48, 128), M = N*H*W
-# large. Hopper has more shared memory: deeper pipelines and 256-row tiles. The forward and dgrad
-# defaults run their 128-row tiles on 8 warps: on 4 they spilled in NCHW (sm_90, DenseNet-121
-# layer, float32 TF32: 584 and 1,016 bytes of stack per thread, fp16/bf16 288-1,112), on 8 they
-# use none on sm_90 but 32 bytes in the fp16 dgrad (scripts/triton_aot_check.py). The wgrad's
-# 64-row default runs on 8 warps too (on 4, triton 3.6 spilled 144 bytes in float32 TF32, NCHW).
+# large. Hopper has more shared memory: deeper pipelines and 256-row tiles.
+# sm_90 defaults (the first config: what runs with autotuning off). The forward's runs its 128-row
+# tile on 8 warps: on 4 it spilled in NCHW (sm_90, DenseNet-121 layer: float32 TF32 584 bytes of
+# stack per thread, fp16/bf16 288-336; scripts/triton_aot_check.py). float32 NCHW data has its
+# own lists (below). Float32 defaults keep no stack with triton 3.6 or 3.8
+# (tests/test_triton_compile.py). Timed on the 2026-11-27 lease (H200, triton 3.6, fp32 TF32
+# NCHW, DenseNet-BC-100 shapes; benchmarks/results/gpu-2026-11-27-h200/autotune.jsonl; each
+# config's time over the best, geometric mean): the dgrad's fastest, (64, 64) on 4 warps (1.00x
+# against the default's 1.15x), keeps 80 bytes of stack on DenseNet-121's float32 NCHW layer; the
+# wgrad's, (64, 64) on 4 warps (1.00x against 1.08x), 144 bytes with triton 3.6. So the defaults
+# stay; autotuning (on by default) picks among all of them.
 _FWD = ("BLOCK_M", "BLOCK_K")  # rows x input channels per tap
 CONFIGS_FWD_SM90: List[triton.Config] = [
     _cfg(_FWD, 128, 32, 8, 3), _cfg(_FWD, 128, 64, 4, 3), _cfg(_FWD, 64, 32, 4, 4),
-    _cfg(_FWD, 64, 64, 4, 4), _cfg(_FWD, 256, 32, 8, 3),
-    _cfg(_FWD, 128, 32, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
+    _cfg(_FWD, 64, 64, 4, 4), _cfg(_FWD, 256, 32, 8, 3), _cfg(_FWD, 128, 32, 4, 3),
 ]
 CONFIGS_FWD_SM80: List[triton.Config] = [
     _cfg(_FWD, 128, 32, 8, 3), _cfg(_FWD, 64, 32, 4, 4), _cfg(_FWD, 128, 64, 8, 3),
@@ -85,8 +90,7 @@ CONFIGS_FWD_SM80: List[triton.Config] = [
 _DGRAD = ("BLOCK_M", "BLOCK_N")  # rows x bottleneck channels
 CONFIGS_DGRAD_SM90: List[triton.Config] = [
     _cfg(_DGRAD, 128, 64, 8, 3), _cfg(_DGRAD, 128, 128, 8, 3), _cfg(_DGRAD, 64, 64, 4, 4),
-    _cfg(_DGRAD, 64, 128, 4, 3), _cfg(_DGRAD, 256, 64, 8, 3),
-    _cfg(_DGRAD, 128, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
+    _cfg(_DGRAD, 64, 128, 4, 3), _cfg(_DGRAD, 256, 64, 8, 3), _cfg(_DGRAD, 128, 64, 4, 3),
 ]
 CONFIGS_DGRAD_SM80: List[triton.Config] = [
     _cfg(_DGRAD, 128, 64, 8, 3), _cfg(_DGRAD, 64, 64, 4, 4), _cfg(_DGRAD, 128, 128, 8, 3),
@@ -95,11 +99,30 @@ CONFIGS_DGRAD_SM80: List[triton.Config] = [
 _WGRAD = ("BLOCK_M", "BLOCK_C")  # reduction rows x bottleneck channels
 CONFIGS_WGRAD_SM90: List[triton.Config] = [
     _cfg(_WGRAD, 64, 64, 8, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 8, 3),
-    _cfg(_WGRAD, 128, 128, 8, 3),
-    _cfg(_WGRAD, 64, 64, 4, 3),  # the default on 4 warps (the default until 2026-11-26): to time against it
+    _cfg(_WGRAD, 128, 128, 8, 3), _cfg(_WGRAD, 64, 64, 4, 3),
 ]
 CONFIGS_WGRAD_SM80: List[triton.Config] = [
     _cfg(_WGRAD, 64, 64, 8, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 4, 3),
+]
+# The forward on float32 NCHW data with TF32 dots: with num_stages > 1 triton stages the A tile
+# (rows x input channels, contiguous along the rows in NCHW) through an unswizzled K-major shared
+# buffer, filled by 4-byte async copies along the rows: the 32 copies of a warp land 128 bytes
+# apart, in one bank (the ttgir's #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1,
+# order = [1, 0]}> under ttg.async_copy_global_to_local, sm_90 and sm_80, triton 3.8; no other
+# kernel of the package, layout or 16-bit dtype has it; scripts/triton_aot_check.py compiles these
+# lists). Single-stage tiles load into registers and convert through a swizzled buffer (vec 8,
+# maxPhase 4) instead. The 2026-11-27 lease timed only pipelined configs on that case: the best
+# took 0.27 ms for a DenseNet-BC-100 32x32 layer (0.68 GFLOP, 16 MB), ~70x its byte floor, and
+# dgrad, reading the same layout without the staging, ran at a fifth of the time on 4x fewer loads.
+# Prediction, not measured: the single-stage tiles win there by several times. They come first
+# (the default with autotuning off: the 128-row tile on 8 warps, which keeps no stack on
+# DenseNet-121's layer, where on 4 warps it spilled 416 bytes on sm_90 and 544 on sm_80); the
+# pipelined ones stay candidates.
+CONFIGS_FWD_SM90_NCHW_FP32: List[triton.Config] = [
+    _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 128, 32, 4, 1), *CONFIGS_FWD_SM90,
+]
+CONFIGS_FWD_SM80_NCHW_FP32: List[triton.Config] = [
+    _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 128, 32, 4, 1), *CONFIGS_FWD_SM80,
 ]
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined configs above spill (sm_90, DenseNet-121 layer, NCHW: 968 / 992 / 120 bytes of
@@ -308,9 +331,20 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
 
 # Keys: the sizes, the layout (sx_c is 1 for channels_last data) and the precision; triton adds
 # the tensors' dtypes itself.
-_TUNED_FWD = autotune_lists(_bn_relu_conv3x3_fwd_kernel,
-                            ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"],
-                            CONFIGS_FWD_SM90, CONFIGS_FWD_SM80, CONFIGS_FWD_FMA)
+_FWD_KEY = ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"]
+_TUNED_FWD = {**autotune_lists(_bn_relu_conv3x3_fwd_kernel, _FWD_KEY, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80,
+                               CONFIGS_FWD_FMA),
+              **{f"{arch}_nchw_fp32": autotune(configs=configs, key=_FWD_KEY)(_bn_relu_conv3x3_fwd_kernel)
+                 for arch, configs in (("sm90", CONFIGS_FWD_SM90_NCHW_FP32), ("sm80", CONFIGS_FWD_SM80_NCHW_FP32))}}
+
+
+def forward_config_list(x: Tensor, precision: str) -> str:
+    """Which of _TUNED_FWD's lists the forward reading x runs with: config_list's, except float32
+    NCHW data with TF32 dots on sm_90/sm_80, which gets the single-stage tiles first (above)."""
+    name = config_list(x, precision)
+    if name in ("sm90", "sm80") and x.dtype == torch.float32 and not is_channels_last(x):
+        return f"{name}_nchw_fp32"
+    return name
 _TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
                               ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"],
                               CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA)
@@ -398,7 +432,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
             *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
-        tuned = _TUNED_FWD[config_list(x, precision)]
+        tuned = _TUNED_FWD[forward_config_list(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)

@@ -78,7 +78,11 @@ _WGRAD = ("BLOCK_O", "BLOCK_C", "BLOCK_P")   # Cout, C, pooled rows (the reducti
 # Hopper has more shared memory: deeper pipelines. The forward and dgrad defaults run on 8 warps:
 # on 4 they spilled in NCHW (sm_90, DenseNet-121's first transition: 8-104 and 128-416 bytes of
 # stack per thread), on 8 none (scripts/triton_aot_check.py); the dgrad's 64-row tile kept 32
-# bytes with triton 3.6, its 32-row default none.
+# bytes with triton 3.6, its 32-row default none. Timed on the 2026-11-27 lease (H200, fp32 TF32
+# NCHW, DenseNet-BC-100 shapes; benchmarks/results/gpu-2026-11-27-h200/autotune.jsonl), the
+# forward's (64, 128, 32) on 4 warps took 1.10x the best time in geometric mean and the 8-warp
+# default (128, 64, 32) 1.65x; but the former keeps 64 bytes of stack on DenseNet-121's first
+# transition in float32 NCHW (48 in fp16/bf16), so the default stays (autotuning picks).
 FWD_CONFIGS_SM90: List[triton.Config] = [
     _cfg(_FWD, (128, 64, 32), 8, 3), _cfg(_FWD, (128, 128, 32), 8, 3), _cfg(_FWD, (64, 64, 32), 4, 4),
     _cfg(_FWD, (64, 128, 32), 4, 3), _cfg(_FWD, (128, 64, 64), 8, 3), _cfg(_FWD, (256, 64, 32), 8, 3),
