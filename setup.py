@@ -34,6 +34,14 @@ SOURCES = ["csrc/ops.cpp", "csrc/channel_stats_cpu.cpp", "csrc/channel_stats.cu"
            "csrc/bn_relu.cu", "csrc/dense_block.cpp"]
 SKIP_ENV = "DENSENET_FAST_SKIP_CUDA_BUILD"
 FORCE_ENV = "DENSENET_FAST_FORCE_CUDA_BUILD"
+# Linked after the objects: the C++ runtime stays the shared libstdc++ that torch uses, even where
+# the compiler links its own copy in statically (-static-libstdc++, a wrapper's default). The H200
+# machines' /opt/gcc/bin/g++ did: their extension had no libstdc++.so.6 in NEEDED and exported
+# ~2,000 std:: symbols of its own copy, and the first C++ exception thrown from it killed Python
+# with a segfault (2026-11-26/27 leases; the system g++ build raised). Reproduced on Debian's g++
+# 12 with -static-libstdc++: numbers formatted into the error messages vanished ("got " for "got 3"),
+# and with -static-libgcc too a throw aborted. With -lstdc++ both built clean.
+LINK_ARGS = ["-lstdc++"] if sys.platform.startswith("linux") else []
 # Ampere and Hopper SASS; the +PTX lets newer GPUs JIT-compile the Hopper code.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 FALLBACK_CUDA_HOME = "/usr/local/cuda"
@@ -137,6 +145,7 @@ def cuda_extension(cuda_home: str):
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_link_args=LINK_ARGS,
         py_limited_api=True,  # no pybind11: one .abi3.so serves every Python >= 3.10
     )
     # After CUDA_HOME/include, so the toolkit's own headers win where both have a file.

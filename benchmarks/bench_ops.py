@@ -254,8 +254,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     wanted = set(filter(None, args.ops.split(",")))
     # Each row is written and printed as soon as it is measured: a run cut short by a time limit
     # (a GPU lease's) keeps what it measured.
-    print(f"{'op':<20} {'prov':<7} {'shape':<9} {'dtype':<8} {'lay':<4} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'TF/s':>6}",
-          flush=True)
+    header = ("op", "prov", "shape", "dtype", "lay", "ms", "GB/s", "%copy", "TF/s")
+    print("{:<20} {:<7} {:<9} {:<8} {:<4} {:>8} {:>7} {:>6} {:>6}".format(*header), flush=True)
     with open(out, "a", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         if new:

@@ -62,3 +62,38 @@ def assert_close_report(actual: Tensor, expected: Tensor, atol: float, rtol: flo
         f"  max abs err {max_abs:.6g}, max rel err {max_rel:.6g}\n"
         f"  actual ({actual.dtype}): {_nonfinite(a)}; expected ({expected.dtype}): {_nonfinite(e)}"
     )
+
+
+def elf_needed(path: str) -> list:
+    """The DT_NEEDED entries (shared libraries a loader must bring in) of an ELF shared object, read
+    with the standard library (no readelf on every machine)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF":
+        raise ValueError(f"{path} is not an ELF file")
+    is64, order = data[4] == 2, "<" if data[5] == 1 else ">"
+    # e_shoff, e_shentsize and e_shnum; the section header and dynamic entry layouts
+    if is64:
+        (shoff,) = struct.unpack_from(order + "Q", data, 0x28)
+        shentsize, shnum = struct.unpack_from(order + "HH", data, 0x3A)
+        section, entry = order + "IIQQQQIIQQ", order + "qQ"
+    else:
+        (shoff,) = struct.unpack_from(order + "I", data, 0x20)
+        shentsize, shnum = struct.unpack_from(order + "HH", data, 0x2E)
+        section, entry = order + "IIIIIIIIII", order + "iI"
+    headers = [struct.unpack_from(section, data, shoff + i * shentsize) for i in range(shnum)]
+    needed = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in headers:
+        if kind != 6:  # SHT_DYNAMIC; its sh_link is the string table (.dynstr)
+            continue
+        strings = headers[link][4]
+        for pos in range(offset, offset + size, entsize or struct.calcsize(entry)):
+            tag, value = struct.unpack_from(entry, data, pos)
+            if tag == 0:  # DT_NULL ends the table
+                break
+            if tag == 1:  # DT_NEEDED
+                start = strings + value
+                needed.append(data[start:data.index(b"\0", start)].decode())
+    return needed

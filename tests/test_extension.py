@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -88,6 +89,18 @@ def test_extension_built_with_cuda_registers_cuda_kernel():
     assert "cuda" in _ext.kernel_devices("channel_stats")
 
 
+@pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects: Linux only")
+def test_extension_uses_the_shared_cxx_runtime():
+    """The built extension loads libstdc++.so like torch does, not a static copy of its own (with
+    which a C++ exception thrown from it killed the process on the H200 machines)."""
+    from helpers import elf_needed
+    from densenet_fast import _C
+
+    needed = elf_needed(_C.__file__)
+    assert any(lib.startswith("libstdc++.so") for lib in needed), needed
+
+
 # --- setup.py's build decision -----------------------------------------------------------------
 
 
@@ -132,6 +145,30 @@ def test_setup_build_plan(env, toolchain, expected):
     assert plan.reason
     if plan.build:
         assert plan.cuda_home == toolchain.cuda_home
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects: Linux only")
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ on PATH")
+def test_setup_link_args_keep_the_cxx_runtime_shared_under_static_libstdcxx(tmp_path):
+    """A compiler that links libstdc++ statically (here g++ -static-libstdc++, as the H200 image's
+    wrapper did) still gives a library that needs the shared libstdc++ with setup.py's LINK_ARGS
+    after the objects, as setuptools places extra_link_args."""
+    from helpers import elf_needed
+
+    src = tmp_path / "throw.cpp"
+    src.write_text('#include <stdexcept>\n#include <string>\nextern "C" void probe(int x) '
+                   '{ if (x) throw std::runtime_error("x = " + std::to_string(x)); }\n')
+
+    def needed(link_args):
+        out = tmp_path / f"probe{len(link_args)}.so"
+        cmd = ["g++", "-static-libstdc++", "-shared", "-fPIC", str(src), "-o", str(out), *link_args]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"g++ -static-libstdc++ cannot link here: {result.stderr.strip()[:200]}")
+        return [lib for lib in elf_needed(str(out)) if lib.startswith("libstdc++.so")]
+
+    assert needed([]) == [], "g++ -static-libstdc++ linked the shared runtime anyway: nothing to check"
+    assert setup_py.LINK_ARGS and needed(setup_py.LINK_ARGS) != []
 
 
 def test_setup_skip_flag_never_probes_torch():
