@@ -11,7 +11,8 @@
 #                                     DenseNet-BC-100 (eager, CUDA graph), the cuda backend there
 #                                     (eager and graphed), the triton defaults on DenseNet-121
 #                                     (eager, CUDA graph), then the other providers
-#   bash scripts/gpu_lease.sh more    torch.compile of naive, per-op GB/s, bf16 channels_last,
+#   bash scripts/gpu_lease.sh more    torch.compile of naive, profiles of eager steps (where the
+#                                     host time goes), per-op GB/s, bf16 channels_last,
 #                                     plain layers (densenet_40_12), FC-DenseNet103, then the
 #                                     triton backend autotuned (each tuning's timings in
 #                                     autotune.jsonl)
@@ -19,7 +20,8 @@
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
 # Logs go to $OUT (at most 8 files come back from the device tool): check writes env.txt,
 # build.log, tests.log, bench.csv, bench-default-configs.csv (and the caller's session.log: 6);
-# more writes bench.csv, ops.csv, autotune.jsonl. Set DENSENET_FAST_GIT_SHA when the tree has no .git.
+# more writes bench.csv, profile-bc100.json, profile-d121.json, ops.csv, autotune.jsonl. Set
+# DENSENET_FAST_GIT_SHA when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAGE=${1:-check}
@@ -156,6 +158,13 @@ if [ "$STAGE" = more ]; then
   # the defaults now follow them), so torch.compile and the rest were never reached.
   stamp "torch.compile of naive (DenseNet-BC-100 fp32), beside the cuda backend"
   bench bench.csv 200 --model densenet_bc_100_12 --batch 64 --providers naive,compile,cuda
+  # Where the eager steps' host time goes (cuda 46.5 ms eager against 16.8 graphed in the 2026-11-27
+  # lease): profiler tables per provider, the JSON in profile-*.json.
+  stamp "profiles of one eager step: DenseNet-BC-100, then DenseNet-121"
+  DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 60)" $PY scripts/profile_step.py --device cuda \
+    --model densenet_bc_100_12 --batch 64 --providers naive,cuda,triton --top 15 --out "$OUT/profile-bc100.json" 2>&1 | tail -75
+  timeout -k 5 "$(limit 45)" $PY scripts/profile_step.py --device cuda --model densenet121 --batch 64 \
+    --providers naive,cuda --top 15 --out "$OUT/profile-d121.json" 2>&1 | tail -50
   stamp "per-op bandwidth (rows printed as measured)"
   timeout -k 5 "$(limit 60)" $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
   stamp "bf16 channels_last"
