@@ -3,11 +3,28 @@ import mode puts tests/ on sys.path, since tests/ is not a package)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_file_module(name: str, relative_path: str):
+    """The repository file at `relative_path` (setup.py, a script, a benchmark) imported as module
+    `name`, registered in sys.modules (dataclasses look their module up there). Importing runs no
+    `if __name__ == "__main__"` block."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 class DispatchLog(TorchDispatchMode):

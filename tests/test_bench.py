@@ -276,13 +276,8 @@ def test_reference_config_rebuilds_the_architecture(name):
 
 
 def _bench_ops():
-    import importlib.util
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ops.py"
-    spec = importlib.util.spec_from_file_location("bench_ops", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_ops"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from helpers import load_file_module
+    return load_file_module("bench_ops", "benchmarks/bench_ops.py")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -4,22 +4,16 @@ per multiply-add, nothing for views), and that a broadcast operand is counted on
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import load_file_module
 
 
 @pytest.fixture(scope="module")
 def cost_model():
-    spec = importlib.util.spec_from_file_location("cost_model", ROOT / "scripts" / "cost_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module("cost_model", "scripts/cost_model.py")
 
 
 def _mode(cost_model, tf32=False):

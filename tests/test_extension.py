@@ -3,7 +3,6 @@ densenet_fast/_ext.py, the kernels it registers, and setup.py's decision to buil
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 from densenet_fast import _ext
+from helpers import load_file_module
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_BUILT = str(_ext.IMPORT_ERROR)
@@ -104,15 +104,8 @@ def test_extension_uses_the_shared_cxx_runtime():
 # --- setup.py's build decision -----------------------------------------------------------------
 
 
-def load_setup_module():
-    # Importing setup.py does not run setup(): that only happens under __name__ == "__main__".
-    spec = importlib.util.spec_from_file_location("densenet_fast_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-setup_py = load_setup_module()
+# Importing setup.py does not run setup(): that only happens under __name__ == "__main__".
+setup_py = load_file_module("densenet_fast_setup", "setup.py")
 Toolchain = setup_py.Toolchain
 GOOD = Toolchain("2.14.1+cu130", "13.0", "/usr/local/cuda", "13.0")
 SKIP = {"DENSENET_FAST_SKIP_CUDA_BUILD": "1"}

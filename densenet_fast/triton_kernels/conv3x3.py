@@ -345,6 +345,8 @@ def forward_config_list(x: Tensor, precision: str) -> str:
     if name in ("sm90", "sm80") and x.dtype == torch.float32 and not is_channels_last(x):
         return f"{name}_nchw_fp32"
     return name
+
+
 _TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
                               ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"],
                               CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA)
