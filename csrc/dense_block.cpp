@@ -14,6 +14,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 namespace densenet_fast {
@@ -181,6 +182,12 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Ten
     const c10::List<std::optional<at::Tensor>>& stats1, const c10::List<std::optional<at::Tensor>>& stats2,
     at::IntArrayRef steps, bool compute_stats, bool save_bottleneck) {
   const c10::OptionalDeviceGuard device_guard(fbuf.device());
+  // Every ATen call below works on the op's own tensors (the block's autograd.Function records
+  // the op as a whole), so it skips the Autograd and ADInplaceOrView kernels: no view tracking or
+  // version counting for the ~60 views and allocations a layer makes. On the CPU build, at batch 1
+  // and 4x4 (where host work dominates), callgrind counted 8% fewer instructions in the forward op
+  // and 6% fewer in the backward op of a 16-layer block.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
   const int64_t k = param(params, 0, 5).size(0);
   std::vector<at::Tensor> saved, bt_stats, bottlenecks;
@@ -220,6 +227,7 @@ std::vector<at::Tensor> dense_block_backward(const BlockLaunchers& launch, const
                                              at::IntArrayRef batch1, at::IntArrayRef batch2,
                                              at::TensorList bottlenecks, at::IntArrayRef steps, int64_t count) {
   const c10::OptionalDeviceGuard device_guard(fbuf.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in dense_block_forward
   const int64_t layers = static_cast<int64_t>(params.size()) / kParamsPerLayer;
   const int64_t k = param(params, 0, 5).size(0);
   std::vector<at::Tensor> grads(params.size());
