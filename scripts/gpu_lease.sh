@@ -46,7 +46,7 @@ bench() {  # bench CSV SECONDS ARGS...: one process per call, so that a CUDA err
     | grep -vE "^\s*$" | tail -12
 }
 summary() {  # summary LOG: pytest's result lines and failures
-  grep -E "pytest exit|[0-9]+ (passed|failed)" "$1" | tail -2
+  grep -E "pytest exit|[0-9]+ (passed|failed)" "$1" | tail -4
   grep -E "^(FAILED|ERROR)|crashed|Fatal Python" "$1" | head -${2:-12}
 }
 
@@ -79,10 +79,18 @@ if [ "$STAGE" = check ]; then
       >"$SYS/build.log" 2>&1; echo "system-g++ build exit $?" >>"$SYS/build.log"
     cp $SYS/lib/densenet_fast/_C*.so $SYS/root/densenet_fast/ 2>/dev/null ) &
   sys_pid=$!
-  ( echo "=== Triton tests"
-    timeout -k 5 "$(limit 330)" $PYTEST tests/test_triton_kernels.py tests/test_triton_conv3x3.py \
-      tests/test_triton_conv1x1_backward.py tests/test_triton_transition.py tests/test_triton_backend.py
-    echo "Triton tests: pytest exit $?" ) >"$OUT/tri.log" 2>&1 &
+  # Two runs: with autotuning on, every test's new shape timed every config of every kernel it
+  # called (compiling each), and the 2026-11-27 lease's group ran out of time at 70%. So the
+  # kernels' correctness runs on the default configs, then the tests named "autotuned" (realistic
+  # sizes, every config timed, the chosen one checked) with autotuning on.
+  TRITON_TESTS="tests/test_triton_kernels.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py
+    tests/test_triton_transition.py tests/test_triton_backend.py"
+  ( echo "=== Triton tests, default configs (DENSENET_FAST_TRITON_AUTOTUNE=0)"
+    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 200)" $PYTEST $TRITON_TESTS -k "not autotuned"
+    echo "Triton tests: pytest exit $?"
+    echo "=== Triton tests, autotuned"
+    timeout -k 5 "$(limit 100)" $PYTEST $TRITON_TESTS -k autotuned
+    echo "Triton autotuned tests: pytest exit $?" ) >"$OUT/tri.log" 2>&1 &
   tri_pid=$!
   wait $build_pid $sys_pid
   stamp "$(tail -1 "$OUT/build.log"); $(tail -1 $SYS/build.log)"
@@ -106,9 +114,9 @@ if [ "$STAGE" = check ]; then
   fi
 
   stamp "CUDA tests || compute-sanitizer"
-  ( echo "=== CUDA tests"
-    timeout -k 5 "$(limit 270)" $PYTEST tests/test_gpu.py tests/test_channel_stats.py tests/test_extension.py \
-      tests/test_fused_bn.py tests/test_cuda_backend.py tests/test_precision.py
+  ( echo "=== CUDA tests (the triton backend's rows of test_gpu.py on its default configs)"
+    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 270)" $PYTEST tests/test_gpu.py tests/test_channel_stats.py \
+      tests/test_extension.py tests/test_fused_bn.py tests/test_cuda_backend.py tests/test_precision.py
     echo "CUDA tests: pytest exit $?" ) >"$OUT/cu.log" 2>&1 &
   cu_pid=$!
   source scripts/sanitizer_selection.sh  # SAN, MEMCHECK_K, RACECHECK_K
@@ -147,7 +155,10 @@ if [ "$STAGE" = check ]; then
   stamp "DenseNet-121 fp32 NCHW"
   DENSENET_FAST_TRITON_AUTOTUNE=0 bench bench-default-configs.csv 80 --model densenet121 --batch 64 \
     --providers naive,triton,triton+graph
-  bench bench.csv 90 --model densenet121 --batch 64 --providers naive,cuda,cuda+graph,naive+graph
+  # cuda-saved keeps each layer's bottleneck instead of recomputing it (a 1x1 conv and a BN-ReLU pass
+  # per layer less in the backward); on the CPU at batch 4 torch-saved peaked at 0.32x naive's
+  # memory, inside the 3x target, where torch's recompute peaked at 0.19x.
+  bench bench.csv 100 --model densenet121 --batch 64 --providers naive,cuda,cuda-saved,cuda+graph,naive+graph
   stamp "DenseNet-BC-100 fp32 NCHW, the other providers"
   bench bench.csv 100 --model densenet_bc_100_12 --batch 64 --providers naive,checkpoint,torch,naive+graph,torch+graph
 fi
@@ -169,6 +180,8 @@ if [ "$STAGE" = more ]; then
   timeout -k 5 "$(limit 60)" $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
   stamp "bf16 channels_last"
   bench bench.csv 90 --model densenet_bc_100_12 --batch 64 --dtype bfloat16 --channels-last --providers naive,torch,cuda,triton
+  bench bench.csv 90 --model densenet121 --batch 64 --dtype bfloat16 --channels-last \
+    --providers naive,cuda,cuda-saved
   stamp "plain layers: DenseNet (L=40, k=12), each backend's BN-ReLU-Conv3x3 on the prefix"
   bench bench.csv 40 --model densenet_40_12 --batch 64 --providers naive,torch,cuda,triton
   stamp "FC-DenseNet103 (segmentation, 224x224)"
