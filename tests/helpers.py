@@ -114,3 +114,54 @@ def elf_needed(path: str) -> list:
                 start = strings + value
                 needed.append(data[start:data.index(b"\0", start)].decode())
     return needed
+
+
+def gpu_tiles(*config_lists) -> list:
+    """The distinct tile shapes (a config's kwargs: BLOCK_M, ...) of triton.Config lists, in a
+    fixed order. Configs that differ only in num_warps or num_stages share a tile: the interpreter
+    computes the same either way."""
+    seen = {}
+    for configs in config_lists:
+        for config in configs:
+            seen.setdefault(tuple(sorted(config.kwargs.items())), dict(config.kwargs))
+    return [seen[key] for key in sorted(seen)]
+
+
+def tile_id(tile: dict) -> str:
+    """A pytest id for a tile: {"BLOCK_M": 64, "BLOCK_K": 32} -> "M64-K32"."""
+    return "-".join(f"{name.replace('BLOCK_', '')}{size}" for name, size in tile.items())
+
+
+def paired_tiles(*tile_lists) -> list:
+    """One case per index of the longest list, each list's tile at that index (cycling the shorter
+    lists): every tile of every list runs once, in as many cases as the longest list has tiles."""
+    longest = max(len(tiles) for tiles in tile_lists)
+    return [tuple(tiles[i % len(tiles)] for tiles in tile_lists) for i in range(longest)]
+
+
+def paired_tile_ids(cases: list, kernels: tuple) -> list:
+    """pytest ids of paired_tiles cases: "fwd_M64-K32-dgrad_M64-N64-..." for kernels ("fwd", "dgrad", ...)."""
+    return ["-".join(f"{kernel}_{tile_id(tile)}" for kernel, tile in zip(kernels, case)) for case in cases]
+
+
+def set_attrs(monkeypatch, module, **values) -> None:
+    """monkeypatch.setattr(module, name, value) for each name=value (undone after the test; a name
+    module lacks raises)."""
+    for name, value in values.items():
+        monkeypatch.setattr(module, name, value)
+
+
+def every_tile_test(argnames: str, cases: list, ids: list):
+    """Decorates a test of the GPU tiles run in triton's interpreter: each case of `argnames`
+    (tiles) in both layouts and in float32 and float16 (the interpreter has no bfloat16); skipped
+    where the kernels run compiled (a GPU: there the autotuned tests run the configs)."""
+    import pytest
+    from densenet_fast import triton_kernels
+
+    def decorate(test):
+        test = pytest.mark.parametrize(argnames, cases, ids=ids)(test)
+        test = pytest.mark.parametrize("layout", ["nchw", "channels_last"])(test)
+        test = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])(test)
+        return pytest.mark.skipif(not triton_kernels.INTERPRET, reason="sets the interpreter's tiles; on a GPU "
+                                  "the autotuned tests run the configs")(test)
+    return decorate

@@ -47,7 +47,9 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
 # Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
+from densenet_fast.triton_kernels import conv1x1_backward as backward_module  # noqa: E402
 from densenet_fast.triton_kernels.conv1x1_backward import bn_relu_conv1x1_backward_triton  # noqa: E402
+from helpers import every_tile_test, gpu_tiles, tile_id  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
 DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
@@ -151,6 +153,33 @@ def test_conv1x1_backward(name, shape, c, b, layout, dtype, batch_stats):
     dx = gbuf[:, :c].double() - before[:, :c].double()
     _check((dx, grad_gamma, grad_beta, grad_weight), x, grad_out, weight, p, batch_stats,
            f"{name} {layout} {dtype} batch_stats={batch_stats}")
+
+
+_M = backward_module
+
+
+TILES = gpu_tiles(_M.CONFIGS_REDUCE_SM90, _M.CONFIGS_REDUCE_SM80, _M.CONFIGS_REDUCE_FMA, _M.CONFIGS_DX_SM90,
+                  _M.CONFIGS_DX_SM80, _M.CONFIGS_DX_FMA, [_M.SAFE_CONFIG])
+
+
+@every_tile_test("tile", TILES, [tile_id(t) for t in TILES])
+def test_every_gpu_tile(monkeypatch, tile, layout, dtype):
+    # Both passes on each tile of either pass's lists (masks and loop bounds follow BLOCK_M and
+    # BLOCK_C), which the interpreter's 16-wide default never exercises. M = 2*13*13 = 338 rows in
+    # programs of ROW_ALIGN rows, as on a GPU: 256 and a ragged 82. C = 73 of an 80-channel
+    # buffer: ragged against every BLOCK_C. B = 48 in a 64-wide BLOCK_B. Training statistics in
+    # fp32, fixed ones in fp16 (both passes' other branch).
+    monkeypatch.setattr(backward_module, "INTERPRET_CONFIG", tile)
+    monkeypatch.setattr(backward_module, "INTERPRET_ROWS_PER_PROG", backward_module.ROW_ALIGN)
+    batch_stats = dtype == torch.float32
+    c = 73
+    p = _problem((2, 80, 13, 13), c, 48, layout, dtype, batch_stats, seed=12)
+    x, weight, grad_out = p["x"], p["weight"].to(dtype), p["grad_out"].to(dtype)
+    before = p["gbuf"].clone()
+    grads = _run(p, x, grad_out, weight, p["gbuf"][:, :c], batch_stats)
+    assert torch.equal(p["gbuf"][:, c:], before[:, c:]), "channels outside grad_x_acc were written"
+    dx = p["gbuf"][:, :c].double() - before[:, :c].double()
+    _check((dx, *grads), x, grad_out, weight, p, batch_stats, f"tile {tile_id(tile)} {layout} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

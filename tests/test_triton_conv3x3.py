@@ -48,11 +48,13 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
 # Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
+from densenet_fast.triton_kernels import conv3x3 as conv3x3_module  # noqa: E402
 from densenet_fast.triton_kernels.conv3x3 import (  # noqa: E402
     bn_relu_conv3x3_backward_triton,
     bn_relu_conv3x3_triton,
 )
-from helpers import assert_close_report  # noqa: E402
+from helpers import (assert_close_report, every_tile_test, gpu_tiles, paired_tile_ids, paired_tiles,  # noqa: E402
+                     set_attrs, tile_id)
 from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
@@ -430,6 +432,36 @@ def test_backward_errors_name_the_tensor():
         bwd(grad_out, x, weight[:, :7], v, v, v, v, True)
     with pytest.raises(ValueError, match="beta must be on x's device"):
         bwd(grad_out, x, weight, v, v, v, torch.ones(8, device="meta"), True)
+
+
+# --------------------------------------------------------------------------------------------
+# Every GPU tile in the interpreter
+# --------------------------------------------------------------------------------------------
+
+_M = conv3x3_module
+# (forward, dgrad, wgrad) tiles: every distinct tile of each kernel's lists runs in some case.
+GPU_TILES = paired_tiles(
+    gpu_tiles(_M.CONFIGS_FWD_SM90, _M.CONFIGS_FWD_SM80, _M.CONFIGS_FWD_SM90_NCHW_FP32,
+              _M.CONFIGS_FWD_SM80_NCHW_FP32, _M.CONFIGS_FWD_FMA),
+    gpu_tiles(_M.CONFIGS_DGRAD_SM90, _M.CONFIGS_DGRAD_SM80, _M.CONFIGS_DGRAD_FMA),
+    gpu_tiles(_M.CONFIGS_WGRAD_SM90, _M.CONFIGS_WGRAD_SM80, _M.CONFIGS_WGRAD_FMA),
+)
+
+
+@every_tile_test("fwd,dgrad,wgrad", GPU_TILES, paired_tile_ids(GPU_TILES, ("fwd", "dgrad", "wgrad")))
+def test_every_gpu_tile(monkeypatch, fwd, dgrad, wgrad, layout, dtype):
+    # The tiles a GPU runs (masks and loop bounds follow them), which the interpreter's 16-wide
+    # defaults never exercise. M = 2*13*13 = 338 rows: two row tiles of the widest (256), the
+    # second ragged, and three wgrad programs of WGRAD_ROW_QUANTUM rows as on a GPU (the last
+    # ragged). B = 48 at offset 3 of a 53-channel buffer: one and a half 32-wide channel steps,
+    # narrower than the 64/128-wide dgrad tiles. K = 12.
+    set_attrs(monkeypatch, conv3x3_module, INTERPRET_FWD=fwd, INTERPRET_DGRAD=dgrad, INTERPRET_WGRAD=wgrad,
+              INTERPRET_WGRAD_ROWS=conv3x3_module.WGRAD_ROW_QUANTUM)
+    x = _buffer((2, 53, 13, 13), layout, dtype, seed=40, loc=0.2)[:, 3:51]
+    name = f"fwd {tile_id(fwd)} dgrad {tile_id(dgrad)} wgrad {tile_id(wgrad)} {layout} {dtype}"
+    _check_forward(x, 12, seed=41, name=name)
+    for batch_stats in (True, False):
+        _check_backward(x, 12, batch_stats, torch.float32, seed=42, name=f"{name} batch_stats={batch_stats}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Without a GPU they run on CPU tensors through triton's interpreter: tests/confte
 TRITON_INTERPRET=1 before any test module imports the kernels (@triton.jit reads it when it
 decorates). With a GPU the same tests run on CUDA with the compiled, autotuned kernels, plus the
 bf16 and autotuning tests marked below. Shapes are tiny because the interpreter runs every
-program in Python, one after another.
+program in Python, one after another. The interpreter runs one fixed 16-wide tile; the tiles of
+the GPU config lists run in it too, in the every_gpu_tile tests (here and in the other kernels'
+test files).
 
 Tolerance policy (style.md, "Tests"). Every result is compared with a float64 reference
 (densenet_fast.reference.*_ref on the same data upcast), and low-precision GEMM outputs also with
@@ -52,9 +54,10 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
 # Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
+from densenet_fast.triton_kernels import bn_relu_conv1x1 as conv1x1_module  # noqa: E402
 from densenet_fast.triton_kernels.bn_relu_conv1x1 import bn_relu_conv1x1_triton  # noqa: E402
 from densenet_fast.triton_kernels.channel_stats import channel_stats_triton  # noqa: E402
-from helpers import assert_close_report  # noqa: E402
+from helpers import assert_close_report, every_tile_test, gpu_tiles, tile_id  # noqa: E402
 from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
@@ -261,6 +264,25 @@ def test_errors_name_the_tensor():
         bn_relu_conv1x1_triton(x, scale, shift.half(), weight)
     with pytest.raises(ValueError, match=r"weight must have shape \(Cout, 12\)"):
         bn_relu_conv1x1_triton(x, scale, shift, torch.randn(24, 13, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------
+# Every GPU tile in the interpreter
+# --------------------------------------------------------------------------------------------
+
+
+TILES_1X1 = gpu_tiles(conv1x1_module.CONFIGS_SM90, conv1x1_module.CONFIGS_SM80, conv1x1_module.CONFIGS_FMA)
+
+
+@every_tile_test("tile", TILES_1X1, [tile_id(t) for t in TILES_1X1])
+def test_bn_relu_conv1x1_every_gpu_tile(monkeypatch, tile, layout, dtype):
+    # The tiles a GPU runs (masks and loop bounds follow BLOCK_M/N/K), which the interpreter's
+    # 16-wide default never exercises. M = 2*13*13 = 338 rows: two row tiles of the widest
+    # (256), the second ragged. C = 37 channels at offset 5 of a 44-channel buffer: a full and a
+    # partial 32-wide K step, or one partial 64-wide one. Cout = 48: narrower than every BLOCK_N.
+    monkeypatch.setattr(conv1x1_module, "INTERPRET_CONFIG", tile)
+    x = _buffer((2, 44, 13, 13), layout, dtype, seed=21, loc=0.3, spread=1.5)[:, 5:42]
+    _check_bn_relu_conv1x1(x, 48, seed=22, name=f"tile {tile_id(tile)} {layout} {dtype}")
 
 
 # --------------------------------------------------------------------------------------------

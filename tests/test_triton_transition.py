@@ -49,11 +49,13 @@ if not triton_kernels.INTERPRET and not torch.cuda.is_available():
 # Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
+from densenet_fast.triton_kernels import transition as transition_module  # noqa: E402
 from densenet_fast.triton_kernels.transition import (  # noqa: E402
     bn_relu_pool_conv1x1_backward_triton,
     bn_relu_pool_conv1x1_triton,
 )
 from builders import seeded_buffer  # noqa: E402
+from helpers import every_tile_test, gpu_tiles, paired_tile_ids, paired_tiles, set_attrs, tile_id  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
 DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
@@ -125,6 +127,19 @@ def _forward_case(name, shape, channels, cout, layout, dtype, seed):
     scale = gamma.float() * invstd32
     shift = beta.float() - mean32 * scale
     return x, (mean, var, gamma, beta, weight), scale, shift
+
+
+def _check_forward(shape, channels, cout, layout, dtype, seed, name):
+    """The forward on a _forward_case against the float64 reference (and the naive run in x's
+    dtype for fp16/bf16)."""
+    x, (mean, var, gamma, beta, weight), scale, shift = _forward_case(name, shape, channels, cout, layout, dtype,
+                                                                      seed)
+    out = bn_relu_pool_conv1x1_triton(x, scale, shift, weight.to(dtype))
+    exact = transition_ref(x.double(), mean, var, gamma, beta, EPS, weight)
+    naive = None
+    if dtype != torch.float32:
+        naive = transition_ref(x, *(t.to(dtype) for t in (mean, var, gamma, beta)), EPS, weight.to(dtype))
+    _compare(out, naive, exact, dtype, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -356,6 +371,34 @@ def test_errors_name_the_tensor():
 
 
 # --------------------------------------------------------------------------------------------
+# Every GPU tile in the interpreter
+# --------------------------------------------------------------------------------------------
+
+_M = transition_module
+# (forward, dgrad, wgrad) tiles: every distinct tile of each kernel's lists runs in some case.
+GPU_TILES = paired_tiles(gpu_tiles(_M.FWD_CONFIGS_SM90, _M.FWD_CONFIGS_SM80, _M.FWD_CONFIGS_FMA),
+                         gpu_tiles(_M.DGRAD_CONFIGS_SM90, _M.DGRAD_CONFIGS_SM80),
+                         gpu_tiles(_M.WGRAD_CONFIGS_SM90, _M.WGRAD_CONFIGS_SM80, _M.WGRAD_CONFIGS_FMA))
+
+
+@every_tile_test("fwd,dgrad,wgrad", GPU_TILES, paired_tile_ids(GPU_TILES, ("fwd", "dgrad", "wgrad")))
+def test_every_gpu_tile(monkeypatch, fwd, dgrad, wgrad, layout, dtype):
+    # The tiles a GPU runs (masks and loop bounds follow them), which the interpreter's 16-wide
+    # defaults never exercise. 26x27 images (odd W: a dropped pixel column), batch 2: P = 338
+    # pooled rows, two row tiles of the widest (256), the second ragged; the wgrad splits them
+    # into 200 + 138 rows, not a multiple of any BLOCK_P (a GPU's splits need not be either).
+    # C = 73 of an 80-channel buffer, Cout = 37: ragged against every channel tile. Training
+    # statistics in fp32, fixed ones in fp16.
+    set_attrs(monkeypatch, transition_module, INTERPRET_FWD=fwd, INTERPRET_DGRAD=dgrad, INTERPRET_WGRAD=wgrad,
+              INTERPRET_WGRAD_ROWS_PER_SPLIT=200)
+    name = f"fwd {tile_id(fwd)} dgrad {tile_id(dgrad)} wgrad {tile_id(wgrad)} {layout} {dtype}"
+    shape, channels, cout = (2, 80, 26, 27), slice(3, 76), 37
+    _check_forward(shape, channels, cout, layout, dtype, seed=21, name=f"{name} forward")
+    x, params, grad_out = _backward_case(shape, channels, cout, layout, dtype, seed=22)
+    _check_backward(x, params, grad_out, dtype == torch.float32, f"{name} backward")
+
+
+# --------------------------------------------------------------------------------------------
 # GPU only: autotuned configurations on realistic sizes
 # --------------------------------------------------------------------------------------------
 
@@ -367,14 +410,7 @@ def test_autotuned_realistic_size(layout, dtype):
     # A DenseNet-121-like transition on a slice of a wider buffer: C = 250 of 256 channels,
     # Cout = 125, 16x15 (odd W), batch 8: many row tiles, several K steps, wgrad splits.
     shape, channels, cout = (8, 256, 16, 15), slice(3, 253), 125
-    x, (mean, var, gamma, beta, weight), scale, shift = _forward_case("gpu", shape, channels, cout, layout,
-                                                                      dtype, seed=9)
-    out = bn_relu_pool_conv1x1_triton(x, scale, shift, weight.to(dtype))
-    exact = transition_ref(x.double(), mean, var, gamma, beta, EPS, weight)
-    naive = None
-    if dtype != torch.float32:
-        naive = transition_ref(x, *(t.to(dtype) for t in (mean, var, gamma, beta)), EPS, weight.to(dtype))
-    _compare(out, naive, exact, dtype, f"autotuned forward {layout} {dtype}")
+    _check_forward(shape, channels, cout, layout, dtype, seed=9, name=f"autotuned forward {layout} {dtype}")
     for batch_stats in (True, False):
         x, params, grad_out = _backward_case(shape, channels, cout, layout, dtype, seed=10)
         _check_backward(x, params, grad_out, batch_stats, f"autotuned backward {layout} {dtype} {batch_stats}")
