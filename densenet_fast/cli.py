@@ -344,6 +344,10 @@ def _common(p: argparse.ArgumentParser, repeats: dict) -> None:
     p.add_argument("--warmup", type=int, help="untimed steps before timing, after the memory step "
                    "(default: cpu %d, cuda %d)" % (DEFAULT_WARMUP["cpu"], DEFAULT_WARMUP["cuda"]))
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time the algorithms of each convolution shape and keep the fastest "
+                        "(torch.backends.cudnn.benchmark = True, as training scripts usually set; timed in the "
+                        "unmeasured settling step); default: cuDNN's heuristics")
     p.add_argument("--plain", action="store_true", help="plain-text output even when rich is installed")
 
 
@@ -411,7 +415,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        saved_benchmark = torch.backends.cudnn.benchmark
+        try:  # restored: tests call main() in their own process
+            if getattr(args, "cudnn_benchmark", False):
+                torch.backends.cudnn.benchmark = True
+            return args.func(args)
+        finally:
+            torch.backends.cudnn.benchmark = saved_benchmark
     except BenchError as exc:
         print(f"densenet-fast: error: {exc}", file=sys.stderr)
         return 2

@@ -182,6 +182,9 @@ if [ "$STAGE" = more ]; then
   bench bench.csv 90 --model densenet_bc_100_12 --batch 64 --dtype bfloat16 --channels-last --providers naive,torch,cuda,triton
   bench bench.csv 90 --model densenet121 --batch 64 --dtype bfloat16 --channels-last \
     --providers naive,cuda,cuda-saved
+  # What a training script sets: cuDNN times each convolution shape's algorithms (naive's convs and
+  # the cuda backend's 3x3s; its 1x1s are cuBLAS GEMMs). The rows say cudnn_benchmark=on.
+  bench bench.csv 90 --model densenet121 --batch 64 --cudnn-benchmark --providers naive,cuda,cuda-saved
   stamp "plain layers: DenseNet (L=40, k=12), each backend's BN-ReLU-Conv3x3 on the prefix"
   bench bench.csv 40 --model densenet_40_12 --batch 64 --providers naive,torch,cuda,triton
   stamp "FC-DenseNet103 (segmentation, 224x224)"

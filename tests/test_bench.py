@@ -4,6 +4,7 @@ requests end with one line and exit status 2."""
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from datetime import datetime
@@ -258,6 +259,52 @@ def test_rows_record_the_fp32_conv_precision_ieee_on_the_cpu():
             assert harness.environment("cpu")["fp32_convs"] == "ieee"
     finally:
         conv.fp32_precision = saved
+
+
+def test_cudnn_benchmark_flag_holds_for_the_run_only(monkeypatch):
+    """--cudnn-benchmark turns torch.backends.cudnn.benchmark on while the cases run and back off
+    after; rows record it ("n/a" on the CPU, where cuDNN does not run)."""
+    assert "cudnn_benchmark" in harness.CSV_FIELDS
+    assert harness.environment("cpu")["cudnn_benchmark"] == "n/a"
+    seen = []
+
+    def measure(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        raise KeyboardInterrupt  # stop before anything runs: main() returns 130
+
+    monkeypatch.setattr(cli, "measure", measure)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    base = ["bench", "--model", TINY, "--batch", "2", "--image-size", "8", "--plain"]
+    assert cli.main(base + ["--cudnn-benchmark"]) == 130
+    assert cli.main(base) == 130
+    assert seen == [True, False]
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_csv_written_by_an_older_version_gets_the_new_columns(tmp_path):
+    """Appending to a CSV whose header lacks this version's newer columns rewrites it first with
+    the current header (old rows keep their values, new columns empty), so rows line up; a CSV
+    with a column this version does not know is refused with its name."""
+    old_fields = [f for f in harness.CSV_FIELDS if f != "cudnn_benchmark"]
+    old_fields[-1], old_fields[-2] = old_fields[-2], old_fields[-1]  # another order, too
+    path = tmp_path / "old.csv"
+    old_row = {f: f"old-{f}" for f in old_fields}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        writer.writerow(old_row)
+    new_row = {f: f"new-{f}" for f in harness.CSV_FIELDS}
+    harness.write_csv([new_row], path)
+    rows = harness.read_csv(path)
+    assert tuple(rows[0]) == harness.CSV_FIELDS
+    assert rows[0] == {**{f: f"old-{f}" for f in old_fields}, "cudnn_benchmark": ""}
+    assert rows[1] == new_row
+
+    alien = tmp_path / "alien.csv"
+    alien.write_text(",".join(harness.CSV_FIELDS) + ",gpu_watts\n")
+    with pytest.raises(harness.BenchError, match="columns gpu_watts are not this version's"):
+        harness.write_csv([new_row], alien)
+    assert alien.read_text() == ",".join(harness.CSV_FIELDS) + ",gpu_watts\n"
 
 
 @pytest.mark.parametrize("name", ["densenet_bc_40_12", "densenet_40_12", "densenet121"])

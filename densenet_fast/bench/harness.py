@@ -84,8 +84,10 @@ METRIC_FIELDS: Tuple[str, ...] = (
 )
 # fp32_convs: "tf32" or "ieee", what cuDNN's float32 convolutions, and so our GEMMs and Triton dots
 # (ops.precision), may use in a GPU run; "ieee" on the CPU, which computes IEEE float32 either way.
+# cudnn_benchmark: "on" when cuDNN chose each convolution's algorithm by timing them
+# (torch.backends.cudnn.benchmark, `--cudnn-benchmark`), "off" for its heuristics; "n/a" on the CPU.
 META_FIELDS: Tuple[str, ...] = ("device", "device_name", "torch", "triton", "cuda", "git_sha", "date", "threads",
-                                "run", "fp32_convs")
+                                "run", "fp32_convs", "cudnn_benchmark")
 CSV_FIELDS: Tuple[str, ...] = CASE_FIELDS + METRIC_FIELDS + META_FIELDS
 
 
@@ -572,7 +574,9 @@ def environment(device: str) -> dict:
             "triton": package_version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
             "date": now.isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
             "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}",
-            "fp32_convs": "tf32" if torch.device(device).type == "cuda" and conv_tf32_allowed() else "ieee"}
+            "fp32_convs": "tf32" if torch.device(device).type == "cuda" and conv_tf32_allowed() else "ieee",
+            "cudnn_benchmark": ("on" if torch.backends.cudnn.benchmark else "off")
+            if torch.device(device).type == "cuda" else "n/a"}
 
 
 def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/results")) -> Path:
@@ -581,10 +585,17 @@ def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/resul
 
 
 def write_csv(rows: Iterable[dict], path: os.PathLike) -> Path:
-    """Append rows to `path` (header written when the file is new); returns the path."""
+    """Append rows to `path` (header written when the file is new); returns the path.
+
+    A file written by an earlier version, whose columns are a subset of CSV_FIELDS in another
+    order or with some missing, is first rewritten with CSV_FIELDS (its rows keep their values,
+    the new columns stay empty), so that appended rows line up with the header. A file with
+    columns this version does not know raises BenchError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        _upgrade_header(path)
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
@@ -592,6 +603,23 @@ def write_csv(rows: Iterable[dict], path: os.PathLike) -> Path:
         for row in rows:
             writer.writerow(row)
     return path
+
+
+def _upgrade_header(path: Path) -> None:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        if header == list(CSV_FIELDS):
+            return
+        unknown = [name for name in header if name not in CSV_FIELDS]
+        if unknown:
+            raise BenchError(f"{path}: columns {', '.join(unknown)} are not this version's ({len(CSV_FIELDS)} "
+                             "columns); write to another file with --out")
+        old_rows = list(reader)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows)
 
 
 def read_csv(path: os.PathLike) -> List[dict]:

@@ -77,6 +77,7 @@ def conditions(row: dict) -> str:
     return (f"batch {row['batch']}, {row['image_size']}x{row['image_size']}, {row['dtype']}, {layout} on "
             f"{row['device_name']} ({row['device']}, {row['threads']} threads); torch {row['torch']}, "
             f"CUDA {row['cuda']}, triton {row['triton']}; git {row['git_sha']}; {row['date']}. "
+            f"{'cuDNN benchmark mode. ' if row.get('cudnn_benchmark') == 'on' else ''}"
             f"Time: median of {row['repeats']} steps ({timer}) after {row['warmup']} warm-up steps and the "
             f"memory step; peak memory: {memory}, in a separate step, above the pre-step baseline.")
 
