@@ -4,7 +4,7 @@
 
 Every op reads a channel slice of a realistic block buffer (DenseNet-BC-100 block 1 at batch 64:
 N=64, 32x32, the last layer's prefix of 204 channels; DenseNet-121 block 1 at batch 64: 56x56, 224
-channels) and is timed with triton.testing.do_bench (CUDA events, median).  "Bytes" is the fewest
+channels; DenseNet-BC-100 block 3: 8x8, 330 channels) and is timed with triton.testing.do_bench (CUDA events, median).  "Bytes" is the fewest
 bytes the op must move (every input read once, every output written once); GB/s = bytes / median
 time; pct_of_copy divides by the copy ceiling measured in the same run (a large D2D copy, bytes
 read plus bytes written).  GEMM-like ops also report TFLOP/s.  Rows go to a CSV with the device,
@@ -49,8 +49,11 @@ class Shape:
 
 
 # The last layer of each model's first block at batch 64: BC-100 24 + 15*12 = 204 of 216 channels,
-# DenseNet-121 64 + 5*32 = 224 of 256.
-SHAPES = [Shape("bc100-b1", 64, 204, 216, 32, 32, 48, 12), Shape("d121-b1", 64, 224, 256, 56, 56, 128, 32)]
+# DenseNet-121 64 + 5*32 = 224 of 256. Then BC-100's third block (8x8, M = 4,096 rows; 150 + 15*12 =
+# 330 of 342 channels), where the 2026-11-27 lease's autotuning timed the Triton backward kernels
+# at several times their byte floor (benchmarks/NOTES-gpu.md).
+SHAPES = [Shape("bc100-b1", 64, 204, 216, 32, 32, 48, 12), Shape("d121-b1", 64, 224, 256, 56, 56, 128, 32),
+          Shape("bc100-b3", 64, 330, 342, 8, 8, 48, 12)]
 
 
 def copy_bandwidth(device: str) -> float:

@@ -177,7 +177,9 @@ if [ "$STAGE" = more ]; then
   timeout -k 5 "$(limit 45)" $PY scripts/profile_step.py --device cuda --model densenet121 --batch 64 \
     --providers naive,cuda --top 15 --out "$OUT/profile-d121.json" 2>&1 | tail -50
   stamp "per-op bandwidth (rows printed as measured)"
-  timeout -k 5 "$(limit 60)" $PY benchmarks/bench_ops.py --out "$OUT/ops.csv" 2>&1 | tail -60
+  # float32 first, NCHW first: the layout and dtype of the model benchmarks above (bf16 if time is left)
+  timeout -k 5 "$(limit 60)" $PY benchmarks/bench_ops.py --dtype float32,bfloat16 --layout nchw,nhwc \
+    --out "$OUT/ops.csv" 2>&1 | tail -80
   stamp "bf16 channels_last"
   bench bench.csv 90 --model densenet_bc_100_12 --batch 64 --dtype bfloat16 --channels-last --providers naive,torch,cuda,triton
   bench bench.csv 90 --model densenet121 --batch 64 --dtype bfloat16 --channels-last \
