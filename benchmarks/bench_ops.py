@@ -5,11 +5,12 @@
 Every op reads a channel slice of a realistic block buffer (DenseNet-BC-100 block 1 at batch 64:
 N=64, 32x32, the last layer's prefix of 204 channels; DenseNet-121 block 1 at batch 64: 56x56, 224
 channels; DenseNet-BC-100 block 3: 8x8, 330 channels) and is timed with triton.testing.do_bench
-(CUDA events, median).  "Bytes" is the fewest bytes the op must move (every input read once,
-every output written once); GB/s = bytes / median time; pct_of_copy divides by the copy ceiling measured in the same run (a large D2D copy, bytes
-read plus bytes written).  GEMM-like ops also report TFLOP/s.  Rows go to a CSV with the device,
-versions and git sha (densenet_fast.bench.harness.environment); ops whose kernels are missing in
-this installation are skipped with a status.
+(CUDA events, median).  "Bytes" is the fewest bytes the op must move (every input read once, every
+output written once); GB/s = bytes / median time; pct_of_copy divides by the copy ceiling measured
+in the same run (a large D2D copy, bytes read plus bytes written). GEMM-like ops also report
+TFLOP/s. Rows go to a CSV with the device, versions and git sha
+(densenet_fast.bench.harness.environment); ops whose kernels are missing in this installation are
+skipped with a status.
 
 Needs a GPU.  Shapes are per (model, dtype); inputs are random (never zeros).
 """
