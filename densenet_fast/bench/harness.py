@@ -570,13 +570,13 @@ def package_version(name: str) -> str:
 def environment(device: str) -> dict:
     """The metadata columns every row carries."""
     now = datetime.now(timezone.utc)
-    return {"device": torch.device(device).type, "device_name": device_name(device), "torch": torch.__version__,
+    kind = torch.device(device).type
+    return {"device": kind, "device_name": device_name(device), "torch": torch.__version__,
             "triton": package_version("triton"), "cuda": torch.version.cuda or "none", "git_sha": git_sha(),
             "date": now.isoformat(timespec="seconds"), "threads": torch.get_num_threads(),
             "run": now.strftime("%Y%m%dT%H%M%S.%f") + f"-{os.getpid()}",
-            "fp32_convs": "tf32" if torch.device(device).type == "cuda" and conv_tf32_allowed() else "ieee",
-            "cudnn_benchmark": ("on" if torch.backends.cudnn.benchmark else "off")
-            if torch.device(device).type == "cuda" else "n/a"}
+            "fp32_convs": "tf32" if kind == "cuda" and conv_tf32_allowed() else "ieee",
+            "cudnn_benchmark": ("on" if torch.backends.cudnn.benchmark else "off") if kind == "cuda" else "n/a"}
 
 
 def default_csv_path(kind: str, device: str, root: Path = Path("benchmarks/results")) -> Path:
