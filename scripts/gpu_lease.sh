@@ -79,10 +79,11 @@ if [ "$STAGE" = check ]; then
       >"$SYS/build.log" 2>&1; echo "system-g++ build exit $?" >>"$SYS/build.log"
     cp $SYS/lib/densenet_fast/_C*.so $SYS/root/densenet_fast/ 2>/dev/null ) &
   sys_pid=$!
-  # Two runs: with autotuning on, every test's new shape timed every config of every kernel it
-  # called (compiling each), and the 2026-11-27 lease's group ran out of time at 70%. So the
-  # kernels' correctness runs on the default configs, then the tests named "autotuned" (realistic
-  # sizes, every config timed, the chosen one checked) with autotuning on.
+  # Two runs: the 2026-11-27 lease's group ran out of time at 70%, most likely because with
+  # autotuning on every test's new shape compiled and timed every config of every kernel it
+  # called (not measured). So the kernels' correctness runs on the default configs, then the tests
+  # named "autotuned" (realistic sizes, every config timed, the chosen one checked) with autotuning
+  # on.
   TRITON_TESTS="tests/test_triton_kernels.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py
     tests/test_triton_transition.py tests/test_triton_backend.py"
   ( echo "=== Triton tests, default configs (DENSENET_FAST_TRITON_AUTOTUNE=0)"
