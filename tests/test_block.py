@@ -530,6 +530,47 @@ def test_bn_affine_memo():
     assert_close(got[2], w * invstd, torch.float32, "scale of inference tensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [False, True], ids=["running-stats", "batch-stats"])
+def test_bn_backward_passes_statistics_in_the_accumulate_type(dtype, batch):
+    """bn_backward hands native_batch_norm_backward its weight and statistics in float32 for 16-bit
+    x, also when the statistics are a fp16/bf16 model's running buffers (eval): CUDA's
+    channels_last kernel refuses 16-bit save_mean ("expected scalar type Float but found Half",
+    H200, torch 2.11), which the CPU kernel accepts. The gradients match float64 formulas to the
+    16-bit inputs' rounding (TOLERANCES of the dtype)."""
+    from densenet_fast.ops.bn_relu import NormStats, bn_backward
+
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 3, 5, 5, generator=g) * 2 + 0.5).to(dtype).to(memory_format=torch.channels_last)
+    dy = torch.randn(4, 3, 5, 5, generator=g).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.tensor([1.5, -0.5, 2.0]).to(dtype)
+    if batch:
+        var, mean = torch.var_mean(x.double(), dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = torch.tensor([0.25, 0.5, -1.0]), torch.tensor([2.0, 4.5, 3.0])
+    stats_dtype = torch.float32 if batch else dtype  # a model cast to 16 bits keeps 16-bit running buffers
+    stats = NormStats(mean.to(stats_dtype), var.to(stats_dtype), batch)
+    log = DispatchLog(lambda func, args: [a.dtype for a in args[2:7] if isinstance(a, torch.Tensor)]
+                      if func.name() == "aten::native_batch_norm_backward" else None)
+    with log:
+        gx, gw, gb = bn_backward(dy, x, stats, w, 1e-5)
+    assert log.entries and all(d == torch.float32 for d in log.entries[0]), log.entries
+
+    xd, dyd, wd = x.double(), dy.double(), w.double().view(1, -1, 1, 1)
+    md, vd = stats.mean.double().view(1, -1, 1, 1), stats.var.double().view(1, -1, 1, 1)
+    invstd = (vd + 1e-5).rsqrt()
+    xhat = (xd - md) * invstd
+    ref_gw, ref_gb = (dyd * xhat).sum((0, 2, 3)), dyd.sum((0, 2, 3))
+    ref_gx = wd * invstd * dyd
+    if batch:
+        n = x.numel() // x.shape[1]
+        ref_gx = wd * invstd * (dyd - ref_gb.view(1, -1, 1, 1) / n - xhat * ref_gw.view(1, -1, 1, 1) / n)
+    assert (gx.dtype, gw.dtype, gb.dtype) == (dtype, dtype, dtype)
+    assert_close(gx, ref_gx, dtype, "grad x")
+    assert_close(gw, ref_gw, dtype, "grad weight")
+    assert_close(gb, ref_gb, dtype, "grad bias")
+
+
 @pytest.mark.parametrize("bn_size, kept", [(1, 3), (4, 0)], ids=["narrow-bottleneck", "wide-bottleneck"])
 def test_backward_reuses_the_recomputed_prefix(bn_size, kept):
     """With the bottleneck recomputed and the prefix in one chunk, the backward keeps

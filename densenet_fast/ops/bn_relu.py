@@ -277,12 +277,17 @@ def bn_backward(grad_y: Tensor, x: Tensor, stats: NormStats, weight: Tensor, eps
     x = _packed_on_cpu(x)
     if stats.batch and stats.group is not None:
         return _synced_bn_backward(grad_y, x, stats, weight, eps)
-    w = _as_dtype(weight, stats.mean.dtype)
-    invstd = torch.rsqrt(stats.var + eps)
+    # Statistics and weight in the accumulate type (float32 for 16-bit x): CUDA's channels_last
+    # kernel requires it of save_mean / save_invstd ("expected scalar type Float but found Half" in
+    # eval, where a model cast to fp16 has fp16 running statistics; H200, torch 2.11), and both
+    # devices' mixed-type paths want weight and running statistics in that one dtype.
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mean, var, w = _as_dtype(stats.mean, acc), _as_dtype(stats.var, acc), _as_dtype(weight, acc)
+    invstd = torch.rsqrt(var + eps)
     # save_mean / save_invstd are passed in eval too: CUDA's kernel asserts they are defined on
     # its channels_last path ("save_mean should always be defined", seen on an H200, torch 2.11)
-    running = (None, None) if stats.batch else (stats.mean, stats.var)
-    gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, *running, stats.mean, invstd, stats.batch, eps,
+    running = (None, None) if stats.batch else (mean, var)
+    gx, gw, gb = aten.native_batch_norm_backward(grad_y, x, w, *running, mean, invstd, stats.batch, eps,
                                                  [True, True, True])
     return gx, _as_dtype(gw, weight.dtype), _as_dtype(gb, weight.dtype)
 
