@@ -145,21 +145,28 @@ def _triton_launchers():
     if not triton_kernels.HAS_TRITON:
         pytest.skip(f"needs triton ({triton_kernels.IMPORT_ERROR})")
     from densenet_fast.triton_kernels import bn_relu_conv1x1, conv1x1_backward, conv3x3, transition
+    # the launchers take CPU tensors only in the interpreter (the H200 run of this test passed CPU
+    # tensors to the compiled kernels' launchers, which refused them)
+    if not triton_kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need a CUDA device (or TRITON_INTERPRET=1)")
+    dev = "cpu" if triton_kernels.INTERPRET else "cuda"
+
+    def rand(*shape):
+        return torch.randn(*shape, device=dev)
+
     n, c, h, w, b = 2, 8, 4, 4, 16
-    x = torch.randn(n, c, h, w)
-    vec = torch.ones(c)
-    bt = torch.randn(n, b, h, w)
-    bvec = torch.ones(b)
+    x, bt = rand(n, c, h, w), rand(n, b, h, w)
+    vec, bvec = torch.ones(c, device=dev), torch.ones(b, device=dev)
     return [
-        (bn_relu_conv1x1, lambda: bn_relu_conv1x1.bn_relu_conv1x1_triton(x, vec, vec, torch.randn(b, c, 1, 1))),
+        (bn_relu_conv1x1, lambda: bn_relu_conv1x1.bn_relu_conv1x1_triton(x, vec, vec, rand(b, c, 1, 1))),
         (conv1x1_backward, lambda: conv1x1_backward.bn_relu_conv1x1_backward_triton(
-            torch.randn(n, b, h, w), x, torch.randn(b, c, 1, 1), vec, vec, vec, vec, True, torch.zeros_like(x))),
-        (conv3x3, lambda: conv3x3.bn_relu_conv3x3_triton(bt, bvec, bvec, torch.randn(4, b, 3, 3))),
+            rand(n, b, h, w), x, rand(b, c, 1, 1), vec, vec, vec, vec, True, torch.zeros_like(x))),
+        (conv3x3, lambda: conv3x3.bn_relu_conv3x3_triton(bt, bvec, bvec, rand(4, b, 3, 3))),
         (conv3x3, lambda: conv3x3.bn_relu_conv3x3_backward_triton(
-            torch.randn(n, 4, h, w), bt, torch.randn(4, b, 3, 3), bvec, bvec, bvec, bvec, True)),
-        (transition, lambda: transition.bn_relu_pool_conv1x1_triton(x, vec, vec, torch.randn(4, c, 1, 1))),
+            rand(n, 4, h, w), bt, rand(4, b, 3, 3), bvec, bvec, bvec, bvec, True)),
+        (transition, lambda: transition.bn_relu_pool_conv1x1_triton(x, vec, vec, rand(4, c, 1, 1))),
         (transition, lambda: transition.bn_relu_pool_conv1x1_backward_triton(
-            torch.randn(n, 4, h // 2, w // 2), x, torch.randn(4, c, 1, 1), vec, vec, vec, vec, True)),
+            rand(n, 4, h // 2, w // 2), x, rand(4, c, 1, 1), vec, vec, vec, vec, True)),
     ]
 
 
