@@ -34,14 +34,36 @@ SOURCES = ["csrc/ops.cpp", "csrc/channel_stats_cpu.cpp", "csrc/channel_stats.cu"
            "csrc/bn_relu.cu", "csrc/dense_block.cpp"]
 SKIP_ENV = "DENSENET_FAST_SKIP_CUDA_BUILD"
 FORCE_ENV = "DENSENET_FAST_FORCE_CUDA_BUILD"
-# Linked after the objects: the C++ runtime stays the shared libstdc++ that torch uses, even where
-# the compiler links its own copy in statically (-static-libstdc++, a wrapper's default). The H200
-# machines' /opt/gcc/bin/g++ did: their extension had no libstdc++.so.6 in NEEDED and exported
-# ~2,000 std:: symbols of its own copy, and the first C++ exception thrown from it killed Python
-# with a segfault (2026-11-26/27 leases; the system g++ build raised). Reproduced on Debian's g++
-# 12 with -static-libstdc++: numbers formatted into the error messages vanished ("got " for "got 3"),
-# and with -static-libgcc too a throw aborted. With -lstdc++ both built clean.
-LINK_ARGS = ["-lstdc++"] if sys.platform.startswith("linux") else []
+# The C++ runtime must stay the shared libstdc++ that torch uses, even where the compiler links
+# its own copy in statically. The H200 machines' /opt/gcc/bin/g++ does: its extension had no
+# libstdc++.so.6 in NEEDED and exported ~2,000 std:: symbols of its own copy, and the first C++
+# exception thrown from it killed Python with a segfault (2026-11-26/27 leases; the system g++
+# build raised). Reproduced on Debian's g++ 12 with -static-libstdc++: numbers formatted into the
+# error messages vanished ("got " for "got 3"), and with -static-libgcc too a throw aborted. A plain
+# -lstdc++ after the objects cures -static-libstdc++, but not that image (fourth lease, 2026-11-27):
+# there "-lstdc++" itself still found a static archive, as it does wherever a search directory
+# holding only libstdc++.a comes first. So the build links the very libstdc++.so that this process
+# (Python with torch imported) has loaded, by its path; -lstdc++ only where none is mapped.
+
+
+def loaded_libstdcxx(maps: str = "/proc/self/maps") -> Optional[str]:
+    """Path of the libstdc++.so mapped into this process, or None (not Linux, or not loaded)."""
+    try:
+        with open(maps) as f:
+            paths = [line.split()[-1] for line in f if len(line.split()) >= 6]
+    except OSError:
+        return None
+    return next((p for p in paths if os.path.basename(p).startswith("libstdc++.so")), None)
+
+
+def link_args() -> list[str]:
+    """Linked after the objects (setuptools' extra_link_args): the shared C++ runtime, see above."""
+    if not sys.platform.startswith("linux"):
+        return []
+    lib = loaded_libstdcxx()
+    return [lib] if lib else ["-lstdc++"]
+
+
 # Ampere and Hopper SASS; the +PTX lets newer GPUs JIT-compile the Hopper code.
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 FALLBACK_CUDA_HOME = "/usr/local/cuda"
@@ -145,7 +167,7 @@ def cuda_extension(cuda_home: str):
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
         define_macros=[("WITH_CUDA", None)],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-        extra_link_args=LINK_ARGS,
+        extra_link_args=link_args(),
         py_limited_api=True,  # no pybind11: one .abi3.so serves every Python >= 3.10
     )
     # After CUDA_HOME/include, so the toolkit's own headers win where both have a file.
@@ -158,7 +180,8 @@ def main() -> None:
     if plan.build:
         ext, build_ext = cuda_extension(plan.cuda_home)
         print(f"densenet_fast: building {EXTENSION} ({plan.reason}; "
-              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})", file=sys.stderr)
+              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}; C++ runtime linked: "
+              f"{' '.join(ext.extra_link_args) or 'the compiler default'})", file=sys.stderr)
         setup(ext_modules=[ext], cmdclass={"build_ext": build_ext},
               options={"bdist_wheel": {"py_limited_api": "cp310"}})
     else:

@@ -62,8 +62,7 @@ def require_extension(feature: str) -> None:
     )
 
 
-def kernel_devices(op: str) -> FrozenSet[str]:
-    """Device types for which ``densenet_fast::<op>`` has a compiled kernel (empty without _C)."""
+def _query_kernel_devices(op: str) -> FrozenSet[str]:
     if not HAS_C:
         return frozenset()
     name = f"{NAMESPACE}::{op}"
@@ -71,6 +70,23 @@ def kernel_devices(op: str) -> FrozenSet[str]:
                      if torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
 
 
+# The answers are fixed once the extension is loaded, so the ops the package asks about are asked
+# here, at import: a forward under torch.compile then reads a dict instead of calling the
+# dispatcher query, which Dynamo cannot trace (fullgraph=True failed on it: "torch.* op returned
+# non-Tensor", H200, torch 2.11).
+_KERNEL_DEVICES = {op: _query_kernel_devices(op) for op in
+                   ("channel_stats", "channel_affine", "dense_block_forward", "dense_block_backward")}
+_HAS_CUDA_KERNELS = torch.version.cuda is not None and "cuda" in _KERNEL_DEVICES["channel_stats"]
+
+
+def kernel_devices(op: str) -> FrozenSet[str]:
+    """Device types for which ``densenet_fast::<op>`` has a compiled kernel (empty without _C)."""
+    devices = _KERNEL_DEVICES.get(op)
+    if devices is None:
+        devices = _KERNEL_DEVICES[op] = _query_kernel_devices(op)
+    return devices
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension loaded, torch is a CUDA build and the ops have CUDA kernels."""
-    return torch.version.cuda is not None and "cuda" in kernel_devices("channel_stats")
+    return _HAS_CUDA_KERNELS

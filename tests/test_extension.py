@@ -76,6 +76,20 @@ def test_no_extension_switch_leaves_it_unloaded():
     assert result.returncode == 0, result.stderr
 
 
+def test_kernel_queries_trace_under_torch_compile():
+    """The backends ask has_cuda_kernels / kernel_devices inside a model's forward, which
+    torch.compile(fullgraph=True) traces: the answers must be plain Python values by then (the
+    dispatcher query itself broke the graph on an H200, torch 2.11). Same result as eager."""
+    def pick(x):
+        cuda = _ext.has_cuda_kernels()
+        cpu = "cpu" in _ext.kernel_devices("channel_stats")
+        return x * (1 + 2 * int(cuda) + 4 * int(cpu))
+
+    x = torch.arange(3.0)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(pick, fullgraph=True, backend="eager")(x), pick(x))
+
+
 @pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
 def test_extension_registers_cpu_kernel():
     assert "cpu" in _ext.kernel_devices("channel_stats")
@@ -140,28 +154,63 @@ def test_setup_build_plan(env, toolchain, expected):
         assert plan.cuda_home == toolchain.cuda_home
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects: Linux only")
-@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ on PATH")
-def test_setup_link_args_keep_the_cxx_runtime_shared_under_static_libstdcxx(tmp_path):
-    """A compiler that links libstdc++ statically (here g++ -static-libstdc++, as the H200 image's
-    wrapper did) still gives a library that needs the shared libstdc++ with setup.py's LINK_ARGS
-    after the objects, as setuptools places extra_link_args."""
+def _throwing_library_needs(tmp_path, flags):
+    """Link a small throwing C++ library with g++ and `flags`; its libstdc++ NEEDED entries."""
     from helpers import elf_needed
 
     src = tmp_path / "throw.cpp"
     src.write_text('#include <stdexcept>\n#include <string>\nextern "C" void probe(int x) '
                    '{ if (x) throw std::runtime_error("x = " + std::to_string(x)); }\n')
+    out = tmp_path / f"probe{abs(hash(tuple(flags)))}.so"
+    cmd = ["g++", "-shared", "-fPIC", str(src), "-o", str(out), *flags]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"{' '.join(flags[:2])}: g++ cannot link here: {result.stderr.strip()[:200]}")
+    return [lib for lib in elf_needed(str(out)) if lib.startswith("libstdc++.so")]
 
-    def needed(link_args):
-        out = tmp_path / f"probe{len(link_args)}.so"
-        cmd = ["g++", "-static-libstdc++", "-shared", "-fPIC", str(src), "-o", str(out), *link_args]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"g++ -static-libstdc++ cannot link here: {result.stderr.strip()[:200]}")
-        return [lib for lib in elf_needed(str(out)) if lib.startswith("libstdc++.so")]
 
-    assert needed([]) == [], "g++ -static-libstdc++ linked the shared runtime anyway: nothing to check"
-    assert setup_py.LINK_ARGS and needed(setup_py.LINK_ARGS) != []
+linux_gxx = pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("g++") is None,
+                               reason="links ELF shared objects with g++: Linux with g++ on PATH only")
+
+
+@linux_gxx
+def test_setup_link_args_keep_the_cxx_runtime_shared_under_static_libstdcxx(tmp_path):
+    """A compiler that links libstdc++ statically (here g++ -static-libstdc++, as the H200 image's
+    wrapper does) still gives a library that needs the shared libstdc++ with setup.py's link
+    arguments after the objects, as setuptools places extra_link_args."""
+    assert _throwing_library_needs(tmp_path, ["-static-libstdc++"]) == [], \
+        "g++ -static-libstdc++ linked the shared runtime anyway: nothing to check"
+    assert _throwing_library_needs(tmp_path, ["-static-libstdc++", *setup_py.link_args()]) != []
+
+
+@linux_gxx
+def test_setup_link_args_keep_the_cxx_runtime_shared_when_only_an_archive_is_found(tmp_path):
+    """Where the first library directory holds only libstdc++.a, "-lstdc++" links that archive (no
+    libstdc++.so in NEEDED: what the H200 image's /opt/gcc build still did with -lstdc++);
+    setup.py's link arguments name the libstdc++.so this process loaded, and the library needs it."""
+    archive = subprocess.run(["g++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isabs(archive) or not os.path.exists(archive):
+        pytest.skip(f"no static libstdc++ for g++ here ({archive!r})")
+    only_archive = tmp_path / "lib"
+    only_archive.mkdir()
+    (only_archive / "libstdc++.a").symlink_to(archive)
+    search = [f"-L{only_archive}"]
+    assert _throwing_library_needs(tmp_path, [*search, "-lstdc++"]) == [], \
+        "-lstdc++ found a shared libstdc++ despite the archive-only directory: nothing to check"
+    args = setup_py.link_args()
+    assert args != ["-lstdc++"], "no libstdc++.so is mapped into this process (torch is imported)"
+    assert _throwing_library_needs(tmp_path, [*search, *args]) != []
+
+
+def test_loaded_libstdcxx_reads_the_maps_file(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f0000-7f1000 r--p 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+                    "7f1000-7f2000 r-xp 00001000 08:01 13 /opt/x/lib/libstdc++.so.6.0.33\n"
+                    "7f2000-7f3000 rw-p 00000000 00:00 0 \n")
+    assert setup_py.loaded_libstdcxx(str(maps)) == "/opt/x/lib/libstdc++.so.6.0.33"
+    maps.write_text("7f0000-7f1000 r--p 00000000 08:01 12 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert setup_py.loaded_libstdcxx(str(maps)) is None
+    assert setup_py.loaded_libstdcxx(str(tmp_path / "missing")) is None
 
 
 def test_setup_skip_flag_never_probes_torch():
