@@ -16,6 +16,9 @@
 #                                     plain layers (densenet_40_12), FC-DenseNet103, then the
 #                                     triton backend autotuned (each tuning's timings in
 #                                     autotune.jsonl)
+#   bash scripts/gpu_lease.sh retest  a later, separate lease: both builds and probes again, the
+#                                     tests named in RETEST, then the CUDA group beside the
+#                                     autotuned Triton tests (writes env.txt, build.log, tests.log)
 #
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
 # Logs go to $OUT (at most 8 files come back from the device tool): check writes env.txt,
@@ -45,13 +48,21 @@ bench() {  # bench CSV SECONDS ARGS...: one process per call, so that a CUDA err
   timeout -k 5 "$s" $PY -m densenet_fast bench --device cuda --plain --out "$OUT/$csv" "$@" 2>&1 \
     | grep -vE "^\s*$" | tail -12
 }
+# The system g++ build replaces the package's extension under a new inode (copy, then rename):
+# copying over the file in place rewrote a library that running test processes had mapped, and
+# they died with SIGBUS/SIGSEGV (the 2026-11-27 fourth lease's autotuned Triton group, four workers).
+use_system_build() {
+  local so; so=$(ls $SYS/root/densenet_fast/_C*.so 2>/dev/null | head -1)
+  [ -n "$so" ] || return 1
+  cp "$so" "densenet_fast/.tmp-$(basename "$so")" && mv -f "densenet_fast/.tmp-$(basename "$so")" "densenet_fast/$(basename "$so")"
+}
+SYS=/tmp/df-sysgcc
 summary() {  # summary LOG: pytest's result lines and failures
   grep -E "pytest exit|[0-9]+ (passed|failed)" "$1" | tail -4
   grep -E "^(FAILED|ERROR)|crashed|Fatal Python" "$1" | head -${2:-12}
 }
 
-if [ "$STAGE" = check ]; then
-  stamp "environment"
+environment() {  # env.txt: the machine, the versions, the compilers (and what the image's g++ links)
   { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
     $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
     $PY -c "import xdist, pytest_timeout; print('pytest-xdist', xdist.__version__, 'pytest-timeout: yes')"
@@ -59,40 +70,28 @@ if [ "$STAGE" = check ]; then
     echo "CC=${CC:-} CXX=${CXX:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"
     ${CXX:-c++} --version | head -1; /usr/bin/g++ --version | head -1
     $PY -c "import re, torch; c = torch.__config__.show(); print('torch built with', re.findall(r'GCC [0-9.]+', c)[:1], re.findall(r'CXX_COMPILER=([^,]+)', c)[:1])"
+    echo "image g++: $(command -v "${CXX:-c++}") -> $(readlink -f "$(command -v "${CXX:-c++}")")"
+    file -L "$(command -v "${CXX:-c++}")" | cut -c1-160; head -c 2000 "$(command -v "${CXX:-c++}")" | grep -a -E "static|-L|exec" | head -8
+    for f in libstdc++.so libstdc++.so.6 libstdc++.a; do echo "${CXX:-c++} -print-file-name=$f: $(${CXX:-c++} -print-file-name=$f)"; done
     $PY -c "from densenet_fast.ops.precision import conv_tf32_allowed as t; print('fp32 convs, GEMMs, Triton dots in TF32:', t())"
   } 2>&1 | tee "$OUT/env.txt"
+}
 
-  # Each test failure goes to this log as it happens (tests/conftest.py): a group killed by its time
-  # limit never prints xdist's summary (the 2026-11-27 lease lost the names of three failures so).
-  export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
-  rm -f $DENSENET_FAST_FAILURE_LOG
-  stamp "build (image compiler) || build (system g++) || Triton tests"
+builds_start() {  # the extension, built twice at once: in place by the image's compiler, in $SYS by /usr/bin/g++
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
   export MAX_JOBS=${MAX_JOBS:-8} DENSENET_FAST_FORCE_CUDA_BUILD=1
   ( $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; echo "build exit $?" >>"$OUT/build.log" ) &
   build_pid=$!
   # The same extension built by the system compiler, in a copy of the package: on the H200 image
   # an exception thrown through the first build killed the process (scripts/exception_probe.py).
-  SYS=/tmp/df-sysgcc
   rm -rf $SYS && mkdir -p $SYS/root && cp -r densenet_fast scripts $SYS/root/ && rm -f $SYS/root/densenet_fast/_C*.so
   ( CC=/usr/bin/gcc CXX=/usr/bin/g++ $PY setup.py build_ext --build-temp $SYS/temp --build-lib $SYS/lib \
       >"$SYS/build.log" 2>&1; echo "system-g++ build exit $?" >>"$SYS/build.log"
     cp $SYS/lib/densenet_fast/_C*.so $SYS/root/densenet_fast/ 2>/dev/null ) &
   sys_pid=$!
-  # Two runs: the 2026-11-27 lease's group ran out of time at 70%, most likely because with
-  # autotuning on every test's new shape compiled and timed every config of every kernel it
-  # called (not measured). So the kernels' correctness runs on the default configs, then the tests
-  # named "autotuned" (realistic sizes, every config timed, the chosen one checked) with autotuning
-  # on.
-  TRITON_TESTS="tests/test_triton_kernels.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py
-    tests/test_triton_transition.py tests/test_triton_backend.py"
-  ( echo "=== Triton tests, default configs (DENSENET_FAST_TRITON_AUTOTUNE=0)"
-    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 200)" $PYTEST $TRITON_TESTS -k "not autotuned"
-    echo "Triton tests: pytest exit $?"
-    echo "=== Triton tests, autotuned"
-    timeout -k 5 "$(limit 100)" $PYTEST $TRITON_TESTS -k autotuned
-    echo "Triton autotuned tests: pytest exit $?" ) >"$OUT/tri.log" 2>&1 &
-  tri_pid=$!
+}
+
+builds_finish() {  # wait for both builds, then their ELF facts and exception probes; keep the build that survives
   wait $build_pid $sys_pid
   stamp "$(tail -1 "$OUT/build.log"); $(tail -1 $SYS/build.log)"
   grep -E " error|Error" "$OUT/build.log" | head -5
@@ -111,9 +110,34 @@ if [ "$STAGE" = check ]; then
   if grep -A20 "=== image compiler build" "$OUT/env.txt" | grep -q "process died" \
      && ! grep -A20 "=== system g++ build" "$OUT/env.txt" | grep -q "process died" \
      && ls $SYS/root/densenet_fast/_C*.so >/dev/null 2>&1; then
-    cp $SYS/root/densenet_fast/_C*.so densenet_fast/ && echo "USING THE SYSTEM g++ BUILD from here on" | tee -a "$OUT/env.txt"
+    use_system_build && echo "USING THE SYSTEM g++ BUILD from here on" | tee -a "$OUT/env.txt"
   fi
+}
 
+if [ "$STAGE" = check ]; then
+  stamp "environment"
+  environment
+  # Each test failure goes to this log as it happens (tests/conftest.py): a group killed by its time
+  # limit never prints xdist's summary (the 2026-11-27 lease lost the names of three failures so).
+  export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
+  rm -f $DENSENET_FAST_FAILURE_LOG
+  stamp "build (image compiler) || build (system g++) || Triton tests"
+  builds_start
+  # Two runs: the 2026-11-27 lease's group ran out of time at 70%, most likely because with
+  # autotuning on every test's new shape compiled and timed every config of every kernel it
+  # called (not measured). So the kernels' correctness runs on the default configs, then the tests
+  # named "autotuned" (realistic sizes, every config timed, the chosen one checked) with autotuning
+  # on.
+  TRITON_TESTS="tests/test_triton_kernels.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py
+    tests/test_triton_transition.py tests/test_triton_backend.py"
+  ( echo "=== Triton tests, default configs (DENSENET_FAST_TRITON_AUTOTUNE=0)"
+    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 200)" $PYTEST $TRITON_TESTS -k "not autotuned"
+    echo "Triton tests: pytest exit $?"
+    echo "=== Triton tests, autotuned"
+    timeout -k 5 "$(limit 100)" $PYTEST $TRITON_TESTS -k autotuned
+    echo "Triton autotuned tests: pytest exit $?" ) >"$OUT/tri.log" 2>&1 &
+  tri_pid=$!
+  builds_finish
   stamp "CUDA tests || compute-sanitizer"
   ( echo "=== CUDA tests (the triton backend's rows of test_gpu.py on its default configs)"
     DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 270)" $PYTEST tests/test_gpu.py tests/test_channel_stats.py \
@@ -162,6 +186,46 @@ if [ "$STAGE" = check ]; then
   bench bench.csv 100 --model densenet121 --batch 64 --providers naive,cuda,cuda-saved,cuda+graph,naive+graph
   stamp "DenseNet-BC-100 fp32 NCHW, the other providers"
   bench bench.csv 100 --model densenet_bc_100_12 --batch 64 --providers naive,checkpoint,torch,naive+graph,torch+graph
+fi
+
+if [ "$STAGE" = retest ]; then
+  # A second, short lease after fixes to what `check` found: the builds and probes again, the tests
+  # that failed (RETEST: pytest node ids, space-separated), then the CUDA group in full beside the
+  # autotuned Triton tests (both were cut or crashed in the fourth lease's check).
+  stamp "environment"
+  environment
+  export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
+  rm -f $DENSENET_FAST_FAILURE_LOG
+  stamp "build (image compiler) || build (system g++)"
+  builds_start
+  builds_finish
+  read -r -a ids <<<"${RETEST:-}"
+  if [ "${#ids[@]}" -gt 0 ]; then
+    stamp "the tests that failed before (${#ids[@]})"
+    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 90)" $PYTEST "${ids[@]}" >"$OUT/re.log" 2>&1
+    echo "retest: pytest exit $?" >>"$OUT/re.log"
+    summary "$OUT/re.log" 20
+  fi
+  stamp "CUDA tests || Triton autotuned tests"
+  ( echo "=== CUDA tests (the triton backend's rows of test_gpu.py on its default configs)"
+    DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 400)" $PY -m pytest -q -p no:cacheprovider -rfE --tb=short \
+      -n "${CUDA_WORKERS:-10}" $PER_TEST tests/test_gpu.py tests/test_channel_stats.py tests/test_extension.py \
+      tests/test_fused_bn.py tests/test_cuda_backend.py tests/test_precision.py
+    echo "CUDA tests: pytest exit $?" ) >"$OUT/cu.log" 2>&1 &
+  cu_pid=$!
+  ( echo "=== Triton tests, autotuned"
+    timeout -k 5 "$(limit 400)" $PY -m pytest -q -p no:cacheprovider -rfE --tb=short -n 4 $PER_TEST \
+      tests/test_triton_kernels.py tests/test_triton_conv3x3.py tests/test_triton_conv1x1_backward.py \
+      tests/test_triton_transition.py tests/test_triton_backend.py -k autotuned
+    echo "Triton autotuned tests: pytest exit $?" ) >"$OUT/tri.log" 2>&1 &
+  tri_pid=$!
+  wait $cu_pid $tri_pid
+  for f in re cu tri; do cat "$OUT/$f.log" >>"$OUT/tests.log" 2>/dev/null; done
+  { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
+  stamp "results"
+  grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
+  summary "$OUT/cu.log" 20; summary "$OUT/tri.log"
+  rm -f "$OUT"/{re,cu,tri}.log
 fi
 
 if [ "$STAGE" = more ]; then
