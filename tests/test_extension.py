@@ -76,6 +76,23 @@ def test_no_extension_switch_leaves_it_unloaded():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(not _ext.HAS_C, reason=NOT_BUILT)
+def test_every_compiled_op_has_its_fake_impl_once_the_package_is_imported():
+    """torch.compile traces the compiled ops with fake tensors: after a bare `import densenet_fast`
+    (a fresh interpreter) each op of the namespace has its fake implementation registered. The
+    H200's fullgraph compile of the cuda backend found none for channel_affine."""
+    script = textwrap.dedent("""
+        import torch
+        import densenet_fast
+        from torch._library.simple_registry import singleton
+        names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("densenet_fast::"))
+        missing = [n for n in names if singleton.find(n).fake_impl.kernel is None]
+        assert len(names) >= 8 and not missing, f"ops {names}; without a fake impl: {missing}"
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+
+
 def test_kernel_queries_trace_under_torch_compile():
     """The backends ask has_cuda_kernels / kernel_devices inside a model's forward, which
     torch.compile(fullgraph=True) traces: the answers must be plain Python values by then (the
