@@ -11,7 +11,9 @@ from ._ext import HAS_C
 # set_python_module): imported with the package, so that torch.compile and the memory planner can
 # trace every op even where nothing else imported them yet (a fullgraph compile of the cuda
 # backend failed on channel_affine so, H200, torch 2.11).
-from .ops import channel_stats as _channel_stats, cuda_block as _cuda_block, fused_bn as _fused_bn  # noqa: F401
+from .ops import channel_stats as _channel_stats, cuda_block as _cuda_block, fused_bn as _fused_bn
+
+_FAKE_IMPL_MODULES = (_channel_stats, _cuda_block, _fused_bn)
 from .backends import BACKENDS, available_backends
 from .convert import convert
 from .graphs import GraphedStep
