@@ -12,8 +12,6 @@ from ._ext import HAS_C
 # trace every op even where nothing else imported them yet (a fullgraph compile of the cuda
 # backend failed on channel_affine so, H200, torch 2.11).
 from .ops import channel_stats as _channel_stats, cuda_block as _cuda_block, fused_bn as _fused_bn
-
-_FAKE_IMPL_MODULES = (_channel_stats, _cuda_block, _fused_bn)
 from .backends import BACKENDS, available_backends
 from .convert import convert
 from .graphs import GraphedStep
@@ -22,6 +20,7 @@ from .models import (DenseNet, FCDenseNet, densenet121, densenet161, densenet169
 from .modules import DenseBlock, DenseLayer, Transition
 from .sync import convert_sync_batchnorm
 
+_FAKE_IMPL_MODULES = (_channel_stats, _cuda_block, _fused_bn)
 __version__ = "0.1.0"
 
 __all__ = [
