@@ -93,6 +93,36 @@ def test_every_compiled_op_has_its_fake_impl_once_the_package_is_imported():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_fullgraph_compile_traces_on_fake_cuda_tensors(backend):
+    """Dynamo's fullgraph capture of a DenseNet's forward on CUDA, without a GPU: the model and
+    input are fake CUDA tensors (FakeTensorMode), the compiled graph runs on them. In a fresh
+    interpreter, so that only `import densenet_fast` has registered anything. This reproduces both
+    causes of the H200's failed test_gpu.py::test_compile_fullgraph[cuda] (the dispatcher query in
+    the forward, then channel_affine's unimported fake implementation), which no CPU-device test
+    met: on the CPU the backends take other paths."""
+    if backend == "cuda" and not _ext.has_cuda_kernels():
+        pytest.skip(f"the extension's CUDA kernels are not loaded: {_ext.IMPORT_ERROR or 'built without them'}")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    script = textwrap.dedent(f"""
+        import torch
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        import densenet_fast
+        model = densenet_fast.DenseNet(growth_rate=12, block_config=(3, 2), num_init_features=20, bn_size=4,
+                                       num_classes=7, small_inputs=True, backend={backend!r})
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to("cuda", memory_format=torch.channels_last)
+            x = torch.randn(6, 3, 13, 11, device="cuda").contiguous(memory_format=torch.channels_last)
+            out = torch.compile(model, fullgraph=True, backend="eager")(x.requires_grad_(True))
+        assert out.shape == (6, 7) and out.device.type == "cuda" and out.requires_grad, (out.shape, out.device)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_kernel_queries_trace_under_torch_compile():
     """The backends ask has_cuda_kernels / kernel_devices inside a model's forward, which
     torch.compile(fullgraph=True) traces: the answers must be plain Python values by then (the
