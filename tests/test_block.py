@@ -507,6 +507,77 @@ def test_inductor_compiled_step_matches_eager(channels_last):
         assert_close(grads[1][2][name].double(), s.double(), torch.float32, f"compiled {name}")
 
 
+def test_inductor_compiled_eval_matches_eager():
+    """torch.compile(fullgraph=True) of a model in eval mode with an input that requires grad (a
+    saliency map, an adversarial step): logits and gradients as eager. Dynamo refused it ("Placeholder
+    node not found in env") while the block returned and saved one empty tensor as both its mean
+    and var."""
+    torch.manual_seed(61)
+    eager = efficient_densenet(growth_rate=3, block_config=(2, 1), num_init_features=4, bn_size=2, num_classes=5,
+                               small_inputs=True)
+    randomize_bn_(eager, 62)
+    eager.eval()
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend="inductor")
+    x = seeded_input((2, 3, 8, 8), 63, torch.float32, False)
+    results = []
+    for model, m in ((eager, eager), (compiled, twin)):
+        xi = x.clone().requires_grad_(True)
+        out = model(xi)
+        projection_loss(out, 64).backward()
+        results.append((out.detach(), xi.grad, param_grads(m)))
+    assert_close(results[1][0], results[0][0], torch.float32, "compiled eval logits")
+    assert_close(results[1][1], results[0][1], torch.float32, "compiled eval input grad")
+    for name, g in results[0][2].items():
+        assert_close(results[1][2][name], g, torch.float32, f"compiled eval grad {name}")
+
+
+@pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
+def test_compiled_dropout_backward_uses_the_forward_mask(save_bottleneck):
+    """Dropout under torch.compile(fullgraph=True) (aot_eager, float64): the seeded generators of
+    eager mode cannot be traced, so the compiled block draws from the default generator and keeps
+    the mask. F and every gradient must then equal a plain float64 composition (cat, BN, ReLU,
+    conv per layer) that applies the very mask the compiled forward used, read off F's zeros.
+    Tolerance: TOLERANCES[float64]."""
+    p, k, c0, layers = 0.5, 3, 4, 3
+    torch.manual_seed(71)
+    block = densenet_fast.DenseBlock(layers, c0, 2, k, drop_rate=p).double()
+    for i, layer in enumerate(block.children()):
+        for bn in (layer.norm1, layer.norm2):
+            g = torch.Generator().manual_seed(72 + i)
+            bn.weight.data = 0.5 + torch.rand(bn.weight.shape, generator=g, dtype=torch.float64)
+            bn.bias.data = torch.randn(bn.bias.shape, generator=g, dtype=torch.float64) * 0.3
+    block.save_bottleneck = save_bottleneck
+    x = torch.randn(3, c0, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(73))
+    weights = torch.randn(3, c0 + layers * k, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(74))
+
+    xi = x.clone().requires_grad_(True)
+    f = torch.compile(block, fullgraph=True, backend="aot_eager")(xi)
+    (f * weights).sum().backward()
+    grads = {name: prm.grad.clone() for name, prm in block.named_parameters()}
+
+    masks = [(f[:, c0 + l * k:c0 + (l + 1) * k] != 0).detach() for l in range(layers)]
+    kept = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+    assert 0.3 < kept < 0.7, f"kept fraction {kept} for p = {p}"
+    xr = x.clone().requires_grad_(True)
+    feats = [xr]
+    for layer, mask in zip(block.children(), masks):
+        h = torch.cat(feats, 1)
+        z = torch.relu(torch.nn.functional.batch_norm(h, None, None, layer.norm1.weight, layer.norm1.bias, True, 0.0,
+                                                      layer.norm1.eps))
+        bt = torch.nn.functional.conv2d(z, layer.conv1.weight)
+        z2 = torch.relu(torch.nn.functional.batch_norm(bt, None, None, layer.norm2.weight, layer.norm2.bias, True,
+                                                       0.0, layer.norm2.eps))
+        feats.append(torch.nn.functional.conv2d(z2, layer.conv2.weight, padding=1) * mask / (1.0 - p))
+    ref = torch.cat(feats, 1)
+    block.zero_grad(set_to_none=True)
+    (ref * weights).sum().backward()
+    assert_close(f.detach(), ref.detach(), torch.float64, "compiled dropout F")
+    assert_close(xi.grad, xr.grad, torch.float64, "compiled dropout input grad")
+    for name, prm in block.named_parameters():
+        assert_close(grads[name], prm.grad, torch.float64, f"compiled dropout grad {name}")
+
+
 def test_bn_affine_memo():
     """bn_affine keeps its vectors per (eps, parameter storage and version) on the statistics: a
     second call returns the same tensors, a changed parameter or eps recomputes, and inference

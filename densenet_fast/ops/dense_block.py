@@ -399,6 +399,9 @@ class _LayerRecord:
     stats2: Optional[NormStats]   # None for a layer without bottleneck
     seed: Optional[int]           # dropout: the generator seed that reproduces the mask
     bottleneck: Optional[Tensor] = None
+    # dropout under torch.compile, which traces no torch.Generator: the keep-mask itself (bool,
+    # one byte per new value of the layer), drawn from the default generator
+    keep: Optional[Tensor] = None
 
 
 def buffer_memory_format(x: Tensor) -> torch.memory_format:
@@ -552,7 +555,9 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
         var = torch.empty(c_total, dtype=sdt, device=x.device)
         mean[:c0], var[:c0] = spec.kernels.channel_stats(x)
     else:
-        mean = var = torch.empty(0, dtype=sdt, device=x.device)
+        # two tensors, not one twice: the Function returns and saves both, and Dynamo cannot wire
+        # one tensor saved twice (fullgraph compile in eval: "Placeholder node not found in env")
+        mean, var = torch.empty(0, dtype=sdt, device=x.device), torch.empty(0, dtype=sdt, device=x.device)
     records: List[_LayerRecord] = []
     pending: List[Tuple[nn.Module, Tensor, Tensor]] = []  # running-statistics updates, applied together
     slices = _param_slices(layers)
@@ -583,8 +588,12 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
                 stats2 = norm_stats_for(layer.norm2, None, None, bt.shape[1], count)
             new_stats = spec.kernels.layer_output(bt, stats2, g2, b2, layer.norm2.eps, w2, dst,
                                                   None if dropout or group is not None else stats_out)
-        seed = None
-        if dropout:
+        seed = keep = None
+        if dropout and torch.compiler.is_compiling():
+            keep = torch.rand_like(dst, dtype=torch.float32) >= layer.drop_rate
+            dst.mul_(keep).div_(1.0 - layer.drop_rate)
+            new_stats = None
+        elif dropout:
             seed = draw_seed()
             dst.mul_(dropout_mask(seed, dst, layer.drop_rate))
             new_stats = None
@@ -596,7 +605,7 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
             if new_stats[1] is not stats_out[1]:
                 stats_out[1].copy_(new_stats[1])
         keep1 = not (stats1.batch and torch.compiler.is_compiling())
-        records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed, bt if spec.save_bottleneck else None))
+        records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed, bt if spec.save_bottleneck else None, keep))
     update_running_stats_many_(pending, count)
     return fbuf, mean, var, records
 
@@ -626,6 +635,8 @@ def block_backward(spec: BlockSpec, fbuf: Tensor, mean: Tensor, var: Tensor, gra
         d_out = gbuf[:, cl:cl + k]
         if rec.seed is not None:
             d_out = d_out * dropout_mask(rec.seed, fbuf[:, cl:cl + k], layer.drop_rate)
+        elif rec.keep is not None:
+            d_out = d_out * rec.keep / (1.0 - layer.drop_rate)
         if not has_bottleneck(layer):
             g1, b1, w1 = params[slices[l]]
             grads[slices[l]] = spec.kernels.plain_layer_output_backward(
