@@ -94,14 +94,16 @@ def test_every_compiled_op_has_its_fake_impl_once_the_package_is_imported():
 
 
 @pytest.mark.skipif(torch.version.cuda is None, reason="fake CUDA tensors need a CUDA build of torch")
+@pytest.mark.parametrize("mode", ["train", "train-dropout", "eval"])
 @pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
-def test_fullgraph_compile_traces_on_fake_cuda_tensors(backend):
+def test_fullgraph_compile_traces_on_fake_cuda_tensors(backend, mode):
     """Dynamo's fullgraph capture of a DenseNet's forward on CUDA, without a GPU: the model and
     input are fake CUDA tensors (FakeTensorMode), the compiled graph runs on them. In a fresh
     interpreter, so that only `import densenet_fast` has registered anything. This reproduces both
     causes of the H200's failed test_gpu.py::test_compile_fullgraph[cuda] (the dispatcher query in
     the forward, then channel_affine's unimported fake implementation), which no CPU-device test
-    met: on the CPU the backends take other paths."""
+    met: on the CPU the backends take other paths. Eval mode and dropout each failed to trace on
+    every backend until this session (CPU inductor tests in test_block.py)."""
     if backend == "cuda" and not _ext.has_cuda_kernels():
         pytest.skip(f"the extension's CUDA kernels are not loaded: {_ext.IMPORT_ERROR or 'built without them'}")
     if backend == "triton":
@@ -111,7 +113,9 @@ def test_fullgraph_compile_traces_on_fake_cuda_tensors(backend):
         from torch._subclasses.fake_tensor import FakeTensorMode
         import densenet_fast
         model = densenet_fast.DenseNet(growth_rate=12, block_config=(3, 2), num_init_features=20, bn_size=4,
-                                       num_classes=7, small_inputs=True, backend={backend!r})
+                                       num_classes=7, small_inputs=True, backend={backend!r},
+                                       drop_rate={0.2 if mode == "train-dropout" else 0.0})
+        model.train({mode != "eval"})
         with FakeTensorMode(allow_non_fake_inputs=True):
             model = model.to("cuda", memory_format=torch.channels_last)
             x = torch.randn(6, 3, 13, 11, device="cuda").contiguous(memory_format=torch.channels_last)
