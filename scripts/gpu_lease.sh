@@ -118,13 +118,17 @@ builds_finish() {  # wait for both builds, then their ELF facts and exception pr
   grep -E "^(===|probe |exception probes)" "$OUT/env.txt"
 }
 
-if [ "$STAGE" = check ]; then
+begin() {  # env.txt, and a fresh failure log
   stamp "environment"
   environment
   # Each test failure goes to this log as it happens (tests/conftest.py): a group killed by its time
   # limit never prints xdist's summary (the 2026-11-27 lease lost the names of three failures so).
   export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
   rm -f $DENSENET_FAST_FAILURE_LOG
+}
+
+if [ "$STAGE" = check ]; then
+  begin
   stamp "build (image compiler) || build (system g++) || Triton tests"
   builds_start
   # Two runs: the 2026-11-27 lease's group ran out of time at 70%, most likely because with
@@ -198,10 +202,7 @@ if [ "$STAGE" = retest ]; then
   # A second, short lease after fixes to what `check` found: the builds and probes again, the tests
   # that failed (RETEST: pytest node ids, space-separated), then the CUDA group in full beside the
   # autotuned Triton tests (both were cut or crashed in the fourth lease's check).
-  stamp "environment"
-  environment
-  export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
-  rm -f $DENSENET_FAST_FAILURE_LOG
+  begin
   stamp "build (image compiler) || build (system g++)"
   builds_start
   builds_finish
