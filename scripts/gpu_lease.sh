@@ -54,7 +54,8 @@ bench() {  # bench CSV SECONDS ARGS...: one process per call, so that a CUDA err
 use_system_build() {
   local so; so=$(ls $SYS/root/densenet_fast/_C*.so 2>/dev/null | head -1)
   [ -n "$so" ] || return 1
-  cp "$so" "densenet_fast/.tmp-$(basename "$so")" && mv -f "densenet_fast/.tmp-$(basename "$so")" "densenet_fast/$(basename "$so")"
+  local tmp; tmp="densenet_fast/.tmp-$(basename "$so")"
+  cp "$so" "$tmp" && mv -f "$tmp" "densenet_fast/$(basename "$so")"
 }
 SYS=/tmp/df-sysgcc
 summary() {  # summary LOG: pytest's result lines and failures
@@ -71,8 +72,9 @@ environment() {  # env.txt: the machine, the versions, the compilers (and what t
     ${CXX:-c++} --version | head -1; /usr/bin/g++ --version | head -1
     $PY -c "import re, torch; c = torch.__config__.show(); print('torch built with', re.findall(r'GCC [0-9.]+', c)[:1], re.findall(r'CXX_COMPILER=([^,]+)', c)[:1])"
     echo "image g++: $(command -v "${CXX:-c++}") -> $(readlink -f "$(command -v "${CXX:-c++}")")"
-    file -L "$(command -v "${CXX:-c++}")" | cut -c1-160; head -c 2000 "$(command -v "${CXX:-c++}")" | grep -a -E "static|-L|exec" | head -8
-    for f in libstdc++.so libstdc++.so.6 libstdc++.a; do echo "${CXX:-c++} -print-file-name=$f: $(${CXX:-c++} -print-file-name=$f)"; done
+    local cxx; cxx=$(command -v "${CXX:-c++}")
+    file -L "$cxx" | cut -c1-160; head -c 2000 "$cxx" | grep -a -E "static|-L|exec" | head -8
+    for f in libstdc++.so libstdc++.so.6 libstdc++.a; do echo "$cxx -print-file-name=$f: $("$cxx" -print-file-name=$f)"; done
     $PY -c "from densenet_fast.ops.precision import conv_tf32_allowed as t; print('fp32 convs, GEMMs, Triton dots in TF32:', t())"
   } 2>&1 | tee "$OUT/env.txt"
 }
@@ -151,7 +153,8 @@ if [ "$STAGE" = check ]; then
     # 10 workers: with 6 the group reached ~97% in 270 s in the fourth lease (16 cores; the Triton
     # group's 6 are done by ~220 s)
     DENSENET_FAST_TRITON_AUTOTUNE=0 timeout -k 5 "$(limit 270)" $PYTEST -n "${CUDA_WORKERS:-10}" tests/test_gpu.py \
-      tests/test_channel_stats.py tests/test_extension.py tests/test_fused_bn.py tests/test_cuda_backend.py tests/test_precision.py
+      tests/test_channel_stats.py tests/test_extension.py tests/test_fused_bn.py tests/test_cuda_backend.py \
+      tests/test_precision.py
     echo "CUDA tests: pytest exit $?" ) >"$OUT/cu.log" 2>&1 &
   cu_pid=$!
   source scripts/sanitizer_selection.sh  # SAN, MEMCHECK_K, RACECHECK_K

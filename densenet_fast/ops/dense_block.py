@@ -605,7 +605,8 @@ def block_forward(spec: BlockSpec, x: Tensor, params: Sequence[Tensor]
             if new_stats[1] is not stats_out[1]:
                 stats_out[1].copy_(new_stats[1])
         keep1 = not (stats1.batch and torch.compiler.is_compiling())
-        records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed, bt if spec.save_bottleneck else None, keep))
+        records.append(_LayerRecord(stats1 if keep1 else None, stats2, seed,
+                                    bt if spec.save_bottleneck else None, keep))
     update_running_stats_many_(pending, count)
     return fbuf, mean, var, records
 
