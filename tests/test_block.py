@@ -532,6 +532,34 @@ def test_inductor_compiled_eval_matches_eager():
         assert_close(results[1][2][name], g, torch.float32, f"compiled eval grad {name}")
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_inductor_compiled_step_with_dynamic_shapes_matches_eager(train):
+    """torch.compile(dynamic=True), as a recompile for a new batch size makes it: two batch sizes
+    through one compiled model, logits and gradients as eager (TOLERANCES[float32]). The backward's
+    1x1 conv reshaped its operand to a size inductor had broken ("shape '[s77, 7, 1]' is invalid")
+    until it used flatten."""
+    torch.manual_seed(81)
+    eager = efficient_densenet(growth_rate=3, block_config=(2, 1), num_init_features=4, bn_size=2, num_classes=5,
+                               small_inputs=True)
+    randomize_bn_(eager, 82)
+    eager.train(train)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, fullgraph=True, backend="inductor", dynamic=True)
+    for batch in (2, 3):
+        x = seeded_input((batch, 3, 8, 8), 83 + batch, torch.float32, False)
+        results = []
+        for model, m in ((eager, eager), (compiled, twin)):
+            m.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_(True)
+            out = model(xi)
+            projection_loss(out, 84).backward()
+            results.append((out.detach(), xi.grad, param_grads(m)))
+        assert_close(results[1][0], results[0][0], torch.float32, f"batch {batch}: compiled logits")
+        assert_close(results[1][1], results[0][1], torch.float32, f"batch {batch}: compiled input grad")
+        for name, g in results[0][2].items():
+            assert_close(results[1][2][name], g, torch.float32, f"batch {batch}: compiled grad {name}")
+
+
 @pytest.mark.parametrize("save_bottleneck", [False, True], ids=["recompute", "saved"])
 def test_compiled_dropout_backward_uses_the_forward_mask(save_bottleneck):
     """Dropout under torch.compile(fullgraph=True) (aot_eager, float64): the seeded generators of

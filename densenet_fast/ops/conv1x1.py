@@ -35,8 +35,11 @@ def _rows(x: Tensor) -> Optional[Tensor]:
     if rs < c or (h > 1 and s_h != rs * w) or (n > 1 and s_n != rs * h * w):
         return None
     # A view op, not as_strided: torch.compile's inductor may give an intermediate another layout
-    # than the one traced, which as_strided (fixed strides) would then misread.
-    return x.permute(0, 2, 3, 1).view(n * h * w, c)
+    # than the one traced, which as_strided (fixed strides) would then misread. flatten rather than
+    # view(n * h * w, c): with dynamic shapes Dynamo spelled a merged size like h * w through a
+    # stride symbol of another tensor, which inductor's layout then changed ("shape '[s77, 7, 1]' is
+    # invalid for input of size 448*s77" compiling a backward); flatten takes the sizes it gets.
+    return x.permute(0, 2, 3, 1).flatten(0, 2)
 
 
 def _planes(x: Tensor) -> Optional[Tensor]:
@@ -45,7 +48,7 @@ def _planes(x: Tensor) -> Optional[Tensor]:
     s_n, s_c, s_h, s_w = x.stride()
     if (w > 1 and s_w != 1) or (h > 1 and s_h != w):
         return None
-    return x.view(n, c, h * w)  # a view op, not as_strided: see _rows
+    return x.flatten(2)  # a view op, not as_strided: see _rows
 
 
 def conv1x1(z: Tensor, weight: Tensor, out: Optional[Tensor] = None, accumulate: bool = False) -> Tensor:
