@@ -532,6 +532,13 @@ def test_inductor_compiled_eval_matches_eager():
         assert_close(results[1][2][name], g, torch.float32, f"compiled eval grad {name}")
 
 
+# torch 2.11's Dynamo asserts tracing the block's autograd.Function with dynamic shapes
+# (higher_order_ops.overwrite_tensor_vt_proxy), before any of our ops run; torch 2.14 traces it.
+_OLD_DYNAMO = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
+
+@pytest.mark.xfail(_OLD_DYNAMO, strict=True, reason="torch < 2.14 (seen on 2.11): Dynamo asserts in "
+                   "overwrite_tensor_vt_proxy tracing the block's autograd.Function with dynamic shapes")
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_inductor_compiled_step_with_dynamic_shapes_matches_eager(train):
     """torch.compile(dynamic=True), as a recompile for a new batch size makes it: two batch sizes
