@@ -32,7 +32,6 @@ synchronized BN, float64, torch.compile tracing, the meta device) and with whole
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -59,10 +58,9 @@ def _ops():
     return torch.ops.densenet_fast
 
 
-@functools.lru_cache(maxsize=None)
-def _whole_block_devices() -> frozenset:
-    """The device types with a compiled dense_block_forward and _backward (looked up once)."""
-    return _ext.kernel_devices("dense_block_forward") & _ext.kernel_devices("dense_block_backward")
+# The device types with a compiled dense_block_forward and _backward, fixed once the extension is
+# loaded (a module constant: Dynamo warned about tracing through an lru_cache here, H200, torch 2.11).
+_WHOLE_BLOCK_DEVICES = _ext.kernel_devices("dense_block_forward") & _ext.kernel_devices("dense_block_backward")
 
 
 def _channel_affine(mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float):
@@ -133,8 +131,8 @@ class CudaBlockKernels(FusedBlockKernels):
         seed is drawn per layer in Python), synchronized BN and float64 (not _fused), tracing
         (torch.compile sees the per-layer ops instead) and the meta device (the memory planner
         must see each transient), nor layers without a bottleneck (bn_size=0)."""
-        return (self.whole and self._fused(fbuf) and fbuf.device.type in _whole_block_devices()
-                and not torch.compiler.is_compiling()
+        return (self.whole and not torch.compiler.is_compiling() and self._fused(fbuf)
+                and fbuf.device.type in _WHOLE_BLOCK_DEVICES
                 and not any(layer.drop_rate > 0 and layer.training for layer in spec.layers)
                 and all(has_bottleneck(layer) for layer in spec.layers))
 
