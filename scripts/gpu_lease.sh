@@ -11,9 +11,9 @@
 #                                     DenseNet-BC-100 (eager, CUDA graph), the cuda backend there
 #                                     (eager and graphed), the triton defaults on DenseNet-121
 #                                     (eager, CUDA graph), then the other providers
-#   bash scripts/gpu_lease.sh more    torch.compile of naive, profiles of eager steps (where the
-#                                     host time goes), per-op GB/s, bf16 channels_last,
-#                                     plain layers (densenet_40_12), FC-DenseNet103, then the
+#   bash scripts/gpu_lease.sh more    torch.compile of naive, fp32 channels_last, profiles of
+#                                     eager steps (where the host time goes), per-op GB/s, bf16
+#                                     channels_last, plain layers (densenet_40_12), FC-DenseNet103, then the
 #                                     triton backend autotuned (each tuning's timings in
 #                                     autotune.jsonl)
 #   bash scripts/gpu_lease.sh retest  a later, separate lease: both builds and probes again, the
@@ -244,6 +244,10 @@ if [ "$STAGE" = more ]; then
   # the defaults now follow them), so torch.compile and the rest were never reached.
   stamp "torch.compile of naive (DenseNet-BC-100 fp32), beside the cuda backend"
   bench bench.csv 200 --model densenet_bc_100_12 --batch 64 --providers naive,compile,cuda
+  # float32 in channels_last: cuDNN's NHWC kernels (no NCHW<->NHWC transposes around its TF32
+  # convs) and one GEMM per 1x1 conv instead of a batched one per image (never timed in float32)
+  stamp "DenseNet-BC-100 fp32 channels_last"
+  bench bench.csv 60 --model densenet_bc_100_12 --batch 64 --channels-last --providers naive,cuda,cuda+graph,naive+graph
   # Where the eager steps' host time goes (cuda 46.5 ms eager against 16.8 graphed in the 2026-11-27
   # lease): profiler tables per provider, the JSON in profile-*.json.
   stamp "profiles of one eager step: DenseNet-BC-100, then DenseNet-121"

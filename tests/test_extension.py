@@ -120,7 +120,13 @@ def test_fullgraph_compile_traces_on_fake_cuda_tensors(backend, mode):
             model = model.to("cuda", memory_format=torch.channels_last)
             x = torch.randn(6, 3, 13, 11, device="cuda").contiguous(memory_format=torch.channels_last)
             out = torch.compile(model, fullgraph=True, backend="eager")(x.requires_grad_(True))
+            # one step further: AOT autograd's functionalization of the captured graph (the custom
+            # ops' declared mutations of the block buffer); without grad, as the joint graph's
+            # backward needs a CUDA context (the autograd engine), which no fake tensor gives
+            with torch.no_grad():
+                functional = torch.compile(model, fullgraph=True, backend="aot_eager")(x.detach())
         assert out.shape == (6, 7) and out.device.type == "cuda" and out.requires_grad, (out.shape, out.device)
+        assert functional.shape == (6, 7) and functional.device.type == "cuda", (functional.shape, functional.device)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env=env)
