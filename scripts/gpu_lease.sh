@@ -126,7 +126,9 @@ begin() {  # env.txt, and a fresh failure log
   # Each test failure goes to this log as it happens (tests/conftest.py): a group killed by its time
   # limit never prints xdist's summary (the 2026-11-27 lease lost the names of three failures so).
   export DENSENET_FAST_FAILURE_LOG=/tmp/df-failures.log
-  rm -f $DENSENET_FAST_FAILURE_LOG
+  # and each test slower than 5 s as it ends (--durations would print only in a finished group's summary)
+  export DENSENET_FAST_SLOW_LOG=/tmp/df-slow.log
+  rm -f $DENSENET_FAST_FAILURE_LOG $DENSENET_FAST_SLOW_LOG
 }
 
 if [ "$STAGE" = check ]; then
@@ -163,7 +165,7 @@ if [ "$STAGE" = check ]; then
       [ -n "$SAN" ] || break
       read -r tool lim k <<<"$run"
       echo "=== compute-sanitizer --tool $tool: -k \"$k\""
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$(limit "$lim")" "$SAN" --tool "$tool" --error-exitcode 86 \
+      DENSENET_FAST_SLOW_LOG= PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 5 "$(limit "$lim")" "$SAN" --tool "$tool" --error-exitcode 86 \
         --print-limit 20 --report-api-errors no --kernel-name kns=bn_relu_ --kernel-name kns=channel_ \
         $PY -m pytest -q -p no:cacheprovider -rfE --tb=short tests/test_fused_bn.py tests/test_channel_stats.py -k "$k"
       echo "sanitizer $tool: exit $?"
@@ -172,6 +174,7 @@ if [ "$STAGE" = check ]; then
   wait $tri_pid $cu_pid $san_pid
   for f in tri cu san; do cat "$OUT/$f.log" >>"$OUT/tests.log"; done
   { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
+  { echo "=== tests over 5 s, slowest first ($DENSENET_FAST_SLOW_LOG)"; sort -rn $DENSENET_FAST_SLOW_LOG 2>/dev/null; } >>"$OUT/tests.log"
   stamp "results"
   grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
   summary "$OUT/tri.log"; summary "$OUT/cu.log" 20
@@ -232,6 +235,7 @@ if [ "$STAGE" = retest ]; then
   wait $cu_pid $tri_pid
   for f in re cu tri; do cat "$OUT/$f.log" >>"$OUT/tests.log" 2>/dev/null; done
   { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
+  { echo "=== tests over 5 s, slowest first ($DENSENET_FAST_SLOW_LOG)"; sort -rn $DENSENET_FAST_SLOW_LOG 2>/dev/null; } >>"$OUT/tests.log"
   stamp "results"
   grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
   summary "$OUT/cu.log" 20; summary "$OUT/tri.log"

@@ -41,12 +41,20 @@ def ieee_fp32():
 # 2026-11-27 lease: three F's in the progress dots and no names). Under xdist each worker writes
 # its own tests; the controller adds only reports no worker wrote (a crashed worker's).
 FAILURE_LOG = os.environ.get("DENSENET_FAST_FAILURE_LOG", "")
+# DENSENET_FAST_SLOW_LOG=PATH: each test whose call took more than DENSENET_FAST_SLOW_S seconds
+# (default 5) is appended to PATH as "<seconds> <test id>" when it ends, for the same reason:
+# pytest's --durations table is part of the summary that a group cut by its time limit never prints.
+SLOW_LOG = os.environ.get("DENSENET_FAST_SLOW_LOG", "")
+SLOW_S = float(os.environ.get("DENSENET_FAST_SLOW_S", "5"))
 
 
 def pytest_runtest_logreport(report):
+    from_worker = getattr(report, "node", None) is not None  # set by xdist's controller on forwarded reports
+    if SLOW_LOG and not from_worker and report.when == "call" and report.duration > SLOW_S:
+        with open(SLOW_LOG, "a") as f:
+            f.write(f"{report.duration:7.1f} {report.nodeid}\n")
     if not FAILURE_LOG or not report.failed:
         return
-    from_worker = getattr(report, "node", None) is not None  # set by xdist's controller on forwarded reports
     if from_worker and "crashed" not in report.longreprtext:
         return
     where = os.environ.get("PYTEST_XDIST_WORKER", "controller" if from_worker else "main")
