@@ -102,6 +102,21 @@ class Display:
             self.progress.update(self.task, description=f"{self.label}: {phase} {i + 1}/{n}")
             self.running = True
 
+    def case_done(self, row: dict) -> None:
+        """One line on stderr per measured case, as soon as it is measured (the table comes at the
+        end of the run, which a run killed by a time limit never reaches)."""
+        if row.get("status") != "ok":
+            text = f"{self.label}: {row.get('status')}"
+        else:
+            text = (f"{self.label}: {row['median_ms']:.2f} ms median (min {row['min_ms']:.2f}), "
+                    f"{row['peak_mem_mib']:,.1f} MiB peak")
+            if "time_vs_naive" in row:
+                text += f"; vs naive: time {row['time_vs_naive']:.2f}x, memory {row['mem_vs_naive']:.2f}x"
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def _finish_step(self) -> None:
         if self.progress is not None and self.running:
             self.progress.advance(self.task)
@@ -218,7 +233,8 @@ def measure(cases: List[Case], device: str, repeats: int, warmup: int, display: 
     display.start(len(cases), 1 + warmup + repeats)
     try:
         return harness.run_cases(cases, device, repeats, warmup,
-                                 on_case=lambda i, case: display.case(i, len(cases), case), on_step=display.step)
+                                 on_case=lambda i, case: display.case(i, len(cases), case), on_step=display.step,
+                                 on_row=display.case_done)
     finally:
         display.stop()
 

@@ -169,15 +169,25 @@ def test_plot_writes_a_png(bench_csv, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_bench_runs_and_appends_to_the_csv(tmp_path):
+def test_cli_bench_runs_and_appends_to_the_csv(tmp_path, capsys):
     out = tmp_path / "cli.csv"
     args = ["bench", "--model", TINY, "--batch", "2", "--image-size", "8", "--repeats", "1", "--out", str(out),
             "--plain"]
     assert cli.main(args) == 0
+    progress = capsys.readouterr().err.splitlines()
     assert cli.main(args + ["--providers", "naive,torch-saved", "--mode", "forward"]) == 0
     rows = harness.read_csv(out)
     assert [r["provider"] for r in rows] == harness.default_providers("cpu") + ["naive", "torch-saved"]
     assert len({r["run"] for r in rows}) == 2
+    # each case's numbers were printed the moment it was measured (a run killed by a time limit
+    # keeps them), and they are the CSV's
+    first_run = rows[:len(harness.default_providers("cpu"))]
+    for i, r in enumerate(first_run):
+        done = [line for line in progress if line.startswith(f"[{i + 1}/{len(first_run)}] {r['provider']} full ")
+                and " ms median " in line]
+        assert len(done) == 1, progress
+        assert f": {float(r['median_ms']):.2f} ms median (min {float(r['min_ms']):.2f}), " in done[0], done[0]
+        assert f"time {float(r['time_vs_naive']):.2f}x, memory {float(r['mem_vs_naive']):.2f}x" in done[0], done[0]
 
 
 def test_cli_bench_segmentation_model(tmp_path):

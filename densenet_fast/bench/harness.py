@@ -509,13 +509,19 @@ def add_ratios(rows: List[dict]) -> List[dict]:
 
 def run_cases(cases: Sequence[Case], device: str, repeats: int, warmup: int,
               on_case: Callable[[int, Case], None] = lambda i, case: None,
-              on_step: Callable[[str, int, int], None] = lambda phase, i, n: None) -> List[dict]:
-    """Run every case (in order) and return full CSV rows (case, metrics, metadata, ratios)."""
+              on_step: Callable[[str, int, int], None] = lambda phase, i, n: None,
+              on_row: Callable[[dict], None] = lambda row: None) -> List[dict]:
+    """Run every case (in order) and return full CSV rows (case, metrics, metadata, ratios).
+
+    on_row receives each case's row as soon as it is measured, with its ratios to a naive row
+    measured before it in this run (naive comes first in the default order): a run cut short by
+    a time limit (a GPU lease) has then reported every case it finished."""
     meta = environment(device)
     rows = []
     for i, case in enumerate(cases):
         on_case(i, case)
         rows.append({**asdict(case), **run_case(case, device, repeats, warmup, on_step), **meta})
+        on_row(add_ratios(rows)[-1])
     return add_ratios(rows)
 
 
