@@ -8,12 +8,41 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pytest
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- the Triton kernels' test modules ---------------------------------------------------------
+
+def skip_module_unless_triton_runs() -> None:
+    """Skip the calling test module, at its import, unless the Triton kernels can run here: triton
+    installed, and either its interpreter on (TRITON_INTERPRET=1, reading CPU tensors) or a GPU."""
+    from densenet_fast import triton_kernels
+    if not triton_kernels.HAS_TRITON:
+        pytest.skip(f"the Triton kernels need triton ({triton_kernels.IMPORT_ERROR})", allow_module_level=True)
+    if not triton_kernels.INTERPRET and not torch.cuda.is_available():
+        pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
+                    allow_module_level=True)
+
+
+def triton_device() -> str:
+    """Where the Triton tests put their tensors: the interpreter reads CPU tensors, compiled kernels CUDA ones."""
+    from densenet_fast import triton_kernels
+    return "cpu" if triton_kernels.INTERPRET else "cuda"
+
+
+def triton_gpu_only():
+    """The mark of a Triton test that needs compiled kernels on a GPU (bf16 and autotuning, which
+    the interpreter does not run)."""
+    from densenet_fast import triton_kernels
+    return pytest.mark.skipif(triton_kernels.INTERPRET or not torch.cuda.is_available(),
+                              reason="needs a GPU and compiled kernels (bf16 and autotuning do not run "
+                                     "under TRITON_INTERPRET)")
 
 
 def load_file_module(name: str, relative_path: str):

@@ -25,21 +25,19 @@ import copy
 import pytest
 import torch
 
-from densenet_fast import reference, triton_kernels
+from densenet_fast import reference
 from builders import copy_weights, efficient_densenet, param_grads, projection_loss, randomize_bn_, seeded_input, \
     states
+from helpers import skip_module_unless_triton_runs, triton_device
 from tolerances import assert_close, assert_model_within_naive_error, assert_within_naive_error
 
-if not triton_kernels.HAS_TRITON:
-    pytest.skip(f"backend triton needs triton ({triton_kernels.IMPORT_ERROR})", allow_module_level=True)
-if not triton_kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1", allow_module_level=True)
+skip_module_unless_triton_runs()
 
 # Float32 in IEEE on a GPU (conftest.ieee_fp32): the three-way rule and the torch-backend comparison
 # below hold IEEE rounding, not TF32's (tests/test_precision.py covers TF32 selection).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
 
-DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
+DEVICE = triton_device()
 # growth 5 and 7 input channels: no channel count or offset is a multiple of 8 or 16; 9x7 images
 # pool to 4x3 (odd sizes drop a row and a column); bn_size 3: a 15-wide bottleneck.
 CFG = dict(growth_rate=5, block_config=(2, 2), num_init_features=7, bn_size=3, num_classes=4, small_inputs=True)

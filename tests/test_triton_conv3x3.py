@@ -36,14 +36,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_fast import triton_kernels
 from densenet_fast.reference import bn_relu_conv3x3_ref, channel_stats_ref
+from helpers import (assert_close_report, every_tile_test, gpu_tiles, paired_tile_ids, paired_tiles, set_attrs,
+                     skip_module_unless_triton_runs, tile_id, triton_device, triton_gpu_only)
 
-if not triton_kernels.HAS_TRITON:
-    pytest.skip(f"the Triton kernels need triton ({triton_kernels.IMPORT_ERROR})", allow_module_level=True)
-if not triton_kernels.INTERPRET and not torch.cuda.is_available():
-    pytest.skip("no GPU and TRITON_INTERPRET is not 1: the Triton kernels cannot run here",
-                allow_module_level=True)
+skip_module_unless_triton_runs()
 
 # Float32 results are held to IEEE tolerances: no TF32 in the dots on a GPU (conftest.ieee_fp32).
 pytestmark = pytest.mark.usefixtures("ieee_fp32")
@@ -53,16 +50,11 @@ from densenet_fast.triton_kernels.conv3x3 import (  # noqa: E402
     bn_relu_conv3x3_backward_triton,
     bn_relu_conv3x3_triton,
 )
-from helpers import (assert_close_report, every_tile_test, gpu_tiles, paired_tile_ids, paired_tiles,  # noqa: E402
-                     set_attrs, tile_id)
 from builders import seeded_buffer  # noqa: E402
 from tolerances import assert_close, assert_within_naive_error  # noqa: E402
 
-# The interpreter reads CPU tensors; compiled kernels need CUDA ones.
-DEVICE = "cpu" if triton_kernels.INTERPRET else "cuda"
-GPU_ONLY = pytest.mark.skipif(triton_kernels.INTERPRET or not torch.cuda.is_available(),
-                              reason="needs a GPU and compiled kernels (bf16 and autotuning do not run "
-                                     "under TRITON_INTERPRET)")
+DEVICE = triton_device()
+GPU_ONLY = triton_gpu_only()
 # The interpreter has no bfloat16.
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=GPU_ONLY)]
 LAYOUTS = ["nchw", "channels_last"]
