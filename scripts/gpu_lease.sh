@@ -11,9 +11,9 @@
 #                                     DenseNet-BC-100 (eager, CUDA graph), the cuda backend there
 #                                     (eager and graphed), the triton defaults on DenseNet-121
 #                                     (eager, CUDA graph), then the other providers
-#   bash scripts/gpu_lease.sh more    torch.compile of naive, fp32 channels_last, torch.compile
-#                                     of the cuda backend's model, profiles of
-#                                     eager steps (where the host time goes), per-op GB/s, bf16
+#   bash scripts/gpu_lease.sh more    torch.compile of naive, fp32 channels_last, profiles of
+#                                     eager steps (where the host time goes), torch.compile of
+#                                     the cuda backend's model, per-op GB/s, bf16
 #                                     channels_last, plain layers (densenet_40_12), FC-DenseNet103, then the
 #                                     triton backend autotuned (each tuning's timings in
 #                                     autotune.jsonl)
@@ -253,10 +253,6 @@ if [ "$STAGE" = more ]; then
   # convs) and one GEMM per 1x1 conv instead of a batched one per image (never timed in float32)
   stamp "DenseNet-BC-100 fp32 channels_last"
   bench bench.csv 60 --model densenet_bc_100_12 --batch 64 --channels-last --providers naive,cuda,cuda+graph,naive+graph
-  # torch.compile of our model (the per-layer ops, which inductor fuses) beside that of naive; each
-  # case's numbers print when it ends, so a cut call keeps the ones before
-  stamp "torch.compile of the cuda backend's model (DenseNet-BC-100 fp32)"
-  bench bench.csv 150 --model densenet_bc_100_12 --batch 64 --providers naive,cuda+compile
   # Where the eager steps' host time goes (cuda 46.5 ms eager against 16.8 graphed in the 2026-11-27
   # lease): profiler tables per provider, the JSON in profile-*.json.
   stamp "profiles of one eager step: DenseNet-BC-100, then DenseNet-121"
@@ -264,6 +260,10 @@ if [ "$STAGE" = more ]; then
     --model densenet_bc_100_12 --batch 64 --providers naive,cuda,triton --top 15 --out "$OUT/profile-bc100.json" 2>&1 | tail -75
   timeout -k 5 "$(limit 45)" $PY scripts/profile_step.py --device cuda --model densenet121 --batch 64 \
     --providers naive,cuda --top 15 --out "$OUT/profile-d121.json" 2>&1 | tail -50
+  # torch.compile of our model (the per-layer ops, which inductor fuses) beside that of naive; each
+  # case's numbers print when it ends, so a cut call keeps the ones before
+  stamp "torch.compile of the cuda backend's model (DenseNet-BC-100 fp32)"
+  bench bench.csv 150 --model densenet_bc_100_12 --batch 64 --providers naive,cuda+compile
   stamp "per-op bandwidth (rows printed as measured)"
   # float32 first, NCHW first: the layout and dtype of the model benchmarks above (bf16 if time is left)
   timeout -k 5 "$(limit 60)" $PY benchmarks/bench_ops.py --dtype float32,bfloat16 --layout nchw,nhwc \
