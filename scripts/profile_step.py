@@ -20,6 +20,7 @@ import json
 import time
 from typing import Dict, List, Optional
 
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from densenet_fast.bench import harness
@@ -31,6 +32,25 @@ def _rows(events, key: str, top: int) -> List[Dict[str, object]]:
     ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     return [{"op": e.key, "count": e.count, "self_cpu_us": round(e.self_cpu_time_total, 1),
              "self_device_us": round(getattr(e, "self_device_time_total", 0.0), 1)} for e in ranked]
+
+
+def device_busy_ms(events, steps: int) -> Optional[float]:
+    """Milliseconds per step in which the GPU ran something: the union of the device events'
+    intervals (kernels, copies, fills), so that overlapping work on two streams counts once.
+    Against the wall time per step this says whether the step is bound by the GPU (busy ~ wall)
+    or by the host that feeds it (busy well under wall). None when no device event was recorded."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
+    if not spans:
+        return None
+    busy, (start, end) = 0, spans[0]
+    for s, e in spans[1:]:
+        if s > end:
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+    busy += end - start
+    return busy / steps / 1e3
 
 
 def profile_provider(provider: str, args: argparse.Namespace) -> Dict[str, object]:
@@ -51,16 +71,21 @@ def profile_provider(provider: str, args: argparse.Namespace) -> Dict[str, objec
         wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
     events = prof.key_averages()
     host_us = sum(e.self_cpu_time_total for e in events) / args.steps
+    busy = device_busy_ms(prof.events(), args.steps)
     return {"provider": provider, "wall_ms_per_step": round(wall_ms, 2),
             "host_self_ms_per_step": round(host_us / 1e3, 2),
+            "device_busy_ms_per_step": None if busy is None else round(busy, 2),
             "ops_per_step": round(sum(e.count for e in events) / args.steps),
             "by_host": _rows(events, "self_cpu_time_total", args.top),
             "by_device": _rows(events, "self_device_time_total", args.top) if cuda else []}
 
 
 def _print(result: Dict[str, object], steps: int) -> None:
+    busy = result["device_busy_ms_per_step"]
+    busy_text = "" if busy is None else (f", device busy {busy} ms "
+                                         f"({100 * busy / result['wall_ms_per_step']:.0f}% of the wall time)")
     print(f"== {result['provider']}: {result['wall_ms_per_step']} ms per step (profiled), host self time "
-          f"{result['host_self_ms_per_step']} ms, {result['ops_per_step']} profiler events per step")
+          f"{result['host_self_ms_per_step']} ms{busy_text}, {result['ops_per_step']} profiler events per step")
     for title, rows in (("most host time", result["by_host"]), ("most device time", result["by_device"])):
         if not rows:
             continue

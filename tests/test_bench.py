@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from densenet_fast import cli
 from densenet_fast.bench import harness, memory, plan, report as reporting
 from densenet_fast.bench.harness import Case
+from helpers import load_file_module
 
 # A model small enough that a real step takes well under a second: DenseNet-BC depth 10 has one
 # layer per block; 8x8 inputs survive the two transitions' pooling.
@@ -358,3 +361,17 @@ def test_bench_ops_shape_must_fit_its_buffer():
     bench_ops = _bench_ops()
     with pytest.raises(ValueError, match="exceeds the buffer"):
         bench_ops.Shape("bad", 1, 232, 256, 4, 4, 128, 32)
+
+
+def test_profile_step_device_busy_is_the_union_of_device_intervals():
+    """scripts/profile_step.py's GPU-busy time per step (the number that tells a GPU-bound eager
+    step from a host-bound one): overlapping device events count once, gaps not at all, host
+    events never."""
+    profile_step = load_file_module("profile_step", "scripts/profile_step.py")
+
+    def event(i, start, end, device=DeviceType.CUDA):
+        return FunctionEvent(id=i, name=f"e{i}", thread=0, start_us=start, end_us=end, device_type=device)
+
+    events = [event(0, 5, 12), event(1, 0, 10), event(2, 20, 25), event(3, 11, 12), event(4, 0, 100, DeviceType.CPU)]
+    assert profile_step.device_busy_ms(events, steps=2) == pytest.approx((12 + 5) / 2 / 1e3)
+    assert profile_step.device_busy_ms([event(0, 0, 100, DeviceType.CPU)], steps=1) is None
