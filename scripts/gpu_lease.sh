@@ -131,6 +131,12 @@ begin() {  # env.txt, and a fresh failure log
   export DENSENET_FAST_SLOW_LOG=/tmp/df-slow.log
   rm -f $DENSENET_FAST_FAILURE_LOG $DENSENET_FAST_SLOW_LOG
 }
+test_logs() {  # the two logs begin() set up, appended to tests.log; the failures' names printed
+  { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
+  { echo "=== tests over 5 s, slowest first ($DENSENET_FAST_SLOW_LOG)"; sort -rn $DENSENET_FAST_SLOW_LOG 2>/dev/null; } >>"$OUT/tests.log"
+  stamp "results"
+  grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
+}
 
 if [ "$STAGE" = check ]; then
   begin
@@ -174,10 +180,7 @@ if [ "$STAGE" = check ]; then
   san_pid=$!
   wait $tri_pid $cu_pid $san_pid
   for f in tri cu san; do cat "$OUT/$f.log" >>"$OUT/tests.log"; done
-  { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
-  { echo "=== tests over 5 s, slowest first ($DENSENET_FAST_SLOW_LOG)"; sort -rn $DENSENET_FAST_SLOW_LOG 2>/dev/null; } >>"$OUT/tests.log"
-  stamp "results"
-  grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
+  test_logs
   summary "$OUT/tri.log"; summary "$OUT/cu.log" 20
   grep -E "sanitizer .*exit|(ERROR|RACECHECK) SUMMARY|[0-9]+ (passed|failed)" "$OUT/san.log"
   rm -f "$OUT"/{tri,cu,san}.log
@@ -235,10 +238,7 @@ if [ "$STAGE" = retest ]; then
   tri_pid=$!
   wait $cu_pid $tri_pid
   for f in re cu tri; do cat "$OUT/$f.log" >>"$OUT/tests.log" 2>/dev/null; done
-  { echo "=== failures, as they happened ($DENSENET_FAST_FAILURE_LOG)"; cat $DENSENET_FAST_FAILURE_LOG 2>/dev/null; } >>"$OUT/tests.log"
-  { echo "=== tests over 5 s, slowest first ($DENSENET_FAST_SLOW_LOG)"; sort -rn $DENSENET_FAST_SLOW_LOG 2>/dev/null; } >>"$OUT/tests.log"
-  stamp "results"
-  grep -E "^FAILED" $DENSENET_FAST_FAILURE_LOG 2>/dev/null | head -20
+  test_logs
   summary "$OUT/cu.log" 20; summary "$OUT/tri.log"
   rm -f "$OUT"/{re,cu,tri}.log
 fi
