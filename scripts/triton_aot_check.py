@@ -15,8 +15,13 @@ recorded values at run time), it runs triton.compile for GPUTarget("cuda", 90 | 
            time (OutOfResources), it only costs a compile
   sm86     (a note) a default sm80-list config above 99 KiB, the limit of sm86/sm89 GPUs, which
            also get the sm80 lists
+  BANK     a default config whose pipelining copies a tile into an unswizzled shared buffer across
+           its fastest dimension, a 32-way bank conflict per copy (aot.unswizzled_staging; "bank"
+           notes the same for a non-default config, which autotuning times against the others).
+           Specialized mode only: the generic mode does not know which strides are 1, so to it
+           every layout looks like NCHW
 
-Exit status 1 on any FAIL / NOFIT / NONE (or a kernel no case launches), else 0.
+Exit status 1 on any FAIL / NOFIT / NONE / BANK (or a kernel no case launches), else 0.
 
   python scripts/triton_aot_check.py                      # everything (long: ~1500 compiles)
   python scripts/triton_aot_check.py --default-only       # the autotune-off configs only
@@ -70,7 +75,8 @@ def _result_dict(r: aot.Result) -> dict:
     return {"kernel": u.name, "arch": u.device.arch, "mode": u.mode, "default": u.default,
             "autotuned": u.autotuned, "config": u.config_str(), "dtypes": u.dtype_str(), "case": u.case,
             "ok": r.ok, "error": r.error, "shared": r.shared, "limit": u.device.smem_optin, "fits": r.fits,
-            "regs": r.regs, "stack": r.stack, "seconds": round(r.seconds, 2)}
+            "regs": r.regs, "stack": r.stack, "async_copies": r.async_copies, "staging": list(r.staging),
+            "seconds": round(r.seconds, 2)}
 
 
 def main(argv=None) -> int:
@@ -137,6 +143,9 @@ def main(argv=None) -> int:
         elif u.default and u.device.arch == "sm80" and r.shared > aot.SM86_SMEM_OPTIN:
             notes.append(f"sm86  {u.mode} {u.name} [{u.config_str()}] {u.dtype_str()}: shared {r.shared} > "
                          f"{aot.SM86_SMEM_OPTIN}")
+        if r.staging and u.mode == "specialized":  # generic: strides of 1 unknown, so every layout looks NCHW
+            msg = f"{u.device.arch} {u.mode} {u.name} [{u.config_str()}] ({u.case}): {'; '.join(r.staging)}"
+            (problems if u.default else notes).append(("BANK  " if u.default else "bank  ") + msg)
     for arch, launches in launches_by_arch.items():
         for launch in launches:
             if not launch.autotuned or len(launch.configs) < 2:
@@ -151,7 +160,7 @@ def main(argv=None) -> int:
     # Summary per kernel and architecture.
     print(f"\n{len(results)} compilations in {time.time() - t0:.0f} s")
     print(f"{'kernel':32s} {'arch':5s} {'mode':11s} {'compiled':>9s} {'failed':>6s} {'over':>5s} "
-          f"{'default cfg shared (max)':>24s} {'max regs':>8s} {'spills':>6s}")
+          f"{'default cfg shared (max)':>24s} {'max regs':>8s} {'spills':>6s} {'bank':>4s}")
     groups = collections.defaultdict(list)
     for r in results:
         groups[(r.unit.name, r.unit.device.arch, r.unit.mode)].append(r)
@@ -161,7 +170,7 @@ def main(argv=None) -> int:
         spills = sum(1 for r in rs if r.stack)
         print(f"{name:32s} {arch:5s} {mode:11s} {sum(r.ok for r in rs):9d} {sum(not r.ok for r in rs):6d} "
               f"{sum(r.ok and not r.fits for r in rs):5d} {max(defaults) if defaults else '-':>24} "
-              f"{max(regs) if regs else '-':>8} {spills:6d}")
+              f"{max(regs) if regs else '-':>8} {spills:6d} {sum(1 for r in rs if r.staging):4d}")
     for title, lines in (("notes", notes), ("warnings", warnings), ("PROBLEMS", problems)):
         if lines:
             print(f"\n{title} ({len(lines)}):")

@@ -61,14 +61,23 @@ GEMM_KERNELS = ("_bn_relu_conv1x1_kernel", "_conv1x1_bwd_reduce_kernel", "_conv1
                 "_bn_relu_pool_conv1x1_kernel", "_pool_conv1x1_wgrad_kernel", "_pool_conv1x1_dgrad_kernel")
 
 
-def test_float32_gemm_defaults_do_not_spill(tmp_path):
+@pytest.fixture(scope="module")
+def gemm_defaults(tmp_path_factory):
+    """The GEMM kernels' default configs compiled for sm90 on the DenseNet-121 problems, specialised,
+    in float32 (TF32 and IEEE dots) and fp16, both layouts: (results, log)."""
+    results, log, _ = _aot_check(tmp_path_factory.mktemp("aot"), "--dtypes", "fp32,fp16", "--default-only",
+                                 "--modes", "specialized", "--kernel", ",".join(GEMM_KERNELS))
+    return results, log
+
+
+def test_float32_gemm_defaults_do_not_spill(gemm_defaults):
     """The GEMM kernels' default configs keep their tiles in registers for float32 data, in TF32
     and in IEEE. The 128-row tiles spilled 100-1,000 bytes of local memory per thread in NCHW with
     4 warps (they run 8 now); with TF32 off, tl.dot lowers to FMAs, where the pipelined tiles
     spilled up to 13 KB (the "fma" config lists). Compiled for sm90 on the DenseNet-121 problems in
-    both layouts, no default may use stack (~30 s on two cores)."""
-    results, log, _ = _aot_check(tmp_path, "--dtypes", "fp32", "--default-only", "--modes", "specialized",
-                                 "--kernel", ",".join(GEMM_KERNELS))
+    both layouts, no default may use stack (~45 s on two cores, with the next test's fp16)."""
+    results, log = gemm_defaults
+    results = [r for r in results if "fp32" in r["case"]]
     for precision in ("tf32", "ieee"):
         assert {r["kernel"] for r in results if precision in r["case"]} == set(GEMM_KERNELS), (precision, log)
     assert {"NCHW" in r["case"] for r in results} == {True, False}, "both layouts"
@@ -76,3 +85,45 @@ def test_float32_gemm_defaults_do_not_spill(tmp_path):
         pytest.skip("cuobjdump (shipped with triton) is not available: no register/stack counts")
     spills = [f"{r['kernel']} [{r['config']}] {r['case']}: {r['stack']} bytes" for r in results if r["stack"] != 0]
     assert not spills, "float32 default configs with local-memory stack:\n" + "\n".join(spills)
+
+
+def test_gemm_defaults_do_not_stage_through_one_bank(gemm_defaults):
+    """No default config copies a tile into an unswizzled shared buffer across its fastest dimension
+    (aot.unswizzled_staging; triton_kernels.NCHW_FP32): the pipelined float32 NCHW tiles of the 3x3
+    wgrad, the 1x1 backward's first pass and the transition's forward and wgrad did, in float32 and
+    (the wgrad's float32 gradient tile) fp16, and those kernels were the slow ones of the
+    2026-11-27 lease's autotuning log. The copies the check parses must exist in this triton's
+    output: the pipelined fp16 defaults make some."""
+    results, log = gemm_defaults
+    assert {r["kernel"] for r in results if "fp16" in r["case"]} == set(GEMM_KERNELS), log
+    assert sum(r["async_copies"] for r in results) > 0, "no ttg.async_copy_global_to_local parsed:\n" + log
+    staged = [f"{r['kernel']} [{r['config']}] {r['case']}: {'; '.join(r['staging'])}" for r in results if r["staging"]]
+    assert not staged, "default configs that stage through one shared-memory bank:\n" + "\n".join(staged)
+
+
+# Asynchronous copies as triton 3.6 and 3.8 print them (the 3x3 wgrad's pipelined float32 NCHW tile on
+# sm_90: 3.6 walks the channels, 3.8 the rows, each across its buffer's fastest dimension).
+_TTGIR = """\
+#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [32, 1], warpsPerCTA = [2, 4], order = [0, 1]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [4, 2], order = [1, 0]}>
+#shared = #ttg.nvmma_shared<{swizzlingByteWidth = 128, transposed = true, elementBitWidth = 32}>
+#shared1 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [1, 0]}>
+#shared2 = #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1, order = [0, 1]}>
+#shared3 = #ttg.swizzled_shared<{vec = 4, perPhase = 1, maxPhase = 8, order = [0, 1]}>
+    %a = ttg.async_copy_global_to_local %p, %q mask %m other %c : tensor<64x64x!tt.ptr<f32>, #SRC> -> \
+<64x64xf32, #DST, #smem, mutable> loc(#loc1)
+"""
+
+
+@pytest.mark.parametrize("src, dst, conflict", [
+    ("blocked", "shared1", True),    # threads along dim 0, buffer rows along dim 1 (triton 3.6)
+    ("blocked1", "shared2", True),   # threads along dim 1, buffer rows along dim 0 (triton 3.8)
+    ("blocked", "shared2", False),   # threads along the buffer's fastest dimension
+    ("blocked1", "shared1", False),
+    ("blocked1", "shared3", False),  # swizzled
+    ("blocked1", "shared", False),   # an MMA operand buffer, swizzled by 128 bytes
+])
+def test_unswizzled_staging_finds_the_conflicting_copies(src, dst, conflict):
+    from densenet_fast.triton_kernels.aot import unswizzled_staging
+    copies, found = unswizzled_staging(_TTGIR.replace("SRC", src).replace("DST", dst))
+    assert copies == 1 and len(found) == int(conflict), found

@@ -475,22 +475,3 @@ def test_autotuned_block_sizes(b, k, hw, layout, dtype):
     for batch_stats in (True, False):
         _check_backward(x, k, batch_stats, torch.float32, seed=33,
                         name=f"autotuned backward {layout} {dtype} batch_stats={batch_stats}")
-
-
-@pytest.mark.parametrize("arch", ["sm90", "sm80"])
-def test_forward_config_list_gives_fp32_nchw_its_single_stage_tiles(monkeypatch, arch):
-    """float32 NCHW data with TF32 dots (where the pipelined forward stages its A tile through an
-    unswizzled shared buffer) gets the list with single-stage tiles first, which still holds every
-    config of the architecture's list; other data keeps config_list's choice."""
-    from densenet_fast.triton_kernels import conv3x3
-
-    monkeypatch.setattr(conv3x3, "config_list", lambda x, precision: "fma" if precision == "ieee" else arch)
-    buf = torch.randn(2, 40, 5, 7)
-    assert conv3x3.forward_config_list(buf[:, 8:24], "tf32") == f"{arch}_nchw_fp32"
-    assert conv3x3.forward_config_list(buf.to(memory_format=torch.channels_last)[:, 8:24], "tf32") == arch
-    assert conv3x3.forward_config_list(buf.half(), "tf32") == arch
-    assert conv3x3.forward_config_list(buf, "ieee") == "fma"
-    base = {"sm90": conv3x3.CONFIGS_FWD_SM90, "sm80": conv3x3.CONFIGS_FWD_SM80}[arch]
-    nchw = {"sm90": conv3x3.CONFIGS_FWD_SM90_NCHW_FP32, "sm80": conv3x3.CONFIGS_FWD_SM80_NCHW_FP32}[arch]
-    assert nchw[0].num_stages == 1 and all(c in nchw for c in base)
-    assert f"{arch}_nchw_fp32" in conv3x3._TUNED_FWD

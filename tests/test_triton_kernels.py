@@ -326,3 +326,33 @@ def test_autotune_log_appends_one_line_per_new_tuning(tmp_path):
     untimed.configs_timings = {"stale": 1.0}
     untimed.run(7)
     assert json.loads(path.read_text().splitlines()[-1])["ms"] is None
+
+
+@pytest.mark.parametrize("arch", ["sm90", "sm80"])
+def test_float32_nchw_operands_get_single_stage_tiles_first(monkeypatch, arch):
+    """Float32 NCHW data with TF32 dots, where pipelined tiles stage through an unswizzled shared
+    buffer (triton_kernels.NCHW_FP32), selects each affected kernel's list with an unpipelined
+    tile first, which still holds every config of the architecture's list; other data, and IEEE
+    dots, keep config_list's choice. tests/test_triton_compile.py checks what those defaults compile to."""
+    import densenet_fast.triton_kernels as tk
+    from densenet_fast.triton_kernels import conv1x1_backward, conv3x3, transition
+
+    monkeypatch.setattr(tk, "device_arch", lambda device: arch)
+    buf = torch.randn(2, 40, 5, 7)
+    cl = buf.to(memory_format=torch.channels_last)
+    nchw = arch + tk.NCHW_FP32
+    assert tk.nchw_fp32_list(buf[:, 8:24], "tf32") == nchw
+    assert tk.nchw_fp32_list(cl[:, 8:24], "tf32") == arch
+    assert tk.nchw_fp32_list(buf.half(), "tf32") == arch
+    assert tk.nchw_fp32_list(buf.half(), "tf32", buf[:, :3]) == nchw  # a float32 NCHW gradient beside it
+    assert tk.nchw_fp32_list(cl.half(), "tf32", cl[:, :3]) == arch
+    assert tk.nchw_fp32_list(buf, "ieee") == "fma"
+    lists = {"3x3 forward": conv3x3._TUNED_FWD, "3x3 wgrad": conv3x3._TUNED_WGRAD,
+             "transition forward": transition._FWD_TUNED, "transition wgrad": transition._WGRAD_TUNED,
+             "1x1 backward, pass 1": {name: conv1x1_backward._tuned("reduce", name, 64, 4, 1 << 20)
+                                      for name in (arch, nchw)}}
+    for kernel, tuned in lists.items():
+        base, first = [str(c) for c in tuned[arch].configs], [str(c) for c in tuned[nchw].configs]
+        assert tuned[nchw].configs[0].num_stages == 1, (kernel, first)
+        if tk.AUTOTUNE:  # else each list holds its first config only
+            assert set(base) <= set(first), (kernel, sorted(set(base) - set(first)))

@@ -40,8 +40,9 @@ else:
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "autotune", "autotune_lists", "cdiv", "config_list",
-           "device_arch", "device_sms", "device_smem_optin", "next_power_of_2"]
+__all__ = ["HAS_TRITON", "IMPORT_ERROR", "INTERPRET", "NCHW_FP32", "autotune", "autotune_lists", "cdiv",
+           "config_list", "device_arch", "device_sms", "device_smem_optin", "nchw_fp32_list", "next_power_of_2",
+           "single_stage_first"]
 
 
 # The launchers' host-side integer arithmetic.  triton.cdiv and triton.next_power_of_2 are
@@ -96,6 +97,42 @@ def config_list(x, precision: str) -> str:
     spill), else device_arch(x.device)."""
     import torch
     return "fma" if precision == "ieee" and x.dtype == torch.float32 else device_arch(x.device)
+
+
+# Float32 NCHW operands and software pipelining. With num_stages > 1 triton stages a kernel's
+# loads through shared memory with asynchronous copies. For some float32 tiles read from NCHW data
+# (rows contiguous, channels strided) it picks a staging buffer that is not swizzled and whose
+# fastest dimension is not the one the copying threads walk along, so a warp's 32 four-byte copies
+# land one row of the buffer apart, in one bank: a 32-way conflict on every copy (the ttgir's
+# ttg.async_copy_global_to_local into #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1}>;
+# aot.unswizzled_staging finds it, triton 3.6 and 3.8, sm_90 and sm_80). Single-stage tiles load
+# into registers and go through a swizzled buffer instead. The 3x3 forward was the first kernel
+# found so: its single-stage tiles took triton+graph on DenseNet-BC-100 from 34.9 to 26.5 ms
+# (H200, benchmarks/NOTES-gpu.md). The kernels with such operands get a list with single-stage
+# tiles first (NCHW_FP32 below): the 3x3 wgrad, the 1x1 backward's first pass, the transition's
+# forward and wgrad. Their default configs are single-stage (tests/test_triton_compile.py checks
+# that no default config stages through one bank); autotuning times the pipelined ones as well.
+NCHW_FP32 = "_nchw_fp32"
+
+
+def nchw_fp32_list(x, precision: str, *operands) -> str:
+    """config_list(x, precision), with NCHW_FP32 appended when x or one of `operands` is float32
+    data not stored channels_last and the dots are TF32 (the lists of single_stage_first)."""
+    import torch
+    from .channel_stats import is_channels_last
+    name = config_list(x, precision)
+    if name != "fma" and any(t.dtype == torch.float32 and not is_channels_last(t) for t in (x, *operands)):
+        return name + NCHW_FP32
+    return name
+
+
+def single_stage_first(configs, count: int = 2):
+    """`configs` with single-stage copies of its first `count` tiles in front (an NCHW_FP32 list:
+    the first of them, the default with autotuning off, is the list's default tile unpipelined)."""
+    import triton as _triton
+    front = [_triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
+             for c in list(configs)[:count] if c.num_stages != 1]
+    return front + list(configs)
 
 # DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
 # without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.
@@ -160,8 +197,11 @@ def autotune(configs, key, **kwargs):
     return lambda fn: _logged(decorate(fn), AUTOTUNE_LOG)
 
 
-def autotune_lists(kernel, key, sm90, sm80, fma=None):
+def autotune_lists(kernel, key, sm90, sm80, fma=None, nchw_fp32=False):
     """{"sm90": ..., "sm80": ..., "fma": ...}: `kernel` autotuned over each config list, indexed as
-    config_list names the lists (without an fma list, index by device_arch)."""
+    config_list names the lists (without an fma list, index by device_arch); with nchw_fp32 also
+    "sm90_nchw_fp32" and "sm80_nchw_fp32" (single_stage_first's, indexed as nchw_fp32_list names them)."""
     lists = {"sm90": sm90, "sm80": sm80, **({} if fma is None else {"fma": fma})}
+    if nchw_fp32:
+        lists.update({arch + NCHW_FP32: single_stage_first(lists[arch]) for arch in ("sm90", "sm80")})
     return {name: autotune(configs=configs, key=key)(kernel) for name, configs in lists.items()}

@@ -20,7 +20,9 @@ no driver (ptxas ships with triton), so this module
                   tt.divisibility=16), which is what really runs: vectorised loads change the
                   pipelining and so the shared memory a config needs (done for the
                   DenseNet-121 cases, the ones whose values are realistic);
-3. reports compile errors, and shared memory above the device's per-block opt-in limit.
+3. reports compile errors, shared memory above the device's per-block opt-in limit, and
+   asynchronous copies into an unswizzled shared buffer across its fastest dimension
+   (``unswizzled_staging``: a 32-way bank conflict on every copy, see NCHW_FP32 in __init__.py).
 
 The interpreter's fixed 16-wide configs (INTERPRET_CONFIG, ...) are not compiled: they only run
 under TRITON_INTERPRET=1, never on a GPU.
@@ -37,6 +39,7 @@ import dataclasses
 import importlib
 import os
 import pkgutil
+import re
 import subprocess
 import tempfile
 import time
@@ -48,7 +51,7 @@ import torch
 
 __all__ = ["Device", "DEVICES", "Case", "CASES", "Launch", "Unit", "Result", "capture", "units", "launch_units",
            "unit_key", "compile_unit", "compile_units", "kernel_modules", "uncovered_kernels",
-           "triton_can_compile"]
+           "triton_can_compile", "unswizzled_staging"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,10 +451,46 @@ class Result:
     regs: Optional[int] = None   # registers per thread (cuobjdump), None when unavailable
     stack: Optional[int] = None  # per-thread stack bytes (register spills), None when unavailable
     seconds: float = 0.0
+    async_copies: int = 0        # ttg.async_copy_global_to_local ops in the ttgir
+    staging: Tuple[str, ...] = ()  # unswizzled_staging's findings
 
     @property
     def fits(self) -> bool:
         return self.ok and self.shared <= self.unit.device.smem_optin
+
+
+_LAYOUT = re.compile(r"^#(\w+) = #ttg\.(\w+)<\{(.*)\}>", re.M)
+_ASYNC_COPY = re.compile(r"ttg\.async_copy_global_to_local .*?: tensor<([\dx]+)x!tt\.ptr<(\w+)>, #(\w+)> -> "
+                         r"(?:!ttg\.memdesc)?<[\dx]+x\w+, #(\w+)")
+
+
+def _ints(body: str, name: str) -> Optional[List[int]]:
+    m = re.search(name + r" = \[([\d, ]+)\]", body)
+    return [int(v) for v in m.group(1).split(",")] if m else None
+
+
+def unswizzled_staging(ttgir: str) -> Tuple[int, List[str]]:
+    """(number of asynchronous global-to-shared copies, the bank-conflicting ones) of a kernel's
+    ttgir. A copy conflicts when its destination is a swizzled_shared buffer without swizzling
+    (maxPhase 1) whose fastest dimension is not the one the copy's threads walk along: adjacent
+    threads then write a whole buffer row apart, into one bank (32-way for rows of 32 words)."""
+    layouts = {}
+    for name, kind, body in _LAYOUT.findall(ttgir):
+        phase = re.search(r"maxPhase = (\d+)", body)
+        layouts[name] = (kind, _ints(body, "order"), _ints(body, "threadsPerWarp"),
+                         int(phase.group(1)) if phase else None)
+    copies, found = 0, []
+    for shape, elem, src, dst in _ASYNC_COPY.findall(ttgir):
+        copies += 1
+        s_kind, s_order, threads, _ = layouts.get(src, (None, None, None, None))
+        d_kind, d_order, _, phase = layouts.get(dst, (None, None, None, None))
+        if s_kind != "blocked" or d_kind != "swizzled_shared" or phase != 1 or not s_order or not d_order:
+            continue
+        walk = s_order[0]  # the dimension a warp's adjacent threads walk along
+        if threads[walk] > 1 and d_order[0] != walk:
+            found.append(f"{shape}x{elem} tile copied by threads along dim {walk} (threadsPerWarp {threads}) "
+                         f"into an unswizzled buffer with order {d_order}")
+    return copies, found
 
 
 def _cuobjdump() -> Optional[str]:
@@ -492,8 +531,9 @@ def compile_unit(u: Unit) -> Result:
                                         attrs={(i,): div for i in u.attrs})
         kernel = triton.compile(src, target=target, options=dict(u.options))
         regs, stack = _resource_usage(kernel.asm["cubin"]) if "cubin" in kernel.asm else (None, None)
+        copies, staging = unswizzled_staging(kernel.asm.get("ttgir", ""))
         return Result(u, True, shared=int(kernel.metadata.shared), regs=regs, stack=stack,
-                      seconds=time.perf_counter() - t0)
+                      seconds=time.perf_counter() - t0, async_copies=copies, staging=tuple(staging))
     except Exception as exc:  # a compile error is the finding, whatever its type
         msg = f"{type(exc).__name__}: {exc}".strip()
         if len(msg) > 4000:

@@ -50,7 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, cdiv, config_list, device_sms, device_smem_optin, next_power_of_2
+from . import (NCHW_FP32, INTERPRET, autotune, cdiv, config_list, device_sms, device_smem_optin, nchw_fp32_list,
+               next_power_of_2, single_stage_first)
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -87,6 +88,8 @@ CONFIGS_REDUCE_SM80: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(64, 32, 4, 3), _cfg(128, 32, 4, 3), _cfg(32, 64, 4, 3),
     _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 2),
 ]
+# Float32 NCHW operands (x, or a float32 grad_out): pass 1 runs single_stage_first's list of the
+# above, since its pipelined tiles stage through one shared-memory bank (triton_kernels.NCHW_FP32).
 # Pass 2 holds the W block and dz tile only; it streams x in and grad_x_acc in and out.
 CONFIGS_DX_SM90: List[triton.Config] = [
     _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 128, 4, 3),
@@ -264,14 +267,17 @@ def _smem_estimate(pass_name: str, cfg: triton.Config, block_b: int, elem: int) 
 @functools.lru_cache(maxsize=None)
 def _tuned(pass_name: str, configs_name: str, block_b: int, elem: int, smem: int):
     """The autotuned kernel of one pass for one config list ("sm90", "sm80" or "fma", see
-    config_list), bottleneck tile width, operand size (bytes) and shared-memory limit."""
+    config_list; pass 1 also "sm90_nchw_fp32", "sm80_nchw_fp32", see nchw_fp32_list), bottleneck
+    tile width, operand size (bytes) and shared-memory limit."""
     # C (the layer's prefix width C_l) changes with every layer: the key holds its power-of-two
     # bucket instead, so a block autotunes a handful of times rather than once per layer.
     # The key holds the channel strides: a config that fits a NCHW specialisation (stride 1 along
     # the rows) may need more shared memory in the channels_last one, so each layout tunes anew.
     if pass_name == "reduce":
         kernel, limit = _conv1x1_bwd_reduce_kernel, PASS1_MAX_BC
-        configs = {"sm90": CONFIGS_REDUCE_SM90, "sm80": CONFIGS_REDUCE_SM80, "fma": CONFIGS_REDUCE_FMA}[configs_name]
+        configs = {"sm90": CONFIGS_REDUCE_SM90, "sm80": CONFIGS_REDUCE_SM80, "fma": CONFIGS_REDUCE_FMA,
+                   "sm90" + NCHW_FP32: single_stage_first(CONFIGS_REDUCE_SM90),
+                   "sm80" + NCHW_FP32: single_stage_first(CONFIGS_REDUCE_SM80)}[configs_name]
         key, restore = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "INPUT_PRECISION"], None
     else:
         kernel, limit = _conv1x1_bwd_dx_kernel, PASS2_MAX_BC
@@ -398,12 +404,13 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
-        tune = (config_list(x, precision), block_b, x.element_size(), device_smem_optin(x.device))
+        tune = (block_b, x.element_size(), device_smem_optin(x.device))
 
         def grid1(meta):
             return (parts1, cdiv(c, meta["BLOCK_C"]))
 
-        _tuned("reduce", *tune)[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b)
+        _tuned("reduce", nchw_fp32_list(x, precision, grad_out), *tune)[grid1](*args1, INPUT_PRECISION=precision,
+                                                                              BLOCK_B=block_b)
     sums = _sum_parts(ws)
     del ws
     grad_beta, grad_gamma = sums[b * c:(b + 1) * c], sums[(b + 1) * c:]
@@ -421,8 +428,8 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         def grid2(meta):
             return (parts2, cdiv(c, meta["BLOCK_C"]))
 
-        _tuned("dx", *tune)[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
-                                           BLOCK_B=block_b)
+        _tuned("dx", config_list(x, precision), *tune)[grid2](*args2, BATCH_STATS=batch_stats,
+                                                              INPUT_PRECISION=precision, BLOCK_B=block_b)
 
     grad_weight = sums[:b * c].view(weight.shape).to(weight.dtype)  # (B, C) row-major = the weight's order
     return grad_gamma, grad_beta, grad_weight

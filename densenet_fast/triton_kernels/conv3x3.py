@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune, autotune_lists, cdiv, config_list, device_sms, next_power_of_2
+from . import (NCHW_FP32, INTERPRET, autotune, autotune_lists, cdiv, config_list, device_sms, nchw_fp32_list,
+               next_power_of_2)
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -105,19 +106,16 @@ CONFIGS_WGRAD_SM80: List[triton.Config] = [
     _cfg(_WGRAD, 64, 64, 8, 3), _cfg(_WGRAD, 128, 64, 4, 3), _cfg(_WGRAD, 64, 128, 4, 3),
 ]
 # The forward on float32 NCHW data with TF32 dots: with num_stages > 1 triton stages the A tile
-# (rows x input channels, contiguous along the rows in NCHW) through an unswizzled K-major shared
-# buffer, filled by 4-byte async copies along the rows: the 32 copies of a warp land 128 bytes
-# apart, in one bank (the ttgir's #ttg.swizzled_shared<{vec = 1, perPhase = 1, maxPhase = 1,
-# order = [1, 0]}> under ttg.async_copy_global_to_local, sm_90 and sm_80, triton 3.8; no other
-# kernel of the package, layout or 16-bit dtype has it; scripts/triton_aot_check.py compiles these
-# lists). Single-stage tiles load into registers and convert through a swizzled buffer (vec 8,
-# maxPhase 4) instead. The 2026-11-27 lease timed only pipelined configs on that case: the best
-# took 0.27 ms for a DenseNet-BC-100 32x32 layer (0.68 GFLOP, 16 MB), ~70x its byte floor, and
-# dgrad, reading the same layout without the staging, ran at a fifth of the time on 4x fewer loads.
-# Prediction, not measured: the single-stage tiles win there by several times. They come first
-# (the default with autotuning off: the 128-row tile on 8 warps, which keeps no stack on
-# DenseNet-121's layer, where on 4 warps it spilled 416 bytes on sm_90 and 544 on sm_80); the
-# pipelined ones stay candidates.
+# (rows x input channels, contiguous along the rows in NCHW) through an unswizzled shared buffer
+# across its fastest dimension, a 32-way bank conflict per copy (triton_kernels.NCHW_FP32; the
+# wgrad's tiles do the same and get single_stage_first's lists). The 2026-11-27 lease timed only
+# pipelined configs on that case: the best took 0.27 ms for a DenseNet-BC-100 32x32 layer (0.68
+# GFLOP, 16 MB), ~70x its byte floor, while dgrad, reading the same layout without the staging, ran
+# at a fifth of the time on 4x fewer loads. These single-stage tiles come first (the default with
+# autotuning off: the 128-row tile on 8 warps, which keeps no stack on DenseNet-121's layer, where
+# on 4 warps it spilled 416 bytes on sm_90 and 544 on sm_80); the pipelined ones stay candidates.
+# Measured on the next lease (H200, fp32 NCHW, default configs): triton+graph on DenseNet-BC-100
+# went from 34.9 to 26.5 ms and on DenseNet-121 from 129.2 to 103.5 ms (benchmarks/NOTES-gpu.md).
 CONFIGS_FWD_SM90_NCHW_FP32: List[triton.Config] = [
     _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 128, 32, 4, 1), *CONFIGS_FWD_SM90,
 ]
@@ -334,17 +332,8 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
 _FWD_KEY = ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"]
 _TUNED_FWD = {**autotune_lists(_bn_relu_conv3x3_fwd_kernel, _FWD_KEY, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80,
                                CONFIGS_FWD_FMA),
-              **{f"{arch}_nchw_fp32": autotune(configs=configs, key=_FWD_KEY)(_bn_relu_conv3x3_fwd_kernel)
+              **{arch + NCHW_FP32: autotune(configs=configs, key=_FWD_KEY)(_bn_relu_conv3x3_fwd_kernel)
                  for arch, configs in (("sm90", CONFIGS_FWD_SM90_NCHW_FP32), ("sm80", CONFIGS_FWD_SM80_NCHW_FP32))}}
-
-
-def forward_config_list(x: Tensor, precision: str) -> str:
-    """Which of _TUNED_FWD's lists the forward reading x runs with: config_list's, except float32
-    NCHW data with TF32 dots on sm_90/sm_80, which gets the single-stage tiles first (above)."""
-    name = config_list(x, precision)
-    if name in ("sm90", "sm80") and x.dtype == torch.float32 and not is_channels_last(x):
-        return f"{name}_nchw_fp32"
-    return name
 
 
 _TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
@@ -352,7 +341,7 @@ _TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
                               CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA)
 _TUNED_WGRAD = autotune_lists(_conv3x3_wgrad_kernel, ["M", "B", "KOUT", "H", "W", "ROWS_PER_PROG", "sx_c", "sg_c",
                                                       "INPUT_PRECISION", "BLOCK_O"],
-                              CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA)
+                              CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA, nchw_fp32=True)
 
 
 def _narrow_tile(k: int) -> int:
@@ -434,7 +423,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
             *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
-        tuned = _TUNED_FWD[forward_config_list(x, precision)]
+        tuned = _TUNED_FWD[nchw_fp32_list(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
         # rows [0, cdiv(M, its BLOCK_M)) on its final run, and only those are merged.
         min_block_m = min(c.kwargs["BLOCK_M"] for c in tuned.configs)
@@ -585,7 +574,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
-        tuned = _TUNED_WGRAD[config_list(x, precision)]
+        tuned = _TUNED_WGRAD[nchw_fp32_list(x, precision, grad_out)]
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
         parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import INTERPRET, autotune_lists, cdiv, config_list, device_arch, device_sms
+from . import INTERPRET, autotune_lists, cdiv, device_arch, device_sms, nchw_fp32_list
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
 from .indexing import row_nhw
@@ -109,6 +109,8 @@ WGRAD_CONFIGS_SM80: List[triton.Config] = [
     _cfg(_WGRAD, (64, 64, 32), 4, 3), _cfg(_WGRAD, (128, 64, 32), 8, 2), _cfg(_WGRAD, (64, 128, 32), 8, 2),
     _cfg(_WGRAD, (64, 64, 64), 4, 3),
 ]
+# Float32 NCHW operands: the forward and the wgrad run single_stage_first's lists of the above, since
+# their pipelined tiles stage through one shared-memory bank (triton_kernels.NCHW_FP32).
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined forward and wgrad configs spill (sm_90, DenseNet-121's first transition, NCHW: 384
 # and 672 bytes of stack per thread for the defaults; scripts/triton_aot_check.py). These single
@@ -321,9 +323,9 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
 
 
 _FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION"],
-                            FWD_CONFIGS_SM90, FWD_CONFIGS_SM80, FWD_CONFIGS_FMA)
+                            FWD_CONFIGS_SM90, FWD_CONFIGS_SM80, FWD_CONFIGS_FMA, nchw_fp32=True)
 _WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION"],
-                              WGRAD_CONFIGS_SM90, WGRAD_CONFIGS_SM80, WGRAD_CONFIGS_FMA)
+                              WGRAD_CONFIGS_SM90, WGRAD_CONFIGS_SM80, WGRAD_CONFIGS_FMA, nchw_fp32=True)
 _DGRAD_TUNED = autotune_lists(_pool_conv1x1_dgrad_kernel,  # no fma list: indexed by device_arch
                               ["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED", "INPUT_PRECISION"],
                               DGRAD_CONFIGS_SM90, DGRAD_CONFIGS_SM80)
@@ -412,7 +414,7 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
         _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
-            _FWD_TUNED[config_list(x, precision)][
+            _FWD_TUNED[nchw_fp32_list(x, precision)][
                 lambda meta: (cdiv(p, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
             ](*args, INPUT_PRECISION=precision)
     return out
@@ -478,7 +480,7 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
         _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
-            _WGRAD_TUNED[config_list(x, precision)][
+            _WGRAD_TUNED[nchw_fp32_list(x, precision, grad_out)][
                 lambda meta: (cdiv(cout, meta["BLOCK_O"]), cdiv(c, meta["BLOCK_C"]), splits)
             ](*wgrad_args, INPUT_PRECISION=precision)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
