@@ -63,8 +63,8 @@ GEMM_KERNELS = ("_bn_relu_conv1x1_kernel", "_conv1x1_bwd_reduce_kernel", "_conv1
 
 @pytest.fixture(scope="module")
 def gemm_defaults(tmp_path_factory):
-    """The GEMM kernels' default configs compiled for sm90 on the DenseNet-121 problems, specialised,
-    in float32 (TF32 and IEEE dots) and fp16, both layouts: (results, log)."""
+    """The GEMM kernels' default configs compiled for sm90 on the DenseNet-121 and DenseNet-BC-100
+    problems, specialised, in float32 (TF32 and IEEE dots) and fp16, both layouts: (results, log)."""
     results, log, _ = _aot_check(tmp_path_factory.mktemp("aot"), "--dtypes", "fp32,fp16", "--default-only",
                                  "--modes", "specialized", "--kernel", ",".join(GEMM_KERNELS))
     return results, log
@@ -75,9 +75,11 @@ def test_float32_gemm_defaults_do_not_spill(gemm_defaults):
     and in IEEE. The 128-row tiles spilled 100-1,000 bytes of local memory per thread in NCHW with
     4 warps (they run 8 now); with TF32 off, tl.dot lowers to FMAs, where the pipelined tiles
     spilled up to 13 KB (the "fma" config lists). Compiled for sm90 on the DenseNet-121 problems in
-    both layouts, no default may use stack (~45 s on two cores, with the next test's fp16)."""
+    both layouts, no default may use stack (~60 s on two cores, with the next test's fp16 and
+    DenseNet-BC-100). On DenseNet-BC-100's layer a few IEEE defaults keep 8-16 bytes in
+    channels_last (triton 3.6: the 1x1 forward; 3.8: the 3x3 wgrad), which this does not check."""
     results, log = gemm_defaults
-    results = [r for r in results if "fp32" in r["case"]]
+    results = [r for r in results if "fp32" in r["case"] and "densenet121" in r["case"]]
     for precision in ("tf32", "ieee"):
         assert {r["kernel"] for r in results if precision in r["case"]} == set(GEMM_KERNELS), (precision, log)
     assert {"NCHW" in r["case"] for r in results} == {True, False}, "both layouts"
@@ -93,7 +95,8 @@ def test_gemm_defaults_do_not_stage_through_one_bank(gemm_defaults):
     wgrad, the 1x1 backward's first pass and the transition's forward and wgrad did, in float32 and
     (the wgrad's float32 gradient tile) fp16, and those kernels were the slow ones of the
     2026-11-27 lease's autotuning log. The copies the check parses must exist in this triton's
-    output: the pipelined fp16 defaults make some."""
+    output: the pipelined fp16 defaults make some. DenseNet-BC-100's layer (growth 12: 16-wide
+    gradient tiles) adds the case that conv3x3.wgrad_config_list handles."""
     results, log = gemm_defaults
     assert {r["kernel"] for r in results if "fp16" in r["case"]} == set(GEMM_KERNELS), log
     assert sum(r["async_copies"] for r in results) > 0, "no ttg.async_copy_global_to_local parsed:\n" + log

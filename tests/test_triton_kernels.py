@@ -347,6 +347,11 @@ def test_float32_nchw_operands_get_single_stage_tiles_first(monkeypatch, arch):
     assert tk.nchw_fp32_list(buf.half(), "tf32", buf[:, :3]) == nchw  # a float32 NCHW gradient beside it
     assert tk.nchw_fp32_list(cl.half(), "tf32", cl[:, :3]) == arch
     assert tk.nchw_fp32_list(buf, "ieee") == "fma"
+    # the wgrad also for a 16-wide float32 gradient tile beside 16-bit x (triton 3.8 on sm_90)
+    staged = arch == "sm90" and conv3x3._GRAD_TILE_STAGED_BADLY
+    assert conv3x3.wgrad_config_list(cl.half()[:, :8], cl[:, :3], "tf32", 16) == (nchw if staged else arch)
+    assert conv3x3.wgrad_config_list(cl.half()[:, :8], cl[:, :3], "tf32", 32) == arch
+    assert conv3x3.wgrad_config_list(cl.half()[:, :8], cl.half()[:, :3], "tf32", 16) == arch
     lists = {"3x3 forward": conv3x3._TUNED_FWD, "3x3 wgrad": conv3x3._TUNED_WGRAD,
              "transition forward": transition._FWD_TUNED, "transition wgrad": transition._WGRAD_TUNED,
              "1x1 backward, pass 1": {name: conv1x1_backward._tuned("reduce", name, 64, 4, 1 << 20)

@@ -19,7 +19,7 @@ no driver (ptxas ships with triton), so this module
                   to 1 become constexprs, ints divisible by 16 and 16-byte aligned pointers get
                   tt.divisibility=16), which is what really runs: vectorised loads change the
                   pipelining and so the shared memory a config needs (done for the
-                  DenseNet-121 cases, the ones whose values are realistic);
+                  DenseNet-121 and DenseNet-BC-100 cases, the ones whose values are realistic);
 3. reports compile errors, shared memory above the device's per-block opt-in limit, and
    asynchronous copies into an unswizzled shared buffer across its fastest dimension
    (``unswizzled_staging``: a 32-way bank conflict on every copy, see NCHW_FP32 in __init__.py).
@@ -274,11 +274,11 @@ def _stats_small(dtype: torch.dtype, channels_last: bool) -> None:
 
 
 # DenseNet-121 at batch 64, 224x224: block 1 at 56x56 (C_0 = 64, growth 32, bottleneck 128,
-# buffer 256 channels), its 4th layer (C_l = 160); the first transition (256 -> 128, 56x56).
-# These get every candidate config. The other cases cover the other constexpr values the hosts
-# pick (growth 12 -> 16-wide tiles, growth 48 / bottleneck 192 -> 64 / 256), the eval-mode and
-# float32-gradient variants and odd image sizes (the transition's dropped-pixel kernel), with
-# their default config only.
+# buffer 256 channels), its 4th layer (C_l = 160); the first transition (256 -> 128, 56x56); and a
+# DenseNet-BC-100 layer at batch 64, 32x32 (growth 12 -> 16-wide tiles). These get every candidate
+# config. The other cases cover the other constexpr values the hosts pick (growth 48 / bottleneck
+# 192 -> 64 / 256), the eval-mode and float32-gradient variants and odd image sizes (the
+# transition's dropped-pixel kernel), with their default config only.
 CASES: List[Case] = [
     Case("densenet121 layer (train)", lambda dt, cl: _dense_layer(
         dt, cl, n=64, hw=56, c_buf=256, c_l=160, growth=32, bn_size=4, train=True), full=True),
@@ -290,7 +290,7 @@ CASES: List[Case] = [
         dt, cl, n=64, hw=56, c_buf=256, c_l=160, growth=32, bn_size=4, train=True, swap_grads=True), full=False,
         dtypes=(torch.float16, torch.bfloat16)),
     Case("densenet-bc-100 k=12 layer, CIFAR", lambda dt, cl: _dense_layer(
-        dt, cl, n=64, hw=32, c_buf=216, c_l=60, growth=12, bn_size=4, train=True), full=False),
+        dt, cl, n=64, hw=32, c_buf=216, c_l=60, growth=12, bn_size=4, train=True), full=True),
     Case("densenet161 k=48 layer", lambda dt, cl: _dense_layer(
         dt, cl, n=32, hw=28, c_buf=768, c_l=480, growth=48, bn_size=4, train=True), full=False),
     Case("transition, odd 15x15 (eval backward)", lambda dt, cl: _transition(
@@ -419,8 +419,8 @@ def units(launches: Sequence[Launch], modes: Sequence[str] = ("generic", "specia
           default_only: bool = False) -> List[Unit]:
     """The distinct compilations of ``launches`` (a unit launched by several cases appears once;
     it counts as a default config if it is the default of any of them). The specialized mode
-    covers the launches of the ``full`` cases only (the realistic DenseNet-121 problems: their
-    values are what gets specialised); the generic mode covers every launch."""
+    covers the launches of the ``full`` cases only (the realistic DenseNet-121 and DenseNet-BC-100
+    problems: their values are what gets specialised); the generic mode covers every launch."""
     out: Dict[tuple, Unit] = {}
     for launch in launches:
         configs = launch.configs[:1] if default_only else launch.configs

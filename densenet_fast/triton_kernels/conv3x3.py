@@ -344,6 +344,22 @@ _TUNED_WGRAD = autotune_lists(_conv3x3_wgrad_kernel, ["M", "B", "KOUT", "H", "W"
                               CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA, nchw_fp32=True)
 
 
+# triton 3.8 (not 3.6) on sm_90 stages the wgrad's 64 x 16 float32 gradient tile of channels_last
+# data (growth rate <= 16 beside 16-bit x: DenseNet-BC under AMP) through one shared-memory bank
+# when pipelined (aot.unswizzled_staging).
+_GRAD_TILE_STAGED_BADLY = tuple(int(v) for v in triton.__version__.split(".")[:2]) > (3, 6)
+
+
+def wgrad_config_list(x: Tensor, grad_out: Tensor, precision: str, block_o: int) -> str:
+    """The wgrad's config list: nchw_fp32_list's, or its single-stage-first list also where
+    _GRAD_TILE_STAGED_BADLY says the pipelined tiles conflict on a float32 gradient tile."""
+    name = nchw_fp32_list(x, precision, grad_out)
+    if (name == "sm90" and _GRAD_TILE_STAGED_BADLY and block_o == 16 and grad_out.dtype == torch.float32
+            and x.dtype != torch.float32):
+        return name + NCHW_FP32
+    return name
+
+
 def _narrow_tile(k: int) -> int:
     """The tile over the K = growth-rate side: a power of two in [16, 64] (tl.dot needs >= 16)."""
     return min(64, max(16, next_power_of_2(k)))
@@ -574,7 +590,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
                                     **INTERPRET_WGRAD)
     else:
-        tuned = _TUNED_WGRAD[nchw_fp32_list(x, precision, grad_out)]
+        tuned = _TUNED_WGRAD[wgrad_config_list(x, grad_out, precision, block_o)]
         rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
         parts = cdiv(m, rows_per_prog)
         # Every config writes every row of the workspace (parts does not depend on the config).
