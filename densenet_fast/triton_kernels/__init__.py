@@ -110,8 +110,10 @@ def config_list(x, precision: str) -> str:
 # found so: its single-stage tiles took triton+graph on DenseNet-BC-100 from 34.9 to 26.5 ms
 # (H200, benchmarks/NOTES-gpu.md). The kernels with such operands get a list with single-stage
 # tiles first (NCHW_FP32 below): the 3x3 wgrad, the 1x1 backward's first pass, the transition's
-# forward and wgrad. Their default configs are single-stage (tests/test_triton_compile.py checks
-# that no default config stages through one bank); autotuning times the pipelined ones as well.
+# forward and wgrad (and the wgrad's float32 gradient tile of DenseNet-BC under AMP with triton
+# 3.8, conv3x3.wgrad_config_list). Their default configs are single-stage
+# (tests/test_triton_compile.py checks that no default config stages through one bank);
+# autotuning times the pipelined ones as well.
 NCHW_FP32 = "_nchw_fp32"
 
 
@@ -133,6 +135,7 @@ def single_stage_first(configs, count: int = 2):
     front = [_triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=1)
              for c in list(configs)[:count] if c.num_stages != 1]
     return front + list(configs)
+
 
 # DENSENET_FAST_TRITON_AUTOTUNE=0: every autotuned kernel runs its first (default) configuration
 # without benchmarking the others (a quick first step, e.g. on a short GPU lease); default 1.
