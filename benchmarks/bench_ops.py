@@ -182,6 +182,16 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
     if tk is not None:
         add("transition", "triton", lambda tk=tk: tk.bn_relu_pool_conv1x1_triton(fbuf, fsc, fsh, wt), nb, flop)
 
+    # --- transition backward: read dOut (pooled, the buffer's dtype) and the buffer, write dX
+    g_pool = torch.randn(s.n, cout, s.h // 2, s.w // 2, device=device, dtype=dtype).contiguous(
+        memory_format=new_fmt(layout))
+    f_inv = torch.rsqrt(fv + 1e-5)
+    nb = 2 * m * s.c_buf * es + (m // 4) * cout * es
+    flop = 2 * 2 * (m // 4) * s.c_buf * cout
+    if tk is not None:
+        add("transition_bwd", "triton",
+            lambda tk=tk: tk.bn_relu_pool_conv1x1_backward_triton(g_pool, fbuf, wt, fm, f_inv, gt, bt_, True), nb, flop)
+
     # --- BN backward reductions over the prefix (ReLU mask recomputed): read grad + x
     gz = torch.randn_like(x)
     nb = 2 * m * s.c * es

@@ -15,7 +15,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import FunctionEvent
 
-from densenet_fast import cli
+from densenet_fast import cli, triton_kernels
 from densenet_fast.bench import harness, memory, plan, report as reporting
 from densenet_fast.bench.harness import Case
 from helpers import load_file_module
@@ -355,6 +355,10 @@ def test_bench_ops_cases_have_consistent_shapes(layout):
             if "torch" in providers:
                 providers["torch"][0]()
         assert {"channel_stats", "bn_relu", "bn_relu_conv1x1", "bn_relu_conv3x3"} <= set(cases)
+        if "transition_bwd" in cases and triton_kernels.INTERPRET and shape.name == "bc100-b3":
+            # the Triton transition backward's call, once, in the interpreter
+            grad_x, _, _, grad_w = cases["transition_bwd"]["triton"][0]()
+            assert grad_x.shape == (1, small.c_buf, 4, 4) and grad_w.shape == (small.c_buf // 2, small.c_buf, 1, 1)
 
 
 def test_bench_ops_shape_must_fit_its_buffer():
