@@ -38,6 +38,7 @@ References: ``densenet_fast.reference.bn_relu_conv3x3_ref`` and ``bn_backward_re
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -347,7 +348,7 @@ _TUNED_WGRAD = autotune_lists(_conv3x3_wgrad_kernel, ["M", "B", "KOUT", "H", "W"
 # triton 3.8 (not 3.6) on sm_90 stages the wgrad's 64 x 16 float32 gradient tile of channels_last
 # data (growth rate <= 16 beside 16-bit x: DenseNet-BC under AMP) through one shared-memory bank
 # when pipelined (aot.unswizzled_staging).
-_GRAD_TILE_STAGED_BADLY = tuple(int(v) for v in triton.__version__.split(".")[:2]) > (3, 6)
+_GRAD_TILE_STAGED_BADLY = tuple(int(v) for v in re.findall(r"\d+", triton.__version__)[:2]) > (3, 6)
 
 
 def wgrad_config_list(x: Tensor, grad_out: Tensor, precision: str, block_o: int) -> str:
