@@ -99,7 +99,8 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
     m2, v2 = _stats(bt)
     g2 = torch.rand(s.b, device=device) + 0.5
     b2 = torch.randn(s.b, device=device)
-    sc2 = g2 * torch.rsqrt(v2 + 1e-5)
+    inv2 = torch.rsqrt(v2 + 1e-5)
+    sc2 = g2 * inv2
     sh2 = b2 - m2 * sc2
     w2 = torch.randn(s.k, s.b, 3, 3, device=device, dtype=dtype) * 0.05
     new = fbuf[:, s.c:s.c + s.k]
@@ -149,7 +150,6 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
 
     # --- backward of BN-ReLU-Conv3x3: read dOut (fp32 slice of G) and Bt, write dBt
     g_out = torch.randn(s.n, s.k, s.h, s.w, device=device).contiguous(memory_format=new_fmt(layout))
-    inv2 = torch.rsqrt(v2 + 1e-5)
     nb = m * (4 * s.k + 2 * s.b * es)
     flop = 2 * 2 * m * s.b * 9 * s.k
     tk = _triton_module("conv3x3")
@@ -174,7 +174,8 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
     fm, fv = _stats(fbuf)
     gt = torch.rand(s.c_buf, device=device) + 0.5
     bt_ = torch.randn(s.c_buf, device=device)
-    fsc = gt * torch.rsqrt(fv + 1e-5)
+    f_inv = torch.rsqrt(fv + 1e-5)
+    fsc = gt * f_inv
     fsh = bt_ - fm * fsc
     nb = m * s.c_buf * es + (m // 4) * cout * es
     flop = 2 * (m // 4) * s.c_buf * cout
@@ -185,7 +186,6 @@ def cases(s: Shape, dtype: torch.dtype, layout: str, device: str) -> Dict[str, D
     # --- transition backward: read dOut (pooled, the buffer's dtype) and the buffer, write dX
     g_pool = torch.randn(s.n, cout, s.h // 2, s.w // 2, device=device, dtype=dtype).contiguous(
         memory_format=new_fmt(layout))
-    f_inv = torch.rsqrt(fv + 1e-5)
     nb = 2 * m * s.c_buf * es + (m // 4) * cout * es
     flop = 2 * 2 * (m // 4) * s.c_buf * cout
     if tk is not None:
