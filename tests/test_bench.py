@@ -336,7 +336,6 @@ def test_reference_config_rebuilds_the_architecture(name):
 
 
 def _bench_ops():
-    from helpers import load_file_module
     return load_file_module("bench_ops", "benchmarks/bench_ops.py")
 
 
