@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import INTERPRET, autotune_lists, cdiv, config_list, next_power_of_2
 from ..ops.precision import dot_precision
-from .indexing import row_nhw
+from .indexing import contiguous_rows, row_nhw, row_run
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_1x1_weight,
                             merge_partial_stats, store_tile_stats)
 
@@ -60,8 +60,10 @@ CONFIGS_SM80: List[triton.Config] = [
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined configs spill in NCHW (sm_90: 48 bytes of stack per thread for the default on a
 # DenseNet-121 layer, 112 with STATS=False; scripts/triton_aot_check.py). These single-stage tiles
-# compile with none, in both layouts, on DenseNet-121's and DenseNet-BC's layers.
-CONFIGS_FMA: List[triton.Config] = [_cfg(128, 64, 32, 8, 1), _cfg(64, 64, 32, 8, 1), _cfg(64, 64, 32, 4, 1)]
+# compile with none, in both layouts, on DenseNet-121's and DenseNet-BC's layers. The 64-row tile
+# leads: since the NCHW rows are promised contiguous (indexing.row_run), the 128-row one keeps 8
+# bytes of stack in DenseNet-121's STATS=False variant (triton 3.8, 80 registers).
+CONFIGS_FMA: List[triton.Config] = [_cfg(64, 64, 32, 8, 1), _cfg(128, 64, 32, 8, 1), _cfg(64, 64, 32, 4, 1)]
 # The interpreter runs programs one after another in Python: one fixed small config (tl.dot
 # needs tiles of at least 16), no autotuning.
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -71,15 +73,15 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean_ptr, ws_m2_ptr,
                             M, K, COUT, HW, W, K_BUCKET,
                             sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
-                            INPUT_PRECISION: tl.constexpr, STATS: tl.constexpr,
+                            INPUT_PRECISION: tl.constexpr, STATS: tl.constexpr, ROW_RUN: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     n, h, w = row_nhw(rows, HW, W)
-    x_row = n * sx_n + h * sx_h + w * sx_w
-    o_row = n * so_n + h * so_h + w * so_w
+    x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+    o_row = contiguous_rows(n, h, w, so_n, so_h, so_w, ROW_RUN, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -103,7 +105,7 @@ def _bn_relu_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_mean
 
 # K (the layer's prefix width C_l) changes with every layer: keyed on its power-of-two bucket
 # instead, so a block autotunes a handful of times rather than once per layer.
-_TUNED = autotune_lists(_bn_relu_conv1x1_kernel, ["M", "K_BUCKET", "COUT", "INPUT_PRECISION"],
+_TUNED = autotune_lists(_bn_relu_conv1x1_kernel, ["M", "K_BUCKET", "COUT", "INPUT_PRECISION", "ROW_RUN"],
                         CONFIGS_SM90, CONFIGS_SM80, CONFIGS_FMA)
 
 
@@ -145,13 +147,14 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     # W[o, c] at o * stride(0) + c * stride(1): a Conv2d weight read as (Cout, K), no view needed
     sizes = (m, k, cout, h * w, w, next_power_of_2(k), *x.stride(), *weight.stride()[:2], *out.stride())
+    run = row_run(x, out)
     if INTERPRET:
         block_m = INTERPRET_CONFIG["BLOCK_M"]
         parts = cdiv(m, block_m)
         ws_mean, ws_m2 = _workspaces(stats, parts, cout, out)
         grid = (parts, cdiv(cout, INTERPRET_CONFIG["BLOCK_N"]))
         _bn_relu_conv1x1_kernel[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats,
-                                      num_warps=4, **INTERPRET_CONFIG)
+                                      ROW_RUN=run, num_warps=4, **INTERPRET_CONFIG)
     else:
         tuned = _TUNED[config_list(x, precision)]
         # Sized for the smallest BLOCK_M: autotuning runs every config; the chosen one writes
@@ -162,7 +165,7 @@ def bn_relu_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight: Tens
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
 
-        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats)
+        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, STATS=stats, ROW_RUN=run)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
         parts = cdiv(m, block_m)
     if not stats:

@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import INTERPRET, cdiv, device_sms, next_power_of_2
-from .indexing import row_nhw
+from .indexing import contiguous_rows, row_nhw, row_run
 
 __all__ = ["channel_stats_triton", "merge_partial_stats", "check_activation", "check_channel_vectors",
            "is_channels_last"]
@@ -151,7 +151,7 @@ def store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, ws_off):
 @triton.jit
 def _channel_stats_partial_kernel(x_ptr, ws_mean_ptr, ws_m2_ptr, M, C, HW, W,
                                   stride_n, stride_c, stride_h, stride_w, ROWS_PER_PROG,
-                                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                                  ROW_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -168,7 +168,7 @@ def _channel_stats_partial_kernel(x_ptr, ws_mean_ptr, ws_m2_ptr, M, C, HW, W,
         # row m = (n, h, w) of an (N, C, H, W) tensor with arbitrary strides, int64 offsets
         # (a block buffer can exceed 2^31 elements)
         n, h, w = row_nhw(rows, HW, W)
-        row_off = n * stride_n + h * stride_h + w * stride_w
+        row_off = contiguous_rows(n, h, w, stride_n, stride_h, stride_w, ROW_RUN, BLOCK_M)
         mask = rmask[:, None] & cmask[None, :]
         v = tl.load(x_ptr + row_off[:, None] + col_off[None, :], mask=mask, other=0.0).to(tl.float32)
         cnt = tl.sum(rmask.to(tl.float32), axis=0)
@@ -259,7 +259,7 @@ def channel_stats_triton(x: Tensor) -> Tuple[Tensor, Tensor]:
     grid = (parts, cdiv(c, block_c))
     _channel_stats_partial_kernel[grid](
         x, ws_mean, ws_m2, m, c, h * w, w, *x.stride(), rows_per_prog,
-        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
+        ROW_RUN=row_run(x, rows_per_program=(rows_per_prog,)), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps)
     return merge_partial_stats(ws_mean, ws_m2, parts, rows_per_prog, m)
 
 

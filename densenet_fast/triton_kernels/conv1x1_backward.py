@@ -54,7 +54,7 @@ from . import (NCHW_FP32, INTERPRET, autotune, cdiv, config_list, device_sms, de
                next_power_of_2, single_stage_first)
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
-from .indexing import row_nhw
+from .indexing import contiguous_rows, row_nhw, row_run
 from .channel_stats import check_activation, check_channel_vectors, is_1x1_weight
 
 __all__ = ["bn_relu_conv1x1_backward_triton"]
@@ -131,7 +131,7 @@ INTERPRET_ROWS_PER_PROG = 32
 def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, ws_ptr,
                                M, C, C_BUCKET, B, HW, W, ROWS_PER_PROG,
                                sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
-                               INPUT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, BLOCK_B: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -159,10 +159,11 @@ def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
         rmask = rows < row_end
         # row m = (n, h, w), int64 offsets (a block buffer can exceed 2^31 elements)
         n, h, w = row_nhw(rows, HW, W)
-        g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + col_g[None, :],
-                    mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
+        g_row = contiguous_rows(n, h, w, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_M)
+        x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+        g = tl.load(g_ptr + g_row[:, None] + col_g[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + col_x[None, :],
+        x = tl.load(x_ptr + x_row[:, None] + col_x[None, :],
                     mask=mask, other=0.0).to(tl.float32)
         y = x * sc[None, :] + sh[None, :]
         pos = (y > 0) & mask
@@ -175,10 +176,10 @@ def _conv1x1_bwd_reduce_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
         z = tl.where(pos, y, 0.0).to(dt)
         acc_w = tl.dot(tl.trans(g), z, acc=acc_w, input_precision=INPUT_PRECISION)
     # This program's row of the (P, (B + 2) * C) workspace: [dW (B x C) | dbeta (C) | dgamma (C)].
-    ws_row = ws_ptr + pid_p.to(tl.int64) * (B + 2) * C
-    tl.store(ws_row + obs[:, None].to(tl.int64) * C + cols[None, :], acc_w, mask=bmask[:, None] & cmask[None, :])
-    tl.store(ws_row + B * C + cols, acc_db, mask=cmask)
-    tl.store(ws_row + (B + 1) * C + cols, acc_dg, mask=cmask)
+    ws_part = ws_ptr + pid_p.to(tl.int64) * (B + 2) * C
+    tl.store(ws_part + obs[:, None].to(tl.int64) * C + cols[None, :], acc_w, mask=bmask[:, None] & cmask[None, :])
+    tl.store(ws_part + B * C + cols, acc_db, mask=cmask)
+    tl.store(ws_part + (B + 1) * C + cols, acc_dg, mask=cmask)
 
 
 @triton.jit
@@ -187,7 +188,7 @@ def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, 
                            M, C, C_BUCKET, B, HW, W, ROWS_PER_PROG,
                            sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
                            sgx_n, sgx_c, sgx_h, sgx_w,
-                           BATCH_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                           BATCH_STATS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
                            BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -214,10 +215,11 @@ def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, 
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
         n, h, w = row_nhw(rows, HW, W)
-        g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + col_g[None, :],
-                    mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
+        g_row = contiguous_rows(n, h, w, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_M)
+        x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+        g = tl.load(g_ptr + g_row[:, None] + col_g[None, :], mask=rmask[:, None] & bmask[None, :], other=0.0).to(dt)
         mask = rmask[:, None] & cmask[None, :]
-        x = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + col_x[None, :],
+        x = tl.load(x_ptr + x_row[:, None] + col_x[None, :],
                     mask=mask, other=0.0).to(tl.float32)
         y = x * sc[None, :] + sh[None, :]
         dz = tl.dot(g, wblk, input_precision=INPUT_PRECISION)
@@ -228,7 +230,8 @@ def _conv1x1_bwd_dx_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_ptr, 
             dx = sc[None, :] * (dy - c1[None, :] - xhat * c2[None, :])
         else:
             dx = sc[None, :] * dy
-        gx_ptrs = gx_ptr + (n * sgx_n + h * sgx_h + w * sgx_w)[:, None] + col_gx[None, :]
+        gx_row = contiguous_rows(n, h, w, sgx_n, sgx_h, sgx_w, ROW_RUN, BLOCK_M)
+        gx_ptrs = gx_ptr + gx_row[:, None] + col_gx[None, :]
         old = tl.load(gx_ptrs, mask=mask, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, (old + dx).to(gx_ptr.dtype.element_ty), mask=mask)
 
@@ -278,12 +281,12 @@ def _tuned(pass_name: str, configs_name: str, block_b: int, elem: int, smem: int
         configs = {"sm90": CONFIGS_REDUCE_SM90, "sm80": CONFIGS_REDUCE_SM80, "fma": CONFIGS_REDUCE_FMA,
                    "sm90" + NCHW_FP32: single_stage_first(CONFIGS_REDUCE_SM90),
                    "sm80" + NCHW_FP32: single_stage_first(CONFIGS_REDUCE_SM80)}[configs_name]
-        key, restore = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "INPUT_PRECISION"], None
+        key, restore = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "INPUT_PRECISION", "ROW_RUN"], None
     else:
         kernel, limit = _conv1x1_bwd_dx_kernel, PASS2_MAX_BC
         configs = {"sm90": CONFIGS_DX_SM90, "sm80": CONFIGS_DX_SM80, "fma": CONFIGS_DX_FMA}[configs_name]
         # Benchmarking runs the kernel many times: restore the accumulator after each run.
-        key = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "sgx_c", "BATCH_STATS", "INPUT_PRECISION"]
+        key = ["M", "C_BUCKET", "B", "sg_c", "sx_c", "sgx_c", "BATCH_STATS", "INPUT_PRECISION", "ROW_RUN"]
         restore = ["gx_ptr"]
     fits = [c for c in configs
             if block_b * c.kwargs["BLOCK_C"] <= limit and _smem_estimate(pass_name, c, block_b, elem) <= smem]
@@ -399,9 +402,10 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     ws = torch.empty((parts1, (b + 2) * c), dtype=torch.float32, device=x.device)
     c_bucket = next_power_of_2(c)
     args1 = (*common, ws, m, c, c_bucket, b, h * w, w, rows1, *strides)
+    run1 = row_run(grad_out, x, rows_per_program=(rows1,))
     if INTERPRET:
         grid1 = (parts1, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
-        _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, BLOCK_B=block_b,
+        _conv1x1_bwd_reduce_kernel[grid1](*args1, INPUT_PRECISION=precision, ROW_RUN=run1, BLOCK_B=block_b,
                                           num_warps=4, **INTERPRET_CONFIG)
     else:
         tune = (block_b, x.element_size(), device_smem_optin(x.device))
@@ -410,7 +414,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
             return (parts1, cdiv(c, meta["BLOCK_C"]))
 
         _tuned("reduce", nchw_fp32_list(x, precision, grad_out), *tune)[grid1](*args1, INPUT_PRECISION=precision,
-                                                                              BLOCK_B=block_b)
+                                                                              ROW_RUN=run1, BLOCK_B=block_b)
     sums = _sum_parts(ws)
     del ws
     grad_beta, grad_gamma = sums[b * c:(b + 1) * c], sums[(b + 1) * c:]
@@ -420,16 +424,17 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     rows2, parts2 = _row_split(x, m, c, programs_per_sm=4, min_rows=256)
     args2 = (*common, grad_beta, grad_gamma, grad_x_acc, 1.0 / m, m, c, c_bucket, b, h * w, w, rows2, *strides,
              *grad_x_acc.stride())
+    run2 = row_run(grad_out, x, grad_x_acc, rows_per_program=(rows2,))
     if INTERPRET:
         grid2 = (parts2, cdiv(c, INTERPRET_CONFIG["BLOCK_C"]))
-        _conv1x1_bwd_dx_kernel[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision,
+        _conv1x1_bwd_dx_kernel[grid2](*args2, BATCH_STATS=batch_stats, INPUT_PRECISION=precision, ROW_RUN=run2,
                                       BLOCK_B=block_b, num_warps=4, **INTERPRET_CONFIG)
     else:
         def grid2(meta):
             return (parts2, cdiv(c, meta["BLOCK_C"]))
 
         _tuned("dx", config_list(x, precision), *tune)[grid2](*args2, BATCH_STATS=batch_stats,
-                                                              INPUT_PRECISION=precision, BLOCK_B=block_b)
+                                                              INPUT_PRECISION=precision, ROW_RUN=run2, BLOCK_B=block_b)
 
     grad_weight = sums[:b * c].view(weight.shape).to(weight.dtype)  # (B, C) row-major = the weight's order
     return grad_gamma, grad_beta, grad_weight

@@ -50,7 +50,7 @@ from . import (NCHW_FP32, INTERPRET, autotune, autotune_lists, cdiv, config_list
                next_power_of_2)
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
-from .indexing import row_nhw
+from .indexing import contiguous_rows, row_nhw, row_run
 from .channel_stats import (check_activation, check_channel_vectors, empty_like_layout, is_channels_last,
                             merge_partial_stats, store_tile_stats)
 
@@ -126,9 +126,11 @@ CONFIGS_FWD_SM80_NCHW_FP32: List[triton.Config] = [
 # float32 data with IEEE dots (TF32 off, ops.precision): tl.dot lowers to FMAs on registers, where
 # the pipelined configs above spill (sm_90, DenseNet-121 layer, NCHW: 968 / 992 / 120 bytes of
 # stack per thread for the forward / dgrad / wgrad defaults; scripts/triton_aot_check.py). Single
-# stage tiles compile with none in either layout, on DenseNet-121's and DenseNet-BC's layers.
+# stage tiles compile with none in either layout, on DenseNet-121's and DenseNet-BC's layers. The
+# forward's 64-row tile leads: since the NCHW rows are promised contiguous (indexing.row_run), the
+# 128-row one keeps 16 bytes of stack on DenseNet-121's layer with triton 3.6 (128 registers).
 CONFIGS_FWD_FMA: List[triton.Config] = [
-    _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 32, 32, 4, 1),
+    _cfg(_FWD, 64, 32, 8, 1), _cfg(_FWD, 128, 32, 8, 1), _cfg(_FWD, 64, 32, 4, 1), _cfg(_FWD, 32, 32, 4, 1),
 ]
 CONFIGS_DGRAD_FMA: List[triton.Config] = [
     _cfg(_DGRAD, 128, 64, 8, 1), _cfg(_DGRAD, 64, 64, 8, 1), _cfg(_DGRAD, 128, 32, 8, 1),
@@ -159,13 +161,14 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
                                 M, B, KOUT, H, W,
                                 sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
                                 so_n, so_c, so_h, so_w,
-                                INPUT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                                INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, BLOCK_N: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     n, h, w = row_nhw(rows, H * W, W)
+    x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < KOUT
     w_col = cols.to(tl.int64) * sw_o
@@ -182,7 +185,7 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
         ws = w + (kw - 1)
         inside = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
         amask = inside[:, None] & kmask[None, :]
-        a = tl.load(x_ptr + (n * sx_n + hs * sx_h + ws * sx_w)[:, None] + ks[None, :].to(tl.int64) * sx_c,
+        a = tl.load(x_ptr + (x_row + ((kh - 1) * sx_h + (kw - 1) * sx_w))[:, None] + ks[None, :].to(tl.int64) * sx_c,
                     mask=amask, other=0.0).to(tl.float32)
         sc = tl.load(scale_ptr + ks, mask=kmask, other=0.0)
         sh = tl.load(shift_ptr + ks, mask=kmask, other=0.0)
@@ -193,7 +196,7 @@ def _bn_relu_conv3x3_fwd_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr, ws_
         acc = tl.dot(z, b, acc=acc, input_precision=INPUT_PRECISION)
     mask = rmask[:, None] & nmask[None, :]
     y = acc.to(out_ptr.dtype.element_ty)
-    o_row = n * so_n + h * so_h + w * so_w
+    o_row = contiguous_rows(n, h, w, so_n, so_h, so_w, ROW_RUN, BLOCK_M)
     tl.store(out_ptr + o_row[:, None] + cols[None, :].to(tl.int64) * so_c, y, mask=mask)
     store_tile_stats(y, mask, rmask, nmask, ws_mean_ptr, ws_m2_ptr, pid_m * KOUT + cols)
 
@@ -204,13 +207,14 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
                           M, B, KOUT, H, W,
                           sg_n, sg_c, sg_h, sg_w, sw_o, sw_c, sw_h, sw_w,
                           sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
-                          STORE_DX: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          STORE_DX: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     n, h, w = row_nhw(rows, H * W, W)
+    g_row = contiguous_rows(n, h, w, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # bottleneck channels c
     cmask = cols < B
     w_col = cols.to(tl.int64) * sw_c
@@ -226,7 +230,7 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
         hs = h - (kh - 1)
         ws = w - (kw - 1)
         inside = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
-        a = tl.load(g_ptr + (n * sg_n + hs * sg_h + ws * sg_w)[:, None] + ks[None, :].to(tl.int64) * sg_c,
+        a = tl.load(g_ptr + (g_row - ((kh - 1) * sg_h + (kw - 1) * sg_w))[:, None] + ks[None, :].to(tl.int64) * sg_c,
                     mask=inside[:, None] & kmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ks[:, None].to(tl.int64) * sw_o + w_col[None, :] + kh * sw_h + kw * sw_w,
                     mask=kmask[:, None] & cmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
@@ -234,8 +238,8 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
     # Epilogue: the ReLU mask from Y recomputed as the forward computed it, then the BN sums.
     mask = rmask[:, None] & cmask[None, :]
     col64 = cols.to(tl.int64)
-    xv = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + col64[None, :] * sx_c,
-                 mask=mask, other=0.0).to(tl.float32)
+    x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+    xv = tl.load(x_ptr + x_row[:, None] + col64[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
     sc = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
     sh = tl.load(shift_ptr + cols, mask=cmask, other=0.0)
     mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
@@ -246,7 +250,8 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
     ws_off = pid_m * 2 * B + cols  # this program's row of the (P, 2B) workspace: [sum dy | sum dy * xhat]
     tl.store(ws_ptr + ws_off, tl.sum(dy, axis=0), mask=cmask)
     tl.store(ws_ptr + ws_off + B, tl.sum(dy * xhat, axis=0), mask=cmask)
-    d_ptrs = dst_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + col64[None, :] * sd_c
+    d_row = contiguous_rows(n, h, w, sd_n, sd_h, sd_w, ROW_RUN, BLOCK_M)
+    d_ptrs = dst_ptr + d_row[:, None] + col64[None, :] * sd_c
     if STORE_DX:  # eval mode: dX = gamma * invstd * dY, in x's dtype
         ga = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
         tl.store(d_ptrs, (dy * (ga * istd)[None, :]).to(dst_ptr.dtype.element_ty), mask=mask)
@@ -258,7 +263,7 @@ def _conv3x3_dgrad_kernel(g_ptr, w_ptr, x_ptr, scale_ptr, shift_ptr, mean_ptr, i
 def _bn_backward_dx_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, dbeta_ptr, dgamma_ptr, dx_ptr,
                            M, B, H, W, inv_m,
                            sy_n, sy_c, sy_h, sy_w, sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
-                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                           ROW_RUN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -268,10 +273,11 @@ def _bn_backward_dx_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, dbeta
     cmask = cols < B
     col64 = cols.to(tl.int64)
     mask = rmask[:, None] & cmask[None, :]
-    dy = tl.load(dy_ptr + (n * sy_n + h * sy_h + w * sy_w)[:, None] + col64[None, :] * sy_c,
-                 mask=mask, other=0.0)
-    xv = tl.load(x_ptr + (n * sx_n + h * sx_h + w * sx_w)[:, None] + col64[None, :] * sx_c,
-                 mask=mask, other=0.0).to(tl.float32)
+    y_row = contiguous_rows(n, h, w, sy_n, sy_h, sy_w, ROW_RUN, BLOCK_M)
+    x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+    d_row = contiguous_rows(n, h, w, sd_n, sd_h, sd_w, ROW_RUN, BLOCK_M)
+    dy = tl.load(dy_ptr + y_row[:, None] + col64[None, :] * sy_c, mask=mask, other=0.0)
+    xv = tl.load(x_ptr + x_row[:, None] + col64[None, :] * sx_c, mask=mask, other=0.0).to(tl.float32)
     mu = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     istd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     ga = tl.load(gamma_ptr + cols, mask=cmask, other=0.0)
@@ -279,15 +285,14 @@ def _bn_backward_dx_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, gamma_ptr, dbeta
     mdg = tl.load(dgamma_ptr + cols, mask=cmask, other=0.0) * inv_m  # sum(dY * xhat) / M
     xhat = (xv - mu[None, :]) * istd[None, :]
     dx = (ga * istd)[None, :] * (dy - mdb[None, :] - xhat * mdg[None, :])
-    tl.store(dx_ptr + (n * sd_n + h * sd_h + w * sd_w)[:, None] + col64[None, :] * sd_c,
-             dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + d_row[:, None] + col64[None, :] * sd_c, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
                           M, B, KOUT, H, W, ROWS_PER_PROG,
                           sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-                          INPUT_PRECISION: tl.constexpr, BLOCK_O: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, BLOCK_O: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -313,13 +318,15 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
         rows = start + tl.arange(0, BLOCK_M)
         rmask = rows < row_end
         n, h, w = row_nhw(rows, H * W, W)
-        g = tl.load(g_ptr + (n * sg_n + h * sg_h + w * sg_w)[:, None] + g_col[None, :],
+        g_row = contiguous_rows(n, h, w, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_M)
+        x_row = contiguous_rows(n, h, w, sx_n, sx_h, sx_w, ROW_RUN, BLOCK_M)
+        g = tl.load(g_ptr + g_row[:, None] + g_col[None, :],
                     mask=rmask[:, None] & omask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         hs = h + (kh - 1)
         ws = w + (kw - 1)
         inside = rmask & (hs >= 0) & (hs < H) & (ws >= 0) & (ws < W)
         zmask = cmask[:, None] & inside[None, :]
-        xt = tl.load(x_ptr + x_col[:, None] + (n * sx_n + hs * sx_h + ws * sx_w)[None, :],
+        xt = tl.load(x_ptr + x_col[:, None] + (x_row + ((kh - 1) * sx_h + (kw - 1) * sx_w))[None, :],
                      mask=zmask, other=0.0).to(tl.float32)
         zt = tl.where(zmask, tl.maximum(xt * sc[:, None] + sh[:, None], 0.0), 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(zt, g, acc=acc, input_precision=INPUT_PRECISION)
@@ -330,7 +337,7 @@ def _conv3x3_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
 
 # Keys: the sizes, the layout (sx_c is 1 for channels_last data) and the precision; triton adds
 # the tensors' dtypes itself.
-_FWD_KEY = ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "BLOCK_N"]
+_FWD_KEY = ["M", "B", "KOUT", "H", "W", "sx_c", "INPUT_PRECISION", "ROW_RUN", "BLOCK_N"]
 _TUNED_FWD = {**autotune_lists(_bn_relu_conv3x3_fwd_kernel, _FWD_KEY, CONFIGS_FWD_SM90, CONFIGS_FWD_SM80,
                                CONFIGS_FWD_FMA),
               **{arch + NCHW_FP32: autotune(configs=configs, key=_FWD_KEY)(_bn_relu_conv3x3_fwd_kernel)
@@ -338,10 +345,11 @@ _TUNED_FWD = {**autotune_lists(_bn_relu_conv3x3_fwd_kernel, _FWD_KEY, CONFIGS_FW
 
 
 _TUNED_DGRAD = autotune_lists(_conv3x3_dgrad_kernel,
-                              ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "BLOCK_K"],
+                              ["M", "B", "KOUT", "H", "W", "sx_c", "sg_c", "STORE_DX", "INPUT_PRECISION", "ROW_RUN",
+                               "BLOCK_K"],
                               CONFIGS_DGRAD_SM90, CONFIGS_DGRAD_SM80, CONFIGS_DGRAD_FMA)
 _TUNED_WGRAD = autotune_lists(_conv3x3_wgrad_kernel, ["M", "B", "KOUT", "H", "W", "ROWS_PER_PROG", "sx_c", "sg_c",
-                                                      "INPUT_PRECISION", "BLOCK_O"],
+                                                      "INPUT_PRECISION", "ROW_RUN", "BLOCK_O"],
                               CONFIGS_WGRAD_SM90, CONFIGS_WGRAD_SM80, CONFIGS_WGRAD_FMA, nchw_fp32=True)
 
 
@@ -431,13 +439,14 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
     args = (x, scale.contiguous(), shift.contiguous(), weight, out)
     sizes = (m, b, kout, h, w, *x.stride(), *weight.stride(), *out.stride())
     n_blocks = cdiv(kout, block_n)
+    run = row_run(x, out)
     if INTERPRET:
         block_m = INTERPRET_FWD["BLOCK_M"]
         parts = cdiv(m, block_m)
         ws_mean = torch.empty((parts, kout), dtype=torch.float32, device=x.device)
         ws_m2 = torch.empty_like(ws_mean)
         _bn_relu_conv3x3_fwd_kernel[(parts, n_blocks)](
-            *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n, num_warps=4,
+            *args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, ROW_RUN=run, BLOCK_N=block_n, num_warps=4,
             **INTERPRET_FWD)
     else:
         tuned = _TUNED_FWD[nchw_fp32_list(x, precision)]
@@ -450,7 +459,7 @@ def _forward_into(x: Tensor, scale: Tensor, shift: Tensor, weight: Tensor, out: 
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), n_blocks)
 
-        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, BLOCK_N=block_n)
+        tuned[grid](*args, ws_mean, ws_m2, *sizes, INPUT_PRECISION=precision, ROW_RUN=run, BLOCK_N=block_n)
         block_m = tuned.best_config.kwargs["BLOCK_M"]
         parts = cdiv(m, block_m)
     return merge_partial_stats(ws_mean, ws_m2, parts, block_m, m, out=stats_out)
@@ -546,13 +555,14 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     block_k = _narrow_tile(kout)
     d_args = (grad_out, weight, x, scale, shift, mean, invstd, gamma, dst)
     d_sizes = (m, b, kout, h, w, *grad_out.stride(), *weight.stride(), *x.stride(), *dst.stride())
+    d_run = row_run(grad_out, x, dst)
     if INTERPRET:
         block_m = INTERPRET_DGRAD["BLOCK_M"]
         parts = cdiv(m, block_m)
         ws = torch.empty((parts, 2, b), dtype=torch.float32, device=x.device)  # rows of (dbeta, dgamma)
         grid = (parts, cdiv(b, INTERPRET_DGRAD["BLOCK_N"]))
         _conv3x3_dgrad_kernel[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx,
-                                    INPUT_PRECISION=precision, BLOCK_K=block_k, num_warps=4,
+                                    INPUT_PRECISION=precision, ROW_RUN=d_run, BLOCK_K=block_k, num_warps=4,
                                     **INTERPRET_DGRAD)
     else:
         tuned = _TUNED_DGRAD[config_list(x, precision)]
@@ -562,7 +572,8 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         def grid(meta):
             return (cdiv(m, meta["BLOCK_M"]), cdiv(b, meta["BLOCK_N"]))
 
-        tuned[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision, BLOCK_K=block_k)
+        tuned[grid](*d_args, ws, *d_sizes, STORE_DX=store_dx, INPUT_PRECISION=precision, ROW_RUN=d_run,
+                    BLOCK_K=block_k)
         parts = cdiv(m, tuned.best_config.kwargs["BLOCK_M"])
     grad_beta, grad_gamma = ws[:parts].sum(dim=0).unbind(0)  # one reduction for both BN sums
 
@@ -576,7 +587,8 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
             block_m, block_c, warps = 128, min(16, next_power_of_2(b)), 4  # rows contiguous
         _bn_backward_dx_kernel[(cdiv(m, block_m), cdiv(b, block_c))](
             dst, x, mean, invstd, gamma, grad_beta, grad_gamma, grad_x, m, b, h, w, 1.0 / m,
-            *dst.stride(), *x.stride(), *grad_x.stride(), BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
+            *dst.stride(), *x.stride(), *grad_x.stride(), ROW_RUN=row_run(dst, x, grad_x),
+            BLOCK_M=block_m, BLOCK_C=block_c, num_warps=warps)
 
     # 3. wgrad with Z recomputed from x
     block_o = _narrow_tile(kout)
@@ -589,6 +601,7 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
         grid = (parts, 9 * o_blocks, cdiv(b, INTERPRET_WGRAD["BLOCK_C"]))
         _conv3x3_wgrad_kernel[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog,
                                     *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
+                                    ROW_RUN=row_run(grad_out, x, rows_per_program=(rows_per_prog,)),
                                     **INTERPRET_WGRAD)
     else:
         tuned = _TUNED_WGRAD[wgrad_config_list(x, grad_out, precision, block_o)]
@@ -601,7 +614,8 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
             return (parts, 9 * o_blocks, cdiv(b, meta["BLOCK_C"]))
 
         tuned[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog, *w_sizes,
-                    INPUT_PRECISION=precision, BLOCK_O=block_o)
+                    INPUT_PRECISION=precision, BLOCK_O=block_o,
+                    ROW_RUN=row_run(grad_out, x, rows_per_program=(rows_per_prog,)))
     grad_weight = ws_w.sum(dim=0).to(weight.dtype)  # (K, B, 3, 3): the kernels write (P, K, B, 9) rows
     return grad_x, grad_gamma, grad_beta, grad_weight
 

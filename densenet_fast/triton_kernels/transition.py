@@ -53,7 +53,7 @@ from torch import Tensor
 from . import INTERPRET, autotune_lists, cdiv, device_arch, device_sms, nchw_fp32_list
 from ..ops.precision import dot_precision
 from ..ops.bn_relu import forward_scale_shift
-from .indexing import row_nhw
+from .indexing import contiguous_rows, row_nhw, row_run
 from .channel_stats import (SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout,
                             is_1x1_weight)
 
@@ -129,6 +129,9 @@ INTERPRET_FWD = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
 INTERPRET_DGRAD = {"BLOCK_P": 16, "BLOCK_C": 16, "BLOCK_O": 16}
 INTERPRET_WGRAD = {"BLOCK_O": 16, "BLOCK_C": 16, "BLOCK_P": 16}
 INTERPRET_WGRAD_ROWS_PER_SPLIT = 32
+# The compiled wgrad's splits span whole multiples of this many pooled rows (a multiple of its BLOCK_Ps), so
+# that each split's tiles start where row_run's groups do.
+WGRAD_ROW_ALIGN = 128
 # Dropped-pixel kernel (at most N * (H + W) pixels per channel): a fixed config everywhere.
 EDGE_BLOCKS = (16, 16) if INTERPRET else (64, 32)
 
@@ -158,15 +161,15 @@ def _pooled_bn_relu(x_ptr, top_left, col_off, mask, sc, sh, sx_h, sx_w):
 def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
                                  P, K, COUT, HWO, WO,
                                  sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
-                                 INPUT_PRECISION: tl.constexpr,
+                                 INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < P
     n, ho, wo = row_nhw(rows, HWO, WO)
-    x_row = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w
-    o_row = n * so_n + ho * so_h + wo * so_w
+    x_win = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w  # each 2x2 window's top-left pixel (every other one)
+    o_row = contiguous_rows(n, ho, wo, so_n, so_h, so_w, ROW_RUN, BLOCK_M)  # pooled rows: contiguous in NCHW
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -175,7 +178,7 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
         kmask = ks < K
         sc = tl.load(scale_ptr + ks, mask=kmask, other=0.0)
         sh = tl.load(shift_ptr + ks, mask=kmask, other=0.0)
-        z = _pooled_bn_relu(x_ptr, x_row, ks.to(tl.int64) * sx_c, rmask[:, None] & kmask[None, :],
+        z = _pooled_bn_relu(x_ptr, x_win, ks.to(tl.int64) * sx_c, rmask[:, None] & kmask[None, :],
                             sc, sh, sx_h, sx_w).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_o,
                     mask=kmask[:, None] & nmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
@@ -188,7 +191,7 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
 def _pool_conv1x1_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
                                P, C, COUT, HWO, WO, ROWS_PER_SPLIT,
                                sg_n, sg_o, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-                               INPUT_PRECISION: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
                                BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -207,7 +210,7 @@ def _pool_conv1x1_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
         rows = start + tl.arange(0, BLOCK_P)
         rmask = rows < row_end
         n, ho, wo = row_nhw(rows, HWO, WO)
-        g_row = n * sg_n + ho * sg_h + wo * sg_w
+        g_row = contiguous_rows(n, ho, wo, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_P)
         # grad_out^T tile (BLOCK_O, BLOCK_P); zero at padded rows, so they add nothing
         gt = tl.load(g_ptr + outs[:, None].to(tl.int64) * sg_o + g_row[None, :],
                      mask=omask[:, None] & rmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
@@ -225,16 +228,16 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
                                sg_n, sg_o, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
                                sgx_n, sgx_c, sgx_h, sgx_w,
                                COMPUTE_SUMS: tl.constexpr, WRITE_DX: tl.constexpr, CENTERED: tl.constexpr,
-                               INPUT_PRECISION: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     rmask = rows < P
     n, ho, wo = row_nhw(rows, HWO, WO)
-    g_row = n * sg_n + ho * sg_h + wo * sg_w
-    x_row = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w
-    gx_row = n * sgx_n + (2 * ho) * sgx_h + (2 * wo) * sgx_w
+    g_row = contiguous_rows(n, ho, wo, sg_n, sg_h, sg_w, ROW_RUN, BLOCK_P)
+    x_win = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w
+    gx_win = n * sgx_n + (2 * ho) * sgx_h + (2 * wo) * sgx_w
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     c64 = cols.to(tl.int64)
@@ -262,7 +265,7 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
     for i in tl.static_range(4):
         dh = i // 2
         dw = i % 2
-        xv = tl.load(x_ptr + (x_row + dh * sx_h + dw * sx_w)[:, None] + c64[None, :] * sx_c,
+        xv = tl.load(x_ptr + (x_win + dh * sx_h + dw * sx_w)[:, None] + c64[None, :] * sx_c,
                      mask=mask, other=0.0).to(tl.float32)
         # the forward's pre-activation, bit for bit (same scale/shift, same expression): same ReLU mask
         y = xv * sc + sh
@@ -276,7 +279,7 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
                 dx = sc * (dy - k1 - xhat * k2)
             else:
                 dx = sc * dy
-            tl.store(gx_ptr + (gx_row + dh * sgx_h + dw * sgx_w)[:, None] + c64[None, :] * sgx_c,
+            tl.store(gx_ptr + (gx_win + dh * sgx_h + dw * sgx_w)[:, None] + c64[None, :] * sgx_c,
                      dx.to(gx_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_SUMS:
         tl.store(ws_dy_ptr + pid_p * C + cols, s_dy, mask=cmask)
@@ -322,12 +325,13 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
              dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-_FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION"],
+_FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION", "ROW_RUN"],
                             FWD_CONFIGS_SM90, FWD_CONFIGS_SM80, FWD_CONFIGS_FMA, nchw_fp32=True)
-_WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION"],
+_WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION", "ROW_RUN"],
                               WGRAD_CONFIGS_SM90, WGRAD_CONFIGS_SM80, WGRAD_CONFIGS_FMA, nchw_fp32=True)
 _DGRAD_TUNED = autotune_lists(_pool_conv1x1_dgrad_kernel,  # no fma list: indexed by device_arch
-                              ["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED", "INPUT_PRECISION"],
+                              ["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED", "INPUT_PRECISION",
+                               "ROW_RUN"],
                               DGRAD_CONFIGS_SM90, DGRAD_CONFIGS_SM80)
 
 
@@ -409,14 +413,16 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out,
             p, c, cout, ho * wo, wo, *x.stride(), *weight.stride()[:2], *out.stride())
+    run = row_run(out)
     if INTERPRET:
         grid = (cdiv(p, INTERPRET_FWD["BLOCK_M"]), cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
-        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_FWD)
+        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, ROW_RUN=run, num_warps=4,
+                                           **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
             _FWD_TUNED[nchw_fp32_list(x, precision)][
                 lambda meta: (cdiv(p, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
-            ](*args, INPUT_PRECISION=precision)
+            ](*args, INPUT_PRECISION=precision, ROW_RUN=run)
     return out
 
 
@@ -431,7 +437,7 @@ def _wgrad_splits(p: int, cout: int, c: int, device: torch.device) -> Tuple[int,
     # ~2 programs per SM in all, each over >= 512 rows (so the fp32 workspace stays a small
     # multiple of W: SPLITS * Cout * C floats).
     splits = max(1, min(cdiv(2 * sms, tiles), cdiv(p, 512)))
-    rows = cdiv(p, splits)
+    rows = cdiv(cdiv(p, splits), WGRAD_ROW_ALIGN) * WGRAD_ROW_ALIGN  # splits start at aligned rows (row_run)
     return cdiv(p, rows), rows
 
 
@@ -475,14 +481,16 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ws_w = torch.empty((splits, cout, c), dtype=torch.float32, device=dev)
     wgrad_args = (grad_out, x, scale, shift, ws_w, p, c, cout, ho * wo, wo, rows_per_split,
                   *grad_out.stride(), *x.stride())
+    w_run = row_run(grad_out, rows_per_program=(rows_per_split,))
     if INTERPRET:
         grid = (cdiv(cout, INTERPRET_WGRAD["BLOCK_O"]), cdiv(c, INTERPRET_WGRAD["BLOCK_C"]), splits)
-        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, num_warps=4, **INTERPRET_WGRAD)
+        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, ROW_RUN=w_run, num_warps=4,
+                                         **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
             _WGRAD_TUNED[nchw_fp32_list(x, precision, grad_out)][
                 lambda meta: (cdiv(cout, meta["BLOCK_O"]), cdiv(c, meta["BLOCK_C"]), splits)
-            ](*wgrad_args, INPUT_PRECISION=precision)
+            ](*wgrad_args, INPUT_PRECISION=precision, ROW_RUN=w_run)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
     del ws_w
 
@@ -499,12 +507,14 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ws_dyx = torch.empty_like(ws_dy)
     k1 = torch.zeros(c, dtype=torch.float32, device=dev)
     k2 = torch.zeros_like(k1)
+    d_run = row_run(grad_out)
 
     def dgrad(compute_sums: bool, write_dx: bool, centered: bool) -> int:
         """Launches one pass; returns its BLOCK_P (rows per partial-sum row)."""
         args = (grad_out, x, weight, scale, shift, mean, invstd, k1, k2, grad_x, ws_dy, ws_dyx,
                 p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *weight.stride()[:2], *grad_x.stride())
-        flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision)
+        flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision,
+                     ROW_RUN=d_run)
         if tuned is None:
             grid = (cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
             _pool_conv1x1_dgrad_kernel[grid](*args, **flags, num_warps=4, **INTERPRET_DGRAD)
