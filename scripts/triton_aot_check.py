@@ -20,8 +20,11 @@ recorded values at run time), it runs triton.compile for GPUTarget("cuda", 90 | 
            notes the same for a non-default config, which autotuning times against the others).
            Specialized mode only: the generic mode does not know which strides are 1, so to it
            every layout looks like NCHW
+  ROWS     a default config where the launcher promised contiguous rows (NCHW, ROW_RUN > 1) and a
+           global access through a row offset has its warps walking the other dimension of the
+           tile (aot.row_walks: one cache line per thread; "rows" notes a non-default config)
 
-Exit status 1 on any FAIL / NOFIT / NONE / BANK (or a kernel no case launches), else 0.
+Exit status 1 on any FAIL / NOFIT / NONE / BANK / ROWS (or a kernel no case launches), else 0.
 
   python scripts/triton_aot_check.py                      # everything (long: ~1500 compiles)
   python scripts/triton_aot_check.py --default-only       # the autotune-off configs only
@@ -76,6 +79,7 @@ def _result_dict(r: aot.Result) -> dict:
             "autotuned": u.autotuned, "config": u.config_str(), "dtypes": u.dtype_str(), "case": u.case,
             "ok": r.ok, "error": r.error, "shared": r.shared, "limit": u.device.smem_optin, "fits": r.fits,
             "regs": r.regs, "stack": r.stack, "async_copies": r.async_copies, "staging": list(r.staging),
+            "row_accesses": r.row_accesses, "row_walk": list(r.row_walk),
             "seconds": round(r.seconds, 2)}
 
 
@@ -146,6 +150,9 @@ def main(argv=None) -> int:
         if r.staging and u.mode == "specialized":  # generic: strides of 1 unknown, so every layout looks NCHW
             msg = f"{u.device.arch} {u.mode} {u.name} [{u.config_str()}] ({u.case}): {'; '.join(r.staging)}"
             (problems if u.default else notes).append(("BANK  " if u.default else "bank  ") + msg)
+        if r.row_walk:
+            msg = f"{u.device.arch} {u.mode} {u.name} [{u.config_str()}] ({u.case}): {'; '.join(r.row_walk)}"
+            (problems if u.default else notes).append(("ROWS  " if u.default else "rows  ") + msg)
     for arch, launches in launches_by_arch.items():
         for launch in launches:
             if not launch.autotuned or len(launch.configs) < 2:
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
     # Summary per kernel and architecture.
     print(f"\n{len(results)} compilations in {time.time() - t0:.0f} s")
     print(f"{'kernel':32s} {'arch':5s} {'mode':11s} {'compiled':>9s} {'failed':>6s} {'over':>5s} "
-          f"{'default cfg shared (max)':>24s} {'max regs':>8s} {'spills':>6s} {'bank':>4s}")
+          f"{'default cfg shared (max)':>24s} {'max regs':>8s} {'spills':>6s} {'bank':>4s} {'rows':>4s}")
     groups = collections.defaultdict(list)
     for r in results:
         groups[(r.unit.name, r.unit.device.arch, r.unit.mode)].append(r)
@@ -170,7 +177,8 @@ def main(argv=None) -> int:
         spills = sum(1 for r in rs if r.stack)
         print(f"{name:32s} {arch:5s} {mode:11s} {sum(r.ok for r in rs):9d} {sum(not r.ok for r in rs):6d} "
               f"{sum(r.ok and not r.fits for r in rs):5d} {max(defaults) if defaults else '-':>24} "
-              f"{max(regs) if regs else '-':>8} {spills:6d} {sum(1 for r in rs if r.staging):4d}")
+              f"{max(regs) if regs else '-':>8} {spills:6d} {sum(1 for r in rs if r.staging):4d} "
+              f"{sum(1 for r in rs if r.row_walk):4d}")
     for title, lines in (("notes", notes), ("warnings", warnings), ("PROBLEMS", problems)):
         if lines:
             print(f"\n{title} ({len(lines)}):")

@@ -59,14 +59,17 @@ def test_default_configs_compile_for_sm90_fp16(tmp_path):
 GEMM_KERNELS = ("_bn_relu_conv1x1_kernel", "_conv1x1_bwd_reduce_kernel", "_conv1x1_bwd_dx_kernel",
                 "_bn_relu_conv3x3_fwd_kernel", "_conv3x3_dgrad_kernel", "_conv3x3_wgrad_kernel",
                 "_bn_relu_pool_conv1x1_kernel", "_pool_conv1x1_wgrad_kernel", "_pool_conv1x1_dgrad_kernel")
+# Every kernel that reads or writes tiles through row offsets (indexing.contiguous_rows).
+ROW_KERNELS = GEMM_KERNELS + ("_channel_stats_partial_kernel", "_bn_backward_dx_kernel")
 
 
 @pytest.fixture(scope="module")
 def gemm_defaults(tmp_path_factory):
-    """The GEMM kernels' default configs compiled for sm90 on the DenseNet-121 and DenseNet-BC-100
-    problems, specialised, in float32 (TF32 and IEEE dots) and fp16, both layouts: (results, log)."""
+    """The row-tiled kernels' default configs (the GEMMs, channel statistics and the BN backward)
+    compiled for sm90 on the DenseNet-121 and DenseNet-BC-100 problems, specialised, in float32
+    (TF32 and IEEE dots) and fp16, both layouts: (results, log)."""
     results, log, _ = _aot_check(tmp_path_factory.mktemp("aot"), "--dtypes", "fp32,fp16", "--default-only",
-                                 "--modes", "specialized", "--kernel", ",".join(GEMM_KERNELS))
+                                 "--modes", "specialized", "--kernel", ",".join(ROW_KERNELS))
     return results, log
 
 
@@ -79,7 +82,7 @@ def test_float32_gemm_defaults_do_not_spill(gemm_defaults):
     DenseNet-BC-100). On DenseNet-BC-100's layer a few IEEE defaults keep 8-16 bytes in
     channels_last (triton 3.6: the 1x1 forward; 3.8: the 3x3 wgrad), which this does not check."""
     results, log = gemm_defaults
-    results = [r for r in results if "fp32" in r["case"] and "densenet121" in r["case"]]
+    results = [r for r in results if "fp32" in r["case"] and "densenet121" in r["case"] and r["kernel"] in GEMM_KERNELS]
     for precision in ("tf32", "ieee"):
         assert {r["kernel"] for r in results if precision in r["case"]} == set(GEMM_KERNELS), (precision, log)
     assert {"NCHW" in r["case"] for r in results} == {True, False}, "both layouts"
@@ -98,10 +101,31 @@ def test_gemm_defaults_do_not_stage_through_one_bank(gemm_defaults):
     output: the pipelined fp16 defaults make some. DenseNet-BC-100's layer (growth 12: 16-wide
     gradient tiles) adds the case that conv3x3.wgrad_config_list handles."""
     results, log = gemm_defaults
+    results = [r for r in results if r["kernel"] in GEMM_KERNELS]
     assert {r["kernel"] for r in results if "fp16" in r["case"]} == set(GEMM_KERNELS), log
     assert sum(r["async_copies"] for r in results) > 0, "no ttg.async_copy_global_to_local parsed:\n" + log
     staged = [f"{r['kernel']} [{r['config']}] {r['case']}: {'; '.join(r['staging'])}" for r in results if r["staging"]]
     assert not staged, "default configs that stage through one shared-memory bank:\n" + "\n".join(staged)
+
+
+def test_nchw_defaults_walk_the_rows(gemm_defaults):
+    """In NCHW a tile's rows (pixels) are consecutive elements and its channels a plane apart. The
+    kernels' row offsets come from integer divisions (indexing.row_nhw) that hide this from triton,
+    which then spread each warp along the channels: 32 cache lines per warp-wide load or store
+    instead of one, in every kernel, unless W was a multiple of 16 (DenseNet-BC's 32x32 and 16x16,
+    not 8x8 or DenseNet-121's sizes). The launchers now promise the contiguous runs (row_run) and
+    the kernels pass them on (contiguous_rows). Checked on DenseNet-121's 56x56 layer and first
+    transition, both dtypes: every access through a row offset (aot.row_walks) has its warps
+    walking the rows, and every kernel has such accesses (so the promise reached it)."""
+    results, log = gemm_defaults
+    nchw = [r for r in results if "NCHW" in r["case"] and "densenet121" in r["case"]]
+    assert {r["kernel"] for r in nchw} == set(ROW_KERNELS), log
+    unhinted = sorted(k for k in ROW_KERNELS if not any(r["row_accesses"] for r in nchw if r["kernel"] == k))
+    assert not unhinted, f"kernels compiled without contiguous rows promised (ROW_RUN 1) or none checked: {unhinted}"
+    across = [f"{r['kernel']} ({r['case']}): {w}" for r in nchw for w in r["row_walk"]]
+    assert not across, "row-offset accesses whose warps walk the channels:\n" + "\n".join(across)
+    # channels_last: rows are C elements apart, so nothing is promised and the channels are walked
+    assert not any(r["row_accesses"] for r in results if "NCHW" not in r["case"])
 
 
 # Asynchronous copies as triton 3.6 and 3.8 print them (the 3x3 wgrad's pipelined float32 NCHW tile on
@@ -130,3 +154,37 @@ def test_unswizzled_staging_finds_the_conflicting_copies(src, dst, conflict):
     from densenet_fast.triton_kernels.aot import unswizzled_staging
     copies, found = unswizzled_staging(_TTGIR.replace("SRC", src).replace("DST", dst))
     assert copies == 1 and len(found) == int(conflict), found
+
+
+_ROWS_TTGIR = """\
+#blocked = #ttg.blocked<{sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [8, 1], order = [1, 0]}>
+#blocked1 = #ttg.blocked<{sizePerThread = [4, 1], threadsPerWarp = [32, 1], warpsPerCTA = [1, 8], order = [0, 1]}>
+module {
+    %a = tt.load %p, %m, %o : tensor<128x32x!tt.ptr<f32>, #A> loc(#loc3)
+    tt.store %q, %v, %m : tensor<128x32x!tt.ptr<f32>, #B> loc(#loc4)
+    %c = tt.load %r : tensor<64x!tt.ptr<f32>, #blocked2> loc(#loc5)
+}
+#loc1 = loc("SRC":1:5)
+#loc2 = loc("SRC":2:5)
+#loc3 = loc("a"(#loc1))
+#loc4 = loc(#loc2)
+#loc5 = loc("SRC":3:5)
+"""
+
+
+@pytest.mark.parametrize("load_layout, store_layout, walks_across", [
+    ("blocked1", "blocked", []),                # both walk their rows
+    ("blocked", "blocked", ["load"]),           # load: rows along dim 0 ([:, None]), threads along dim 1
+    ("blocked1", "blocked1", ["store"]),        # store: rows along dim 1 ([None, :]), threads along dim 0
+    ("blocked", "blocked1", ["load", "store"]),
+])
+def test_row_walks_reads_the_row_dimension_from_the_source(tmp_path, load_layout, store_layout, walks_across):
+    from densenet_fast.triton_kernels.aot import row_walks
+    src = tmp_path / "kernel.py"
+    src.write_text("a = tl.load(x_ptr + x_row[:, None] + ks[None, :] * sx_c, mask=m)\n"
+                   "tl.store(out_ptr + c_off[:, None] + (g_row + 1)[None, :], v)\n"
+                   "c = tl.load(ptr + offs)\n")
+    ttgir = _ROWS_TTGIR.replace("SRC", str(src)).replace("#A", "#" + load_layout).replace("#B", "#" + store_layout)
+    checked, found = row_walks(ttgir)
+    assert checked == 2, found  # the 1-D load has no row offset
+    assert [f.split(" ")[0] for f in found] == walks_across, found

@@ -20,9 +20,12 @@ no driver (ptxas ships with triton), so this module
                   tt.divisibility=16), which is what really runs: vectorised loads change the
                   pipelining and so the shared memory a config needs (done for the
                   DenseNet-121 and DenseNet-BC-100 cases, the ones whose values are realistic);
-3. reports compile errors, shared memory above the device's per-block opt-in limit, and
+3. reports compile errors, shared memory above the device's per-block opt-in limit,
    asynchronous copies into an unswizzled shared buffer across its fastest dimension
-   (``unswizzled_staging``: a 32-way bank conflict on every copy, see NCHW_FP32 in __init__.py).
+   (``unswizzled_staging``: a 32-way bank conflict on every copy, see NCHW_FP32 in __init__.py),
+   and, where the launcher promised contiguous rows (ROW_RUN > 1: NCHW), global accesses through
+   a row offset whose warps walk the other dimension of the tile (``row_walks``: one cache line
+   per thread, see indexing.py).
 
 The interpreter's fixed 16-wide configs (INTERPRET_CONFIG, ...) are not compiled: they only run
 under TRITON_INTERPRET=1, never on a GPU.
@@ -51,7 +54,7 @@ import torch
 
 __all__ = ["Device", "DEVICES", "Case", "CASES", "Launch", "Unit", "Result", "capture", "units", "launch_units",
            "unit_key", "compile_unit", "compile_units", "kernel_modules", "uncovered_kernels",
-           "triton_can_compile", "unswizzled_staging"]
+           "row_walks", "triton_can_compile", "unswizzled_staging"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +456,8 @@ class Result:
     seconds: float = 0.0
     async_copies: int = 0        # ttg.async_copy_global_to_local ops in the ttgir
     staging: Tuple[str, ...] = ()  # unswizzled_staging's findings
+    row_accesses: int = 0        # global accesses through a contiguous row offset (row_walks), NCHW units
+    row_walk: Tuple[str, ...] = ()  # row_walks' findings: those whose warps walk the other dimension
 
     @property
     def fits(self) -> bool:
@@ -493,6 +498,63 @@ def unswizzled_staging(ttgir: str) -> Tuple[int, List[str]]:
     return copies, found
 
 
+# A global access of a 2-D tile and the location of its source line.
+_ACCESS = re.compile(r"(tt\.load|tt\.store|ttg\.async_copy_global_to_local) [^\n]*?: "
+                     r"tensor<([\dx]+)x!tt\.ptr<(\w+)>, #(\w+)>[^\n]*? loc\((#loc\d*)\)")
+_LOC = re.compile(r"^(#loc\d*) = (loc\(.*\))$", re.M)
+# The kernels' convention (indexing.contiguous_rows): a variable named *_row or row_off holds the
+# element offsets of a tile's rows, broadcast with [:, None] (rows along dim 0) or [None, :] (dim 1).
+_ROW_OFFSET = re.compile(r"\b(?:\w+_row|row_off)\b")
+_BROADCAST = re.compile(r"\[(:, None|None, :)\]")
+
+
+def _source_lines(ttgir: str) -> Dict[str, Tuple[str, int]]:
+    """{#locN: (file, line)}, following named and fused locations down to a file location."""
+    raw = dict(_LOC.findall(ttgir))
+    out: Dict[str, Tuple[str, int]] = {}
+    for name in raw:
+        seen, cur = set(), name
+        while cur in raw and cur not in seen:
+            seen.add(cur)
+            m = re.match(r'loc\("([^"]+)":(\d+):\d+\)', raw[cur])
+            if m:
+                out[name] = (m.group(1), int(m.group(2)))
+                break
+            ref = re.search(r"(#loc\d*)", raw[cur])
+            cur = ref.group(1) if ref else None
+    return out
+
+
+def row_walks(ttgir: str) -> Tuple[int, List[str]]:
+    """(global accesses through a row offset, the ones whose warps do not walk the rows) of a
+    kernel compiled with contiguous rows promised (ROW_RUN > 1). An access goes through a row
+    offset when its source line uses one (a *_row / row_off variable, the kernels' convention)
+    broadcast along one dimension; a warp walks the dimension its layout's order puts first.
+    Walking the channels instead reads one cache line per thread (32 per warp-wide access)."""
+    import linecache
+
+    layouts = {name: (_ints(body, "order"), _ints(body, "threadsPerWarp"))
+               for name, kind, body in _LAYOUT.findall(ttgir) if kind == "blocked"}
+    lines = _source_lines(ttgir)
+    checked, found = 0, []
+    for op, shape, elem, layout, loc in _ACCESS.findall(ttgir):
+        if layout not in layouts or shape.count("x") != 1 or loc not in lines:
+            continue
+        path, line = lines[loc]
+        text = linecache.getline(path, line)
+        name = _ROW_OFFSET.search(text)
+        bcast = _BROADCAST.search(text, name.end()) if name else None
+        if bcast is None:
+            continue
+        row_dim = 0 if bcast.group(1) == ":, None" else 1
+        order, threads = layouts[layout]
+        checked += 1
+        if order[0] != row_dim:
+            found.append(f"{op.split('.')[-1]} of a {shape}x{elem} tile at line {line} ({text.strip()[:60]}...): "
+                         f"rows along dim {row_dim}, threads along dim {order[0]} (threadsPerWarp {threads})")
+    return checked, found
+
+
 def _cuobjdump() -> Optional[str]:
     import triton
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -531,9 +593,12 @@ def compile_unit(u: Unit) -> Result:
                                         attrs={(i,): div for i in u.attrs})
         kernel = triton.compile(src, target=target, options=dict(u.options))
         regs, stack = _resource_usage(kernel.asm["cubin"]) if "cubin" in kernel.asm else (None, None)
-        copies, staging = unswizzled_staging(kernel.asm.get("ttgir", ""))
+        ttgir = kernel.asm.get("ttgir", "")
+        copies, staging = unswizzled_staging(ttgir)
+        rows, walk = row_walks(ttgir) if dict(u.constexprs).get("ROW_RUN", 1) > 1 else (0, [])
         return Result(u, True, shared=int(kernel.metadata.shared), regs=regs, stack=stack,
-                      seconds=time.perf_counter() - t0, async_copies=copies, staging=tuple(staging))
+                      seconds=time.perf_counter() - t0, async_copies=copies, staging=tuple(staging),
+                      row_accesses=rows, row_walk=tuple(walk))
     except Exception as exc:  # a compile error is the finding, whatever its type
         msg = f"{type(exc).__name__}: {exc}".strip()
         if len(msg) > 4000:
