@@ -23,8 +23,9 @@
 #
 # DEADLINE_S (default 540) bounds the whole stage: each step's timeout is cut to what is left.
 # Logs go to $OUT (at most 8 files come back from the device tool): check writes env.txt,
-# build.log, tests.log, bench.csv, bench-default-configs.csv (and the caller's session.log: 6);
-# more writes bench.csv, profile-bc100.json, profile-d121.json, ops.csv, autotune.jsonl. Set
+# build.log, tests.log, bench.csv, bench-default-configs.csv, bench-no-row-hints.csv (and the
+# caller's session.log: 7); more writes bench.csv, bench-no-row-hints.csv, profile-bc100.json,
+# profile-d121.json, ops.csv, autotune.jsonl. Set
 # DENSENET_FAST_GIT_SHA when the tree has no .git.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -191,6 +192,11 @@ if [ "$STAGE" = check ]; then
   stamp "DenseNet-BC-100 fp32 NCHW"
   DENSENET_FAST_TRITON_AUTOTUNE=0 bench bench-default-configs.csv 90 --model densenet_bc_100_12 --batch 64 \
     --providers naive,triton,triton+graph
+  # The same graphed step without the NCHW row hints (indexing.row_run returns 1: the kernels as
+  # compiled before 2026-11-28), to attribute what the hints changed; the D121 pair is in `more`.
+  stamp "DenseNet-BC-100 fp32 NCHW, triton without the row hints"
+  DENSENET_FAST_TRITON_AUTOTUNE=0 DENSENET_FAST_TRITON_ROW_HINTS=0 bench bench-no-row-hints.csv 45 \
+    --model densenet_bc_100_12 --batch 64 --providers naive,triton+graph
   # The cuda backend's block loop runs in C++; DENSENET_FAST_WHOLE_BLOCK=0 is the per-layer Python
   # path (2026-11-27 lease, H200: 80.1 ms against the loop's 46.5 ms; not timed again).
   stamp "DenseNet-BC-100 fp32 NCHW, cuda"
@@ -247,6 +253,11 @@ if [ "$STAGE" = more ]; then
   # Most wanted first: the 2026-11-27 lease ran the autotuned triton step here and spent 150 s
   # tuning (its per-config timings are in benchmarks/results/gpu-2026-11-27-h200/autotune.jsonl;
   # the defaults now follow them), so torch.compile and the rest were never reached.
+  # DenseNet-121 graphed without the NCHW row hints, against check's triton+graph row (every
+  # DenseNet-121 size but 7x7 changed; BC-100's pair is in check).
+  stamp "DenseNet-121 fp32 NCHW, triton+graph without the row hints"
+  DENSENET_FAST_TRITON_AUTOTUNE=0 DENSENET_FAST_TRITON_ROW_HINTS=0 bench bench-no-row-hints.csv 60 \
+    --model densenet121 --batch 64 --providers naive,triton+graph
   stamp "torch.compile of naive (DenseNet-BC-100 fp32), beside the cuda backend"
   bench bench.csv 200 --model densenet_bc_100_12 --batch 64 --providers naive,compile,cuda
   # float32 in channels_last: cuDNN's NHWC kernels (no NCHW<->NHWC transposes around its TF32

@@ -101,3 +101,12 @@ def test_row_run_of_several_tensors_holds_for_each():
     for t in (x, g, odd):
         _assert_promise_holds(t, run)
     assert row_run(x, _cl(2, 12, 8, 8)) == 1
+
+
+def test_row_hints_off_withdraws_the_promise(monkeypatch):
+    """DENSENET_FAST_TRITON_ROW_HINTS=0 (indexing.ROW_HINTS False): every run is 1, as before the hints."""
+    from densenet_fast.triton_kernels import indexing
+    t = _nchw(4, 60, 8, 8)[:, 24:36]
+    assert row_run(t) == 64
+    monkeypatch.setattr(indexing, "ROW_HINTS", False)
+    assert row_run(t) == 1

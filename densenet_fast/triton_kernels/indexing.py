@@ -15,13 +15,18 @@ consecutive rows are consecutive elements, and contiguous_rows (in a kernel) tel
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["ROW_RUN_MAX", "contiguous_rows", "row_nhw", "row_run"]
+__all__ = ["ROW_HINTS", "ROW_RUN_MAX", "contiguous_rows", "row_nhw", "row_run"]
+
+# DENSENET_FAST_TRITON_ROW_HINTS=0 (read at import) withdraws the promise: row_run returns 1 and
+# the kernels compile as they did before it, to time the hints side by side or to rule them out.
+ROW_HINTS = os.environ.get("DENSENET_FAST_TRITON_ROW_HINTS", "1") != "0"
 
 # The largest run row_run reports: the kernels' largest row tile.  contiguous_rows caps it at the
 # tile it hints anyway; the cap only keeps the number of distinct constexpr values (compilations) small.
@@ -39,6 +44,8 @@ def row_run(*tensors: Tensor, rows_per_program: Sequence[int] = ()) -> int:
 
     Exactly what contiguous_rows promises triton: a G that claims too much is wrong results on a
     GPU (a vectorised access across an image's end), so this is exact, and tested on strides."""
+    if not ROW_HINTS:
+        return 1
     run = ROW_RUN_MAX
     for t in tensors:
         n, _, h, w = t.shape
