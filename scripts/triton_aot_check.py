@@ -30,6 +30,8 @@ Exit status 1 on any FAIL / NOFIT / NONE / BANK / ROWS (or a kernel no case laun
   python scripts/triton_aot_check.py --default-only       # the autotune-off configs only
   python scripts/triton_aot_check.py --arch sm90 --dtypes fp16 --default-only --one-per-kernel
                                                           # what tests/test_triton_compile.py runs
+  python scripts/triton_aot_check.py --arch sm90 --dtypes fp32 --default-only --modes specialized \
+      --kernel _bn_relu_conv1x1_kernel --layouts -q       # each access's layout and source line
   PYTHONPATH=/path/to/triton-3.6:. python scripts/triton_aot_check.py ...   # another triton
 
 TRITON_INTERPRET must not be set (the script clears it for itself); the compiled kernels go to
@@ -70,6 +72,8 @@ def _parse(argv):
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPUs)")
     p.add_argument("--json", default="", help="write every result to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true", help="no line per compile")
+    p.add_argument("--layouts", action="store_true",
+                   help="after each compile, its global loads/stores/async copies: register layout and source line")
     return p.parse_args(argv)
 
 
@@ -119,6 +123,10 @@ def main(argv=None) -> int:
 
     def progress(r: aot.Result) -> None:
         done[0] += 1
+        if args.layouts:
+            u = r.unit
+            print(f"{u.device.arch} {u.mode} {u.name} [{u.config_str()}] {u.dtype_str()} ({u.case})\n"
+                  + "".join(f"    {line}\n" for line in r.accesses), end="", flush=True)
         if args.quiet:
             return
         u = r.unit

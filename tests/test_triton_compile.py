@@ -179,12 +179,16 @@ module {
     ("blocked", "blocked1", ["load", "store"]),
 ])
 def test_row_walks_reads_the_row_dimension_from_the_source(tmp_path, load_layout, store_layout, walks_across):
-    from densenet_fast.triton_kernels.aot import row_walks
+    from densenet_fast.triton_kernels.aot import global_accesses, row_walks
     src = tmp_path / "kernel.py"
     src.write_text("a = tl.load(x_ptr + x_row[:, None] + ks[None, :] * sx_c, mask=m)\n"
                    "tl.store(out_ptr + c_off[:, None] + (g_row + 1)[None, :], v)\n"
                    "c = tl.load(ptr + offs)\n")
     ttgir = _ROWS_TTGIR.replace("SRC", str(src)).replace("#A", "#" + load_layout).replace("#B", "#" + store_layout)
+    accesses = global_accesses(ttgir)
+    assert [(a.op, a.shape, a.line, a.order is None) for a in accesses] == [
+        ("load", "128x32", 1, False), ("store", "128x32", 2, False), ("load", "64", 3, True)]
+    assert accesses[0].source.startswith("a = tl.load(x_ptr + x_row[:, None]")
     checked, found = row_walks(ttgir)
     assert checked == 2, found  # the 1-D load has no row offset
     assert [f.split(" ")[0] for f in found] == walks_across, found

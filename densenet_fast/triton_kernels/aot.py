@@ -54,7 +54,8 @@ import torch
 
 __all__ = ["Device", "DEVICES", "Case", "CASES", "Launch", "Unit", "Result", "capture", "units", "launch_units",
            "unit_key", "compile_unit", "compile_units", "kernel_modules", "uncovered_kernels",
-           "row_walks", "triton_can_compile", "unswizzled_staging"]
+           "global_accesses", "row_walks", "triton_can_compile",
+           "unswizzled_staging"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,6 +459,7 @@ class Result:
     staging: Tuple[str, ...] = ()  # unswizzled_staging's findings
     row_accesses: int = 0        # global accesses through a contiguous row offset (row_walks), NCHW units
     row_walk: Tuple[str, ...] = ()  # row_walks' findings: those whose warps walk the other dimension
+    accesses: Tuple[str, ...] = ()  # global_accesses, described (one line each)
 
     @property
     def fits(self) -> bool:
@@ -525,33 +527,64 @@ def _source_lines(ttgir: str) -> Dict[str, Tuple[str, int]]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Access:
+    """One global load, store or asynchronous copy of a tile in a kernel's ttgir."""
+    op: str                       # "load", "store" or "async_copy_global_to_local"
+    shape: str                    # "128x32"
+    elem: str                     # "f32"
+    order: Optional[Tuple[int, ...]]    # the blocked layout's order (None: not a blocked layout)
+    threads: Optional[Tuple[int, ...]]  # its threadsPerWarp
+    per_thread: Optional[Tuple[int, ...]]  # its sizePerThread (elements per thread and access)
+    path: str                     # the source file and line the access comes from ("" if unknown)
+    line: int
+    source: str
+
+    def describe(self) -> str:
+        where = f"{os.path.basename(self.path)}:{self.line}" if self.path else "?"
+        layout = (f"sizePerThread {list(self.per_thread)} threadsPerWarp {list(self.threads)} order {list(self.order)}"
+                  if self.order else "not blocked")
+        return f"{self.op:10.10s} {self.shape + 'x' + self.elem:12s} {layout:66s} {where}: {self.source[:70]}"
+
+
+def global_accesses(ttgir: str) -> List[Access]:
+    """The global loads, stores and asynchronous copies of tiles in a kernel's ttgir, with their
+    register layouts and source lines (``triton_aot_check.py --layouts`` prints them)."""
+    import linecache
+
+    layouts = {name: (tuple(_ints(body, "order") or ()), tuple(_ints(body, "threadsPerWarp") or ()),
+                      tuple(_ints(body, "sizePerThread") or ()))
+               for name, kind, body in _LAYOUT.findall(ttgir) if kind == "blocked"}
+    lines = _source_lines(ttgir)
+    out = []
+    for op, shape, elem, layout, loc in _ACCESS.findall(ttgir):
+        order, threads, per_thread = layouts.get(layout, (None, None, None))
+        path, line = lines.get(loc, ("", 0))
+        source = linecache.getline(path, line).strip() if path else ""
+        out.append(Access(op.split(".")[-1], shape, elem, order, threads, per_thread, path, line, source))
+    return out
+
+
 def row_walks(ttgir: str) -> Tuple[int, List[str]]:
     """(global accesses through a row offset, the ones whose warps do not walk the rows) of a
     kernel compiled with contiguous rows promised (ROW_RUN > 1). An access goes through a row
     offset when its source line uses one (a *_row / row_off variable, the kernels' convention)
     broadcast along one dimension; a warp walks the dimension its layout's order puts first.
     Walking the channels instead reads one cache line per thread (32 per warp-wide access)."""
-    import linecache
-
-    layouts = {name: (_ints(body, "order"), _ints(body, "threadsPerWarp"))
-               for name, kind, body in _LAYOUT.findall(ttgir) if kind == "blocked"}
-    lines = _source_lines(ttgir)
     checked, found = 0, []
-    for op, shape, elem, layout, loc in _ACCESS.findall(ttgir):
-        if layout not in layouts or shape.count("x") != 1 or loc not in lines:
+    for a in global_accesses(ttgir):
+        if a.order is None or a.shape.count("x") != 1:
             continue
-        path, line = lines[loc]
-        text = linecache.getline(path, line)
-        name = _ROW_OFFSET.search(text)
-        bcast = _BROADCAST.search(text, name.end()) if name else None
+        name = _ROW_OFFSET.search(a.source)
+        bcast = _BROADCAST.search(a.source, name.end()) if name else None
         if bcast is None:
             continue
         row_dim = 0 if bcast.group(1) == ":, None" else 1
-        order, threads = layouts[layout]
         checked += 1
-        if order[0] != row_dim:
-            found.append(f"{op.split('.')[-1]} of a {shape}x{elem} tile at line {line} ({text.strip()[:60]}...): "
-                         f"rows along dim {row_dim}, threads along dim {order[0]} (threadsPerWarp {threads})")
+        if a.order[0] != row_dim:
+            found.append(f"{a.op} of a {a.shape}x{a.elem} tile at line {a.line} ({a.source[:60]}...): "
+                         f"rows along dim {row_dim}, threads along dim {a.order[0]} "
+                         f"(threadsPerWarp {list(a.threads)})")
     return checked, found
 
 
@@ -598,7 +631,8 @@ def compile_unit(u: Unit) -> Result:
         rows, walk = row_walks(ttgir) if dict(u.constexprs).get("ROW_RUN", 1) > 1 else (0, [])
         return Result(u, True, shared=int(kernel.metadata.shared), regs=regs, stack=stack,
                       seconds=time.perf_counter() - t0, async_copies=copies, staging=tuple(staging),
-                      row_accesses=rows, row_walk=tuple(walk))
+                      row_accesses=rows, row_walk=tuple(walk),
+                      accesses=tuple(a.describe() for a in global_accesses(ttgir)))
     except Exception as exc:  # a compile error is the finding, whatever its type
         msg = f"{type(exc).__name__}: {exc}".strip()
         if len(msg) > 4000:
