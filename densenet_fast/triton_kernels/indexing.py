@@ -37,13 +37,14 @@ def row_run(*tensors: Tensor, rows_per_program: Sequence[int] = ()) -> int:
     """The largest power of two G (at most ROW_RUN_MAX) such that in every tensor (N, C, H, W),
     rows m = (n * H + h) * W + w in each aligned group [k * G, (k + 1) * G) are G consecutive
     elements whose first one's row offset (n * stride_n + h * stride_h + w * stride_w) is a
-    multiple of G: 1 unless each image's
-    pixels are contiguous (NCHW, not channels_last). The tensors share the row grid (the same N,
-    H, W). A kernel whose programs start their rows at multiples of some count (a reduction's
-    rows per program) passes those counts: G divides them too, so each tile's groups stay aligned.
+    multiple of G. It is 1 unless each image's pixels are contiguous (NCHW, not channels_last).
+    The tensors share the row grid (the same N, H, W). A kernel whose programs start their rows at
+    multiples of some count (a reduction's rows per program) passes those counts: G divides them
+    too, so each tile's groups stay aligned.
 
-    Exactly what contiguous_rows promises triton: a G that claims too much is wrong results on a
-    GPU (a vectorised access across an image's end), so this is exact, and tested on strides."""
+    This is exactly what contiguous_rows promises triton. A G that claims too much gives wrong
+    results on a GPU (a vectorised access across an image's end), so it is exact, and
+    tests/test_triton_indexing.py checks it on strides."""
     if not ROW_HINTS:
         return 1
     run = ROW_RUN_MAX
