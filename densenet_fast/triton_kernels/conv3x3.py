@@ -593,29 +593,23 @@ def bn_relu_conv3x3_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
     # 3. wgrad with Z recomputed from x
     block_o = _narrow_tile(kout)
     o_blocks = cdiv(kout, block_o)
-    w_sizes = (*grad_out.stride(), *x.stride())
+    rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
+    parts = cdiv(m, rows_per_prog)
+    # Every config writes every row of the workspace (parts does not depend on the config).
+    ws_w = torch.empty((parts, kout, b, 3, 3), dtype=torch.float32, device=x.device)
+    w_args = (grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog, *grad_out.stride(), *x.stride())
+    w_run = row_run(grad_out, x, rows_per_program=(rows_per_prog,))
     if INTERPRET:
-        rows_per_prog = _wgrad_rows_per_prog(x, m, 0)
-        parts = cdiv(m, rows_per_prog)
-        ws_w = torch.empty((parts, kout, b, 3, 3), dtype=torch.float32, device=x.device)
         grid = (parts, 9 * o_blocks, cdiv(b, INTERPRET_WGRAD["BLOCK_C"]))
-        _conv3x3_wgrad_kernel[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog,
-                                    *w_sizes, INPUT_PRECISION=precision, BLOCK_O=block_o, num_warps=4,
-                                    ROW_RUN=row_run(grad_out, x, rows_per_program=(rows_per_prog,)),
-                                    **INTERPRET_WGRAD)
+        _conv3x3_wgrad_kernel[grid](*w_args, INPUT_PRECISION=precision, ROW_RUN=w_run, BLOCK_O=block_o,
+                                    num_warps=4, **INTERPRET_WGRAD)
     else:
         tuned = _TUNED_WGRAD[wgrad_config_list(x, grad_out, precision, block_o)]
-        rows_per_prog = _wgrad_rows_per_prog(x, m, 9 * o_blocks * cdiv(b, 64))
-        parts = cdiv(m, rows_per_prog)
-        # Every config writes every row of the workspace (parts does not depend on the config).
-        ws_w = torch.empty((parts, kout, b, 3, 3), dtype=torch.float32, device=x.device)
 
         def grid(meta):
             return (parts, 9 * o_blocks, cdiv(b, meta["BLOCK_C"]))
 
-        tuned[grid](grad_out, x, scale, shift, ws_w, m, b, kout, h, w, rows_per_prog, *w_sizes,
-                    INPUT_PRECISION=precision, BLOCK_O=block_o,
-                    ROW_RUN=row_run(grad_out, x, rows_per_program=(rows_per_prog,)))
+        tuned[grid](*w_args, INPUT_PRECISION=precision, ROW_RUN=w_run, BLOCK_O=block_o)
     grad_weight = ws_w.sum(dim=0).to(weight.dtype)  # (K, B, 3, 3): the kernels write (P, K, B, 9) rows
     return grad_x, grad_gamma, grad_beta, grad_weight
 
