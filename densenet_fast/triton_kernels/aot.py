@@ -500,7 +500,7 @@ def unswizzled_staging(ttgir: str) -> Tuple[int, List[str]]:
     return copies, found
 
 
-# A global access of a 2-D tile and the location of its source line.
+# A global access of a tile (any rank) and the location of its source line.
 _ACCESS = re.compile(r"(tt\.load|tt\.store|ttg\.async_copy_global_to_local) [^\n]*?: "
                      r"tensor<([\dx]+)x!tt\.ptr<(\w+)>, #(\w+)>[^\n]*? loc\((#loc\d*)\)")
 _LOC = re.compile(r"^(#loc\d*) = (loc\(.*\))$", re.M)
@@ -571,8 +571,12 @@ def row_walks(ttgir: str) -> Tuple[int, List[str]]:
     offset when its source line uses one (a *_row / row_off variable, the kernels' convention)
     broadcast along one dimension; a warp walks the dimension its layout's order puts first.
     Walking the channels instead reads one cache line per thread (32 per warp-wide access)."""
+    return _row_walks(global_accesses(ttgir))
+
+
+def _row_walks(accesses: Sequence[Access]) -> Tuple[int, List[str]]:
     checked, found = 0, []
-    for a in global_accesses(ttgir):
+    for a in accesses:
         if a.order is None or a.shape.count("x") != 1:
             continue
         name = _ROW_OFFSET.search(a.source)
@@ -628,11 +632,12 @@ def compile_unit(u: Unit) -> Result:
         regs, stack = _resource_usage(kernel.asm["cubin"]) if "cubin" in kernel.asm else (None, None)
         ttgir = kernel.asm.get("ttgir", "")
         copies, staging = unswizzled_staging(ttgir)
-        rows, walk = row_walks(ttgir) if dict(u.constexprs).get("ROW_RUN", 1) > 1 else (0, [])
+        accesses = global_accesses(ttgir)
+        rows, walk = _row_walks(accesses) if dict(u.constexprs).get("ROW_RUN", 1) > 1 else (0, [])
         return Result(u, True, shared=int(kernel.metadata.shared), regs=regs, stack=stack,
                       seconds=time.perf_counter() - t0, async_copies=copies, staging=tuple(staging),
                       row_accesses=rows, row_walk=tuple(walk),
-                      accesses=tuple(a.describe() for a in global_accesses(ttgir)))
+                      accesses=tuple(a.describe() for a in accesses))
     except Exception as exc:  # a compile error is the finding, whatever its type
         msg = f"{type(exc).__name__}: {exc}".strip()
         if len(msg) > 4000:
