@@ -547,6 +547,19 @@ class Access:
         return f"{self.op:10.10s} {self.shape + 'x' + self.elem:12s} {layout:66s} {where}: {self.source[:70]}"
 
 
+_KERNEL_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _current_source(path: str) -> str:
+    """This package's copy of a kernel module named in a ttgir location. A compilation from
+    triton's cache names the file it was first compiled from, perhaps another checkout's, since
+    gone: the cache key holds the kernel's source and line numbers, not its path."""
+    local = os.path.join(_KERNEL_DIR, os.path.basename(path))
+    if os.path.basename(os.path.dirname(path)) == os.path.basename(_KERNEL_DIR) and os.path.exists(local):
+        return local
+    return path
+
+
 def global_accesses(ttgir: str) -> List[Access]:
     """The global loads, stores and asynchronous copies of tiles in a kernel's ttgir, with their
     register layouts and source lines (``triton_aot_check.py --layouts`` prints them)."""
@@ -560,7 +573,7 @@ def global_accesses(ttgir: str) -> List[Access]:
     for op, shape, elem, layout, loc in _ACCESS.findall(ttgir):
         order, threads, per_thread = layouts.get(layout, (None, None, None))
         path, line = lines.get(loc, ("", 0))
-        source = linecache.getline(path, line).strip() if path else ""
+        source = linecache.getline(_current_source(path), line).strip() if path else ""
         out.append(Access(op.split(".")[-1], shape, elem, order, threads, per_thread, path, line, source))
     return out
 
