@@ -30,8 +30,9 @@ def _row_offsets(t: torch.Tensor) -> torch.Tensor:
     return (nn * s_n + hh * s_h + ww * s_w).reshape(-1)
 
 
-def _assert_promise_holds(t: torch.Tensor, run: int) -> None:
-    off = _row_offsets(t)
+def _assert_promise_holds(t: torch.Tensor, run: int, base: int = 0) -> None:
+    """base: t's first element's offset from the pointer the kernel indexes from."""
+    off = _row_offsets(t) + base
     m = off.numel()
     for start in range(0, m, run):
         group = off[start:start + run]
@@ -72,8 +73,16 @@ CASES = {
         (3, 4, 8, 8), (4 * 64 + 1, 64, 8, 1)), (), 1),
     "nchw, batch stride 2 mod 4": (lambda: torch.empty(3 * 1000).as_strided((3, 4, 8, 8), (258, 64, 8, 1)), (), 2),
     "nchw, N = 1, odd batch stride": (lambda: torch.empty(1000).as_strided((1, 4, 8, 8), (999, 64, 8, 1)), (), 64),
-    # a row stride that is not W: padded rows (a crop), not contiguous across image rows
-    "nchw crop of a wider image": (lambda: _nchw(2, 4, 8, 10)[:, :, :, :8], (), 1),
+    # a row stride that is not W (a crop, every other row): groups within a row of pixels, each
+    # row starting at a multiple of the run
+    "nchw crop of a wider image": (lambda: _nchw(2, 4, 8, 10)[:, :, :, :8], (), 2),
+    "nchw crop, row stride 16": (lambda: _nchw(2, 4, 8, 16)[:, :, :, :8], (), 8),
+    # offsets count from the tensor's first element, whose alignment triton learns from the pointer
+    "nchw crop at an odd column": (lambda: _nchw(2, 4, 8, 16)[:, :, :, 1:9], (), 8),
+    "nchw crop, odd row stride": (lambda: _nchw(2, 4, 8, 9)[:, :, :, :8], (), 1),
+    "nchw every other row, 56x56": (lambda: _nchw(2, 4, 56, 56)[:, :, ::2], (), 8),
+    "nchw every other row, 32x32": (lambda: _nchw(2, 4, 32, 32)[:, 1:3, ::2], (), 32),
+    "nchw every other row, 14x14": (lambda: _nchw(2, 4, 14, 14)[:, :, ::2], (), 2),
     # H and W swapped in memory (a transpose): neither W nor H steps by one element
     "transposed H and W": (lambda: _nchw(2, 4, 8, 8).transpose(2, 3), (), 1),
 }
@@ -101,6 +110,40 @@ def test_row_run_of_several_tensors_holds_for_each():
     for t in (x, g, odd):
         _assert_promise_holds(t, run)
     assert row_run(x, _cl(2, 12, 8, 8)) == 1
+
+
+# (full-resolution tensor, pooled rows per program, the window run the transition kernels get)
+WINDOW_CASES = {
+    "densenet121 56x56": (lambda: _nchw(2, 8, 56, 56), (), 8),
+    "densenet121 28x28": (lambda: _nchw(2, 8, 28, 28), (), 4),
+    "densenet121 14x14: a run of 2, below WINDOW_RUN_MIN": (lambda: _nchw(2, 8, 14, 14), (), 1),
+    "densenet-bc 32x32, a channel slice": (lambda: _nchw(2, 40, 32, 32)[:, 12:28], (), 32),
+    "densenet-bc 16x16, 200 pooled rows per program": (lambda: _nchw(4, 6, 16, 16), (200,), 16),
+    "odd 9x10: last row dropped": (lambda: _nchw(2, 3, 9, 10), (), 1),   # 2 * WO = 10: run 2
+    "odd 9x12: last row dropped": (lambda: _nchw(2, 3, 9, 12), (), 4),
+    "odd W 8x9: rows 9 apart": (lambda: _nchw(2, 3, 8, 9), (), 1),
+    # a crop 56 wide of rows 60 apart: runs of 8 on the top rows, but the bottom rows start 60 on
+    "crop 8x56 of rows 60 apart": (lambda: _nchw(2, 3, 8, 60)[:, :, :, :56], (), 4),
+    "channels_last": (lambda: _cl(2, 8, 56, 56), (), 1),
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_window_run_promise_holds_on_the_windows(name):
+    """transition.window_run: the run of the 2x2 windows' pixels, which the transition kernels walk
+    as the rows of x[:, :, 0:2HO:2, 0:2WO] and x[:, :, 1:2HO:2, 0:2WO] (two per pooled row,
+    _window_pairs), offsets counted from x's first element."""
+    from densenet_fast.triton_kernels.transition import WINDOW_RUN_MIN, window_run
+    make, rows_per_program, expected = WINDOW_CASES[name]
+    x = make()
+    run = window_run(x, rows_per_program=rows_per_program)
+    assert run == expected, f"{name}: window_run = {run}, expected {expected}"
+    assert run == 1 or run >= WINDOW_RUN_MIN
+    ho, wo = x.shape[2] // 2, x.shape[3] // 2
+    _assert_promise_holds(x[:, :, 0:2 * ho:2, 0:2 * wo], run)
+    _assert_promise_holds(x[:, :, 1:2 * ho:2, 0:2 * wo], run, base=x.stride(2))
+    for rows in rows_per_program:
+        assert (2 * rows) % run == 0
 
 
 def test_row_hints_off_withdraws_the_promise(monkeypatch):

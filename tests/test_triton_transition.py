@@ -67,8 +67,9 @@ CASES = [
     # unaligned base pointer, the wider buffer's strides; 5x7: odd H and W, so the last row and
     # the last column are dropped by the pooling (and still get a gradient with batch statistics).
     ("slice37_5x7", (2, 48, 5, 7), slice(5, 42), 10),
-    # even 4x6 image, the whole tensor, Cout = one full 16-wide tile
-    ("whole20_4x6", (2, 20, 4, 6), slice(0, 20), 16),
+    # even 4x8 image, the whole tensor, Cout = one full 16-wide tile; in NCHW the windows' pixels
+    # are read in pairs (transition.window_run 8; the other cases' runs of 2 read them apiece)
+    ("whole20_4x8", (2, 20, 4, 8), slice(0, 20), 16),
     # batch 1, 2x2: a single pooled pixel per image; the channel prefix of a wider buffer
     ("prefix20_batch1_2x2", (1, 32, 2, 2), slice(0, 20), 10),
     # 40 pooled rows: 3 row tiles of 16 (ragged last), 2 wgrad splits under the interpreter;
@@ -378,15 +379,16 @@ GPU_TILES = paired_tiles(gpu_tiles(_M.FWD_CONFIGS_SM90, _M.FWD_CONFIGS_SM80, _M.
 @every_tile_test("fwd,dgrad,wgrad", GPU_TILES, paired_tile_ids(GPU_TILES, ("fwd", "dgrad", "wgrad")))
 def test_every_gpu_tile(monkeypatch, fwd, dgrad, wgrad, layout, dtype):
     # The tiles a GPU runs (masks and loop bounds follow them), which the interpreter's 16-wide
-    # defaults never exercise. 26x27 images (odd W: a dropped pixel column), batch 2: P = 338
+    # defaults never exercise. 27x28 images (odd H: a dropped pixel row), batch 2: P = 364
     # pooled rows, two row tiles of the widest (256), the second ragged; the wgrad splits them
-    # into 200 + 138 rows, not a multiple of any BLOCK_P (a GPU's splits need not be either).
+    # into 200 + 164 rows, not a multiple of any BLOCK_P (a GPU's splits need not be either).
+    # NCHW reads the windows' pixels in pairs (window_run 4), channels_last apiece.
     # C = 73 of an 80-channel buffer, Cout = 37: ragged against every channel tile. Training
     # statistics in fp32, fixed ones in fp16.
     set_attrs(monkeypatch, transition_module, INTERPRET_FWD=fwd, INTERPRET_DGRAD=dgrad, INTERPRET_WGRAD=wgrad,
               INTERPRET_WGRAD_ROWS_PER_SPLIT=200)
     name = f"fwd {tile_id(fwd)} dgrad {tile_id(dgrad)} wgrad {tile_id(wgrad)} {layout} {dtype}"
-    shape, channels, cout = (2, 80, 26, 27), slice(3, 76), 37
+    shape, channels, cout = (2, 80, 27, 28), slice(3, 76), 37
     _check_forward(shape, channels, cout, layout, dtype, seed=21, name=f"{name} forward")
     x, params, grad_out = _backward_case(shape, channels, cout, layout, dtype, seed=22)
     _check_backward(x, params, grad_out, dtype == torch.float32, f"{name} backward")

@@ -37,7 +37,9 @@ def row_run(*tensors: Tensor, rows_per_program: Sequence[int] = ()) -> int:
     """The largest power of two G (at most ROW_RUN_MAX) such that in every tensor (N, C, H, W),
     rows m = (n * H + h) * W + w in each aligned group [k * G, (k + 1) * G) are G consecutive
     elements whose first one's row offset (n * stride_n + h * stride_h + w * stride_w) is a
-    multiple of G. It is 1 unless each image's pixels are contiguous (NCHW, not channels_last).
+    multiple of G. It is 1 unless each row of pixels is contiguous (NCHW, not channels_last).
+    When the rows of pixels follow each other too (a whole NCHW image), a group may span several
+    of them; else (a crop, every other row of pixels) G divides W and groups stay within a row.
     The tensors share the row grid (the same N, H, W). A kernel whose programs start their rows at
     multiples of some count (a reduction's rows per program) passes those counts: G divides them
     too, so each tile's groups stay aligned.
@@ -55,10 +57,15 @@ def row_run(*tensors: Tensor, rows_per_program: Sequence[int] = ()) -> int:
         if hw <= 1:
             return 1
         step = s_w if w > 1 else s_h  # the element step between consecutive pixels of a row
-        if step != 1 or (h > 1 and w > 1 and s_h != w * s_w):
+        if step != 1:
             return 1
-        run = min(run, hw & -hw)       # image ends fall on multiples of HW
-        while n > 1 and s_n % run:     # each image starts at a multiple of G
+        if h > 1 and w > 1 and s_h != w:   # rows of pixels apart: groups within one, each at a multiple of G
+            run = min(run, w & -w)
+            while s_h % run:
+                run //= 2
+        else:
+            run = min(run, hw & -hw)       # image ends fall on multiples of HW
+        while n > 1 and s_n % run:         # each image starts at a multiple of G
             run //= 2
     for rows in rows_per_program:
         while rows % run:

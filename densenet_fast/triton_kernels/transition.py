@@ -8,7 +8,10 @@ of x is dropped by the pooling (it still counts in the batch statistics, see bel
 Forward, one kernel (``_bn_relu_pool_conv1x1_kernel``), a GEMM out[p, o] = sum_c zp[p, c] W[o, c]:
   the A-operand load reads the 4 pixels of pooled row p (strides in elements, NCHW or
   channels_last, int64 offsets), applies z = relu(x * scale + shift) to each in float32, averages
-  them and rounds the mean to x's dtype. The pooled map zp is never stored. W is read transposed
+  them and rounds the mean to x's dtype. In NCHW (window_run > 1) a tile's windows are read one
+  row of pixels at a time, as runs of consecutive elements (two loads of twice the rows, each
+  window's pair then summed), not as four loads of every other pixel; the backward reads x and
+  writes dx the same way. The pooled map zp is never stored. W is read transposed
   through its strides and cast to x's dtype; tl.dot accumulates in float32 (float32 data: TF32
   exactly when cuDNN's convolutions may, else "ieee": ops.precision.dot_precision). The tile is
   stored through out's strides, so out may be a channel slice of the next block's buffer,
@@ -43,7 +46,7 @@ is ``densenet_fast.ops.transition``.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -57,7 +60,7 @@ from .indexing import contiguous_rows, row_nhw, row_run
 from .channel_stats import (SUPPORTED_DTYPES, check_activation, check_channel_vectors, empty_like_layout,
                             is_1x1_weight)
 
-__all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton"]
+__all__ = ["bn_relu_pool_conv1x1_triton", "bn_relu_pool_conv1x1_backward_triton", "window_run"]
 
 OP_NAME = "densenet_fast::triton_bn_relu_pool_conv1x1"
 OUT_OP_NAME = "densenet_fast::triton_bn_relu_pool_conv1x1_out"
@@ -132,6 +135,13 @@ INTERPRET_WGRAD_ROWS_PER_SPLIT = 32
 # The compiled wgrad's splits span whole multiples of this many pooled rows (a multiple of its BLOCK_Ps), so
 # that each split's tiles start where row_run's groups do.
 WGRAD_ROW_ALIGN = 128
+# The kernels read the windows' pixels in pairs (twice the rows per load, then a sum of each pair)
+# only where a run of consecutive top-row pixels is at least this long (two windows; 16 bytes in
+# float32). A run of 2 (W / 2 odd, as at DenseNet-121's 14x14 transition) gives 8-byte loads of
+# the doubled tile, and the wgrad's default then kept 200 bytes of stack (sm_90, float32 NCHW)
+# where the four-load form keeps none; at 28x28 (a run of 4) it needed fewer registers than that
+# form (231 against 255).
+WINDOW_RUN_MIN = 4
 # Dropped-pixel kernel (at most N * (H + W) pixels per channel): a fixed config everywhere.
 EDGE_BLOCKS = (16, 16) if INTERPRET else (64, 32)
 
@@ -158,10 +168,40 @@ def _pooled_bn_relu(x_ptr, top_left, col_off, mask, sc, sh, sx_h, sx_w):
 
 
 @triton.jit
+def _window_pairs(first, HWO, WO, BLOCK: tl.constexpr):
+    """(pairs, n, ho, w2) of the pixels of one row of BLOCK pooled rows' 2x2 windows, pooled rows
+    [first, first + BLOCK) (first: a multiple of BLOCK, or of the run): entry j = 2 * i + dw is
+    pixel (2 * ho (+ 1 in the bottom row), w2 = 2 * wo + dw) of the block's i-th pooled row
+    (n, ho, wo), so pairs = 2 * pooled row + dw. Along either row of the windows these are the rows
+    of a view x[:, :, 0:2HO:2, 0:2WO] or x[:, :, 1:2HO:2, 0:2WO], whose contiguous runs the launcher
+    passes (window_run) for contiguous_rows: in NCHW each window's two pixels, and the windows of
+    one pooled row, are consecutive elements."""
+    pairs = 2 * first + tl.arange(0, 2 * BLOCK)
+    n, ho, w2 = row_nhw(pairs, 2 * HWO, 2 * WO)
+    return pairs, n, ho, w2
+
+
+@triton.jit
+def _pooled_bn_relu_pairs(x_ptr, top_row, bottom_row, col_off, pair_mask, mask, sc, sh,
+                          BLOCK: tl.constexpr, BLOCK_COL: tl.constexpr):
+    """_pooled_bn_relu from the windows' pixel pairs (_window_pairs; top_row, bottom_row: their
+    (2 * BLOCK,) offsets in each row of the windows, pair_mask: (2 * BLOCK, BLOCK_COL)): two loads
+    of consecutive elements instead of four of every other one, then each window's two columns
+    summed (a reshape, within a thread where triton keeps a pair's rows in its registers).
+    mask: (BLOCK, BLOCK_COL), the pooled tile's."""
+    s = tl.maximum(tl.load(x_ptr + top_row[:, None] + col_off[None, :], mask=pair_mask, other=0.0).to(tl.float32)
+                   * sc[None, :] + sh[None, :], 0.0)
+    s += tl.maximum(tl.load(x_ptr + bottom_row[:, None] + col_off[None, :], mask=pair_mask, other=0.0
+                            ).to(tl.float32) * sc[None, :] + sh[None, :], 0.0)
+    s = tl.sum(tl.reshape(s, (BLOCK, 2, BLOCK_COL)), axis=1)
+    return tl.where(mask, s * 0.25, 0.0)
+
+
+@triton.jit
 def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
                                  P, K, COUT, HWO, WO,
                                  sx_n, sx_c, sx_h, sx_w, sw_o, sw_k, so_n, so_c, so_h, so_w,
-                                 INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
+                                 INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, WIN_RUN: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -170,6 +210,11 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
     n, ho, wo = row_nhw(rows, HWO, WO)
     x_win = n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w  # each 2x2 window's top-left pixel (every other one)
     o_row = contiguous_rows(n, ho, wo, so_n, so_h, so_w, ROW_RUN, BLOCK_M)  # pooled rows: contiguous in NCHW
+    if WIN_RUN > 1:  # NCHW: read the windows' pixel pairs as runs of consecutive elements
+        pairs, pn, pho, pw = _window_pairs(pid_m * BLOCK_M, HWO, WO, BLOCK_M)
+        top_row = contiguous_rows(pn, 2 * pho, pw, sx_n, sx_h, sx_w, WIN_RUN, 2 * BLOCK_M)
+        bottom_row = contiguous_rows(pn, 2 * pho + 1, pw, sx_n, sx_h, sx_w, WIN_RUN, 2 * BLOCK_M)
+        pair_rmask = pairs < 2 * P
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cols < COUT
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -178,8 +223,14 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
         kmask = ks < K
         sc = tl.load(scale_ptr + ks, mask=kmask, other=0.0)
         sh = tl.load(shift_ptr + ks, mask=kmask, other=0.0)
-        z = _pooled_bn_relu(x_ptr, x_win, ks.to(tl.int64) * sx_c, rmask[:, None] & kmask[None, :],
-                            sc, sh, sx_h, sx_w).to(x_ptr.dtype.element_ty)
+        if WIN_RUN > 1:
+            z = _pooled_bn_relu_pairs(x_ptr, top_row, bottom_row, ks.to(tl.int64) * sx_c,
+                                      pair_rmask[:, None] & kmask[None, :], rmask[:, None] & kmask[None, :],
+                                      sc, sh, BLOCK_M, BLOCK_K)
+        else:
+            z = _pooled_bn_relu(x_ptr, x_win, ks.to(tl.int64) * sx_c, rmask[:, None] & kmask[None, :],
+                                sc, sh, sx_h, sx_w)
+        z = z.to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + ks[:, None] * sw_k + cols[None, :] * sw_o,
                     mask=kmask[:, None] & nmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(z, b, acc=acc, input_precision=INPUT_PRECISION)
@@ -191,7 +242,7 @@ def _bn_relu_pool_conv1x1_kernel(x_ptr, scale_ptr, shift_ptr, w_ptr, out_ptr,
 def _pool_conv1x1_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
                                P, C, COUT, HWO, WO, ROWS_PER_SPLIT,
                                sg_n, sg_o, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, WIN_RUN: tl.constexpr,
                                BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -214,11 +265,34 @@ def _pool_conv1x1_wgrad_kernel(g_ptr, x_ptr, scale_ptr, shift_ptr, ws_ptr,
         # grad_out^T tile (BLOCK_O, BLOCK_P); zero at padded rows, so they add nothing
         gt = tl.load(g_ptr + outs[:, None].to(tl.int64) * sg_o + g_row[None, :],
                      mask=omask[:, None] & rmask[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-        z = _pooled_bn_relu(x_ptr, n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w, col_off,
-                            rmask[:, None] & cmask[None, :], sc, sh, sx_h, sx_w).to(x_ptr.dtype.element_ty)
+        if WIN_RUN > 1:
+            pairs, pn, pho, pw = _window_pairs(start, HWO, WO, BLOCK_P)
+            top_row = contiguous_rows(pn, 2 * pho, pw, sx_n, sx_h, sx_w, WIN_RUN, 2 * BLOCK_P)
+            bottom_row = contiguous_rows(pn, 2 * pho + 1, pw, sx_n, sx_h, sx_w, WIN_RUN, 2 * BLOCK_P)
+            z = _pooled_bn_relu_pairs(x_ptr, top_row, bottom_row, col_off,
+                                      (pairs < 2 * row_end)[:, None] & cmask[None, :], rmask[:, None] & cmask[None, :],
+                                      sc, sh, BLOCK_P, BLOCK_C)
+        else:
+            z = _pooled_bn_relu(x_ptr, n * sx_n + (2 * ho) * sx_h + (2 * wo) * sx_w, col_off,
+                                rmask[:, None] & cmask[None, :], sc, sh, sx_h, sx_w)
+        z = z.to(x_ptr.dtype.element_ty)
         acc = tl.dot(gt, z, acc=acc, input_precision=INPUT_PRECISION)
     ws_off = (pid_s * COUT + outs)[:, None].to(tl.int64) * C + cols[None, :]
     tl.store(ws_ptr + ws_off, acc, mask=omask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _window_dx(xv, mask, dz, sc, sh, mu, istd, k1, k2, CENTERED: tl.constexpr):
+    """(dy, xhat, dx) at a tile of window pixels xv (float32) whose pooled gradient is dz."""
+    # the forward's pre-activation, bit for bit (same scale/shift, same expression): same ReLU mask
+    y = xv * sc + sh
+    dy = tl.where(mask & (y > 0), dz, 0.0)
+    xhat = (xv - mu) * istd
+    if CENTERED:
+        dx = sc * (dy - k1 - xhat * k2)
+    else:
+        dx = sc * dy
+    return dy, xhat, dx
 
 
 @triton.jit
@@ -228,7 +302,7 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
                                sg_n, sg_o, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
                                sgx_n, sgx_c, sgx_h, sgx_w,
                                COMPUTE_SUMS: tl.constexpr, WRITE_DX: tl.constexpr, CENTERED: tl.constexpr,
-                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr,
+                               INPUT_PRECISION: tl.constexpr, ROW_RUN: tl.constexpr, WIN_RUN: tl.constexpr,
                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -260,27 +334,38 @@ def _pool_conv1x1_dgrad_kernel(g_ptr, x_ptr, w_ptr, scale_ptr, shift_ptr, mean_p
     if CENTERED:
         k1 = tl.load(k1_ptr + cols, mask=cmask, other=0.0)[None, :]
         k2 = tl.load(k2_ptr + cols, mask=cmask, other=0.0)[None, :]
+    else:
+        k1 = 0.0
+        k2 = 0.0
     s_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     s_dyx = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in tl.static_range(4):
-        dh = i // 2
-        dw = i % 2
-        xv = tl.load(x_ptr + (x_win + dh * sx_h + dw * sx_w)[:, None] + c64[None, :] * sx_c,
-                     mask=mask, other=0.0).to(tl.float32)
-        # the forward's pre-activation, bit for bit (same scale/shift, same expression): same ReLU mask
-        y = xv * sc + sh
-        dy = tl.where(mask & (y > 0), dz, 0.0)
-        xhat = (xv - mu) * istd
-        if COMPUTE_SUMS:
-            s_dy += tl.sum(dy, axis=0)
-            s_dyx += tl.sum(dy * xhat, axis=0)
-        if WRITE_DX:
-            if CENTERED:
-                dx = sc * (dy - k1 - xhat * k2)
-            else:
-                dx = sc * dy
-            tl.store(gx_ptr + (gx_win + dh * sgx_h + dw * sgx_w)[:, None] + c64[None, :] * sgx_c,
-                     dx.to(gx_ptr.dtype.element_ty), mask=mask)
+    if WIN_RUN > 1:  # NCHW: each window row's pixel pairs as runs of consecutive elements
+        pairs, pn, pho, pw = _window_pairs(pid_p * BLOCK_P, HWO, WO, BLOCK_P)
+        pmask = (pairs < 2 * P)[:, None] & cmask[None, :]
+        dz2 = tl.reshape(tl.broadcast_to(dz[:, None, :], (BLOCK_P, 2, BLOCK_C)), (2 * BLOCK_P, BLOCK_C))
+        for dh in tl.static_range(2):  # the windows' top, then bottom row
+            x_row = contiguous_rows(pn, 2 * pho + dh, pw, sx_n, sx_h, sx_w, WIN_RUN, 2 * BLOCK_P)
+            gx_row = contiguous_rows(pn, 2 * pho + dh, pw, sgx_n, sgx_h, sgx_w, WIN_RUN, 2 * BLOCK_P)
+            xv = tl.load(x_ptr + x_row[:, None] + c64[None, :] * sx_c, mask=pmask, other=0.0).to(tl.float32)
+            dy, xhat, dx = _window_dx(xv, pmask, dz2, sc, sh, mu, istd, k1, k2, CENTERED)
+            if COMPUTE_SUMS:
+                s_dy += tl.sum(dy, axis=0)
+                s_dyx += tl.sum(dy * xhat, axis=0)
+            if WRITE_DX:
+                tl.store(gx_ptr + gx_row[:, None] + c64[None, :] * sgx_c, dx.to(gx_ptr.dtype.element_ty), mask=pmask)
+    else:
+        for i in tl.static_range(4):
+            dh = i // 2
+            dw = i % 2
+            xv = tl.load(x_ptr + (x_win + dh * sx_h + dw * sx_w)[:, None] + c64[None, :] * sx_c,
+                         mask=mask, other=0.0).to(tl.float32)
+            dy, xhat, dx = _window_dx(xv, mask, dz, sc, sh, mu, istd, k1, k2, CENTERED)
+            if COMPUTE_SUMS:
+                s_dy += tl.sum(dy, axis=0)
+                s_dyx += tl.sum(dy * xhat, axis=0)
+            if WRITE_DX:
+                tl.store(gx_ptr + (gx_win + dh * sgx_h + dw * sgx_w)[:, None] + c64[None, :] * sgx_c,
+                         dx.to(gx_ptr.dtype.element_ty), mask=mask)
     if COMPUTE_SUMS:
         tl.store(ws_dy_ptr + pid_p * C + cols, s_dy, mask=cmask)
         tl.store(ws_dyx_ptr + pid_p * C + cols, s_dyx, mask=cmask)
@@ -325,13 +410,14 @@ def _dropped_pixels_dgrad_kernel(x_ptr, scale_ptr, mean_ptr, invstd_ptr, k1_ptr,
              dx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
-_FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION", "ROW_RUN"],
+_FWD_TUNED = autotune_lists(_bn_relu_pool_conv1x1_kernel, ["P", "K", "COUT", "INPUT_PRECISION", "ROW_RUN", "WIN_RUN"],
                             FWD_CONFIGS_SM90, FWD_CONFIGS_SM80, FWD_CONFIGS_FMA, nchw_fp32=True)
-_WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION", "ROW_RUN"],
+_WGRAD_TUNED = autotune_lists(_pool_conv1x1_wgrad_kernel, ["P", "C", "COUT", "INPUT_PRECISION", "ROW_RUN",
+                                                             "WIN_RUN"],
                               WGRAD_CONFIGS_SM90, WGRAD_CONFIGS_SM80, WGRAD_CONFIGS_FMA, nchw_fp32=True)
 _DGRAD_TUNED = autotune_lists(_pool_conv1x1_dgrad_kernel,  # no fma list: indexed by device_arch
                               ["P", "C", "COUT", "COMPUTE_SUMS", "WRITE_DX", "CENTERED", "INPUT_PRECISION",
-                               "ROW_RUN"],
+                               "ROW_RUN", "WIN_RUN"],
                               DGRAD_CONFIGS_SM90, DGRAD_CONFIGS_SM80)
 
 
@@ -376,6 +462,21 @@ def _check_pooled(t: Tensor, name: str, x: Tensor, cout: int, dtypes: Tuple[torc
         raise ValueError(f"{name} must be on x's device {x.device}, got {t.device}")
 
 
+def window_run(*tensors: Tensor, rows_per_program: Sequence[int] = ()) -> int:
+    """The run (indexing.row_run) of the 2x2 windows' pixels of full-resolution tensors (N, C, H, W)
+    as the kernels walk them (_window_pairs): the rows of the views t[:, :, 0:2HO:2, 0:2WO] (top)
+    and t[:, :, 1:2HO:2, 0:2WO] (bottom, offsets counted from t's start), two per pooled row; 1
+    (the kernels then read the four pixels apiece) below WINDOW_RUN_MIN. NCHW: up to the largest
+    power of two dividing 2 * WO and W; channels_last: 1.
+    rows_per_program: pooled rows, as the launcher splits them."""
+    views = [t[:, :, 0:t.shape[2] // 2 * 2:2, 0:t.shape[3] // 2 * 2] for t in tensors]
+    run = row_run(*views, rows_per_program=tuple(2 * rows for rows in rows_per_program))
+    for t in tensors:  # the bottom row's pixels, stride(2) further, start their groups at multiples of G too
+        while t.stride(2) % run:
+            run //= 2
+    return run if run >= WINDOW_RUN_MIN else 1
+
+
 def _empty_output(x: Tensor, cout: int) -> Tensor:
     return empty_like_layout(x, cout, x.dtype, (x.shape[2] // 2, x.shape[3] // 2))
 
@@ -413,16 +514,15 @@ def bn_relu_pool_conv1x1_triton(x: Tensor, scale: Tensor, shift: Tensor, weight:
     precision = dot_precision(x.dtype)  # TF32 for fp32 data as cuDNN convs; ignored for fp16/bf16
     args = (x, scale.contiguous(), shift.contiguous(), weight, out,
             p, c, cout, ho * wo, wo, *x.stride(), *weight.stride()[:2], *out.stride())
-    run = row_run(out)
+    runs = dict(ROW_RUN=row_run(out), WIN_RUN=window_run(x))
     if INTERPRET:
         grid = (cdiv(p, INTERPRET_FWD["BLOCK_M"]), cdiv(cout, INTERPRET_FWD["BLOCK_N"]))
-        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, ROW_RUN=run, num_warps=4,
-                                           **INTERPRET_FWD)
+        _bn_relu_pool_conv1x1_kernel[grid](*args, INPUT_PRECISION=precision, **runs, num_warps=4, **INTERPRET_FWD)
     else:
         with torch.cuda.device(x.device):
             _FWD_TUNED[nchw_fp32_list(x, precision)][
                 lambda meta: (cdiv(p, meta["BLOCK_M"]), cdiv(cout, meta["BLOCK_N"]))
-            ](*args, INPUT_PRECISION=precision, ROW_RUN=run)
+            ](*args, INPUT_PRECISION=precision, **runs)
     return out
 
 
@@ -481,16 +581,17 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ws_w = torch.empty((splits, cout, c), dtype=torch.float32, device=dev)
     wgrad_args = (grad_out, x, scale, shift, ws_w, p, c, cout, ho * wo, wo, rows_per_split,
                   *grad_out.stride(), *x.stride())
-    w_run = row_run(grad_out, rows_per_program=(rows_per_split,))
+    w_runs = dict(ROW_RUN=row_run(grad_out, rows_per_program=(rows_per_split,)),
+                  WIN_RUN=window_run(x, rows_per_program=(rows_per_split,)))
     if INTERPRET:
         grid = (cdiv(cout, INTERPRET_WGRAD["BLOCK_O"]), cdiv(c, INTERPRET_WGRAD["BLOCK_C"]), splits)
-        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, ROW_RUN=w_run, num_warps=4,
+        _pool_conv1x1_wgrad_kernel[grid](*wgrad_args, INPUT_PRECISION=precision, **w_runs, num_warps=4,
                                          **INTERPRET_WGRAD)
     else:
         with torch.cuda.device(dev):
             _WGRAD_TUNED[nchw_fp32_list(x, precision, grad_out)][
                 lambda meta: (cdiv(cout, meta["BLOCK_O"]), cdiv(c, meta["BLOCK_C"]), splits)
-            ](*wgrad_args, INPUT_PRECISION=precision, ROW_RUN=w_run)
+            ](*wgrad_args, INPUT_PRECISION=precision, **w_runs)
     grad_weight = (ws_w[0] if splits == 1 else ws_w.sum(dim=0)).to(weight.dtype).view(weight.shape)
     del ws_w
 
@@ -507,14 +608,14 @@ def bn_relu_pool_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Te
     ws_dyx = torch.empty_like(ws_dy)
     k1 = torch.zeros(c, dtype=torch.float32, device=dev)
     k2 = torch.zeros_like(k1)
-    d_run = row_run(grad_out)
+    d_runs = dict(ROW_RUN=row_run(grad_out), WIN_RUN=window_run(x, grad_x))
 
     def dgrad(compute_sums: bool, write_dx: bool, centered: bool) -> int:
         """Launches one pass; returns its BLOCK_P (rows per partial-sum row)."""
         args = (grad_out, x, weight, scale, shift, mean, invstd, k1, k2, grad_x, ws_dy, ws_dyx,
                 p, c, cout, ho * wo, wo, *grad_out.stride(), *x.stride(), *weight.stride()[:2], *grad_x.stride())
         flags = dict(COMPUTE_SUMS=compute_sums, WRITE_DX=write_dx, CENTERED=centered, INPUT_PRECISION=precision,
-                     ROW_RUN=d_run)
+                     **d_runs)
         if tuned is None:
             grid = (cdiv(p, INTERPRET_DGRAD["BLOCK_P"]), cdiv(c, INTERPRET_DGRAD["BLOCK_C"]))
             _pool_conv1x1_dgrad_kernel[grid](*args, **flags, num_warps=4, **INTERPRET_DGRAD)
