@@ -74,7 +74,13 @@ def _parse(argv):
     p.add_argument("-q", "--quiet", action="store_true", help="no line per compile")
     p.add_argument("--layouts", action="store_true",
                    help="after each compile, its global loads/stores/async copies: register layout and source line")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for option, value, known in (("--arch", args.arch, aot.DEVICES), ("--dtypes", args.dtypes, DTYPES),
+                                 ("--modes", args.modes, ("generic", "specialized"))):
+        unknown = [v for v in value.split(",") if v and v not in known]
+        if unknown:
+            p.error(f"{option}: unknown {', '.join(unknown)} (expected a comma-separated list of {', '.join(known)})")
+    return args
 
 
 def _result_dict(r: aot.Result) -> dict:

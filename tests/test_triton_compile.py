@@ -44,6 +44,18 @@ def _aot_check(tmp_path, *args):
     return json.loads(out.read_text())["results"], log, proc.returncode
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--dtypes", "fp16,float32", "--dtypes: unknown float32 (expected a comma-separated list of fp32, fp16, bf16)"),
+    ("--arch", "sm70", "--arch: unknown sm70 (expected a comma-separated list of sm90, sm80)"),
+    ("--modes", "spec", "--modes: unknown spec (expected a comma-separated list of generic, specialized)"),
+])
+def test_script_names_an_unknown_option_value(option, value, message):
+    """A misspelt value is a usage error naming it and the known ones, before anything compiles."""
+    proc = subprocess.run([sys.executable, SCRIPT, option, value], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode != 0 and message in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_default_configs_compile_for_sm90_fp16(tmp_path):
     results, log, returncode = _aot_check(tmp_path, "--dtypes", "fp16", "--default-only", "--one-per-kernel")
     kernels = {r["kernel"] for r in results}
