@@ -138,9 +138,9 @@ WGRAD_ROW_ALIGN = 128
 # The kernels read the windows' pixels in pairs (twice the rows per load, then a sum of each pair)
 # only where a run of consecutive top-row pixels is at least this long (two windows; 16 bytes in
 # float32). A run of 2 (W / 2 odd, as at DenseNet-121's 14x14 transition) gives 8-byte loads of
-# the doubled tile, and the wgrad's default then kept 200 bytes of stack (sm_90, float32 NCHW)
-# where the four-load form keeps none; at 28x28 (a run of 4) it needed fewer registers than that
-# form (231 against 255).
+# the doubled tile, and the wgrad's default then kept 48 bytes of stack (sm_90, float32 NCHW,
+# triton 3.8) where the four-load form keeps none; at 28x28 (a run of 4) it needed fewer registers
+# than that form (174 against 255).
 WINDOW_RUN_MIN = 4
 # Dropped-pixel kernel (at most N * (H + W) pixels per channel): a fixed config everywhere.
 EDGE_BLOCKS = (16, 16) if INTERPRET else (64, 32)
