@@ -161,6 +161,15 @@ def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: b
                          f"need N*H*W > 1), got input x of shape {tuple(x.shape)}")
 
 
+def check_pool_input(x: Tensor, where: str) -> None:
+    """A 2x2/2 pool (a transition's) of a feature map under 2x2 would be empty: nn.AvgPool2d's
+    and nn.MaxPool2d's own error names neither the module nor the cause."""
+    if not shapes_traced() and (x.shape[2] < 2 or x.shape[3] < 2):
+        raise ValueError(f"{where}: input x must be at least 2x2 for the 2x2 pooling, got {x.shape[2]}x{x.shape[3]} "
+                         f"(shape {tuple(x.shape)}); in a DenseNet, the image is too small for its number of "
+                         "transitions")
+
+
 def concat_input(parts: Sequence[Tensor], where: str, channels: int, total: int, param: Tensor,
                  buffer: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """A list input of a block (or lone layer) written into its buffer: (buffer[:, :channels]
@@ -371,6 +380,7 @@ class Transition(nn.Sequential):
             return y if out is None else out.copy_(y)
         raise_structure_error("Transition", transition_issue(self), TRANSITION_MATH)
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
+        check_pool_input(x, "Transition")
         fused_module_hooks(self.children(), self, "Transition")
         return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,
                                  kernels=kernels_for(self.backend, x.device, self.process_group))

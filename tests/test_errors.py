@@ -79,6 +79,30 @@ def test_train_batch_of_one_1x1(name):
         assert torch.isfinite(module(torch.randn(1, shape[1], 1, 1))).all(), "eval mode accepts a 1x1 batch of 1"
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 6), (6, 1)])
+@pytest.mark.parametrize("training", [True, False])
+def test_transition_input_under_2x2(size, training):
+    """A 2x2 pool of a map under 2x2 is empty: the transition says so, naming x (torch's own pool
+    error names neither), in both modes; a DenseNet whose image is too small for its transitions
+    gets the same error from its transition."""
+    transition, shape = _modules()["Transition"]
+    transition.train(training)
+    with pytest.raises(ValueError, match=rf"Transition: input x must be at least 2x2 .*got {size[0]}x{size[1]}"):
+        transition(torch.randn(shape[:2] + size))
+    assert transition(torch.randn(shape[:2] + (2, 3))).shape == (shape[0], 2, 1, 1)
+    net = _small_net().train(training)  # one transition: 8x8 -> 4x4 -> 2x2 works, 2x2 -> 1x1 does not
+    assert net(torch.randn(2, 3, 2, 2)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"Transition: input x must be at least 2x2 .*got 1x1.*too small"):
+        net(torch.randn(2, 3, 1, 1))
+
+
+def test_fc_transition_down_under_2x2():
+    down = densenet_fast.models.TransitionDown(5, backend="torch")
+    with pytest.raises(ValueError, match=r"TransitionDown: input x must be at least 2x2 .*got 1x4"):
+        down(torch.randn(2, 5, 1, 4))
+    assert down(torch.randn(2, 5, 2, 4)).shape == (2, 5, 1, 2)
+
+
 @pytest.mark.parametrize("where", ["DenseNet", "DenseBlock", "DenseLayer", "Transition"])
 def test_unknown_backend(where):
     build = {

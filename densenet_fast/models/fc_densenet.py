@@ -25,8 +25,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import check_backend_name, kernels_for
-from ..modules import (BlockStats, DenseBlock, check_input, fused_module_hooks, has_hooks, recording,
-                       recording_graph, refuse_script, shapes_traced)
+from ..modules import (BlockStats, DenseBlock, check_input, check_pool_input, fused_module_hooks, has_hooks,
+                       recording, recording_graph, refuse_script, shapes_traced)
 from ..ops.dense_block import GradHandoff
 from ..ops.pool import dropout_max_pool2d
 from ..ops.suffix_conv import suffix_conv
@@ -70,6 +70,7 @@ class TransitionDown(nn.Sequential):
                                                                  keep_width=True),
                               "BN-ReLU-Conv1x1-Dropout-MaxPool2x2")
         check_input(x, "TransitionDown", self.conv.in_channels, self.conv.weight, self.training)
+        check_pool_input(x, "TransitionDown")
         fused_module_hooks(self.children(), self, "TransitionDown")
         h = bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="none", cache=stats,
                               kernels=kernels_for(self.backend, x.device, self.process_group))
