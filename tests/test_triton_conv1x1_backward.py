@@ -159,11 +159,14 @@ TILES = gpu_tiles(_M.CONFIGS_REDUCE_SM90, _M.CONFIGS_REDUCE_SM80, _M.CONFIGS_RED
 def test_every_gpu_tile(monkeypatch, tile, layout, dtype):
     # Both passes on each tile of either pass's lists (masks and loop bounds follow BLOCK_M and
     # BLOCK_C), which the interpreter's 16-wide default never exercises. M = 2*13*13 = 338 rows in
-    # programs of ROW_ALIGN rows, as on a GPU: 256 and a ragged 82. C = 73 of an 80-channel
-    # buffer: ragged against every BLOCK_C. B = 48 in a 64-wide BLOCK_B. Training statistics in
-    # fp32, fixed ones in fp16 (both passes' other branch).
+    # programs of as many rows as on a GPU: ROW_ALIGN in NCHW (256 and a ragged 82), SMALL_ROW_ALIGN
+    # in channels_last (five of 64 and a ragged 18; the 128- and 256-row tiles then straddle their
+    # program's end, where the kernels mask them). C = 73 of an 80-channel buffer: ragged against
+    # every BLOCK_C. B = 48 in a 64-wide BLOCK_B. Training statistics in fp32, fixed ones in fp16
+    # (both passes' other branch).
     monkeypatch.setattr(backward_module, "INTERPRET_CONFIG", tile)
-    monkeypatch.setattr(backward_module, "INTERPRET_ROWS_PER_PROG", backward_module.ROW_ALIGN)
+    rows = backward_module.ROW_ALIGN if layout == "nchw" else backward_module.SMALL_ROW_ALIGN
+    monkeypatch.setattr(backward_module, "INTERPRET_ROWS_PER_PROG", rows)
     batch_stats = dtype == torch.float32
     c = 73
     p = _problem((2, 80, 13, 13), c, 48, layout, dtype, batch_stats, seed=12)
@@ -173,6 +176,40 @@ def test_every_gpu_tile(monkeypatch, tile, layout, dtype):
     assert torch.equal(p["gbuf"][:, c:], before[:, c:]), "channels outside grad_x_acc were written"
     dx = p["gbuf"][:, :c].double() - before[:, :c].double()
     _check((dx, *grads), x, grad_out, weight, p, batch_stats, f"tile {tile_id(tile)} {layout} {dtype}")
+
+
+SPLIT_CASES = [  # (M, C, B, element size): DenseNet-BC-100's and DenseNet-121's layers, batch 64 and less
+    (m, c, b, elem) for m, c, b in [(65536, 24, 48), (65536, 216, 48), (16384, 512, 48), (4096, 256, 48),
+                                    (4096, 512, 48), (200704, 256, 128), (12544, 1024, 128), (3136, 1024, 128),
+                                    (392, 1024, 128), (3136, 2208, 192), (338, 73, 48), (32, 40, 48), (1, 8, 16)]
+    for elem in (4, 2)]
+
+
+@pytest.mark.parametrize("sms", [132, 108, 1])
+@pytest.mark.parametrize("m,c,b,elem", SPLIT_CASES)
+def test_row_split(m, c, b, elem, sms):
+    """The compiled launcher's row split (GPU only; the interpreter uses fixed programs): every row
+    in exactly one program; rows per program a multiple of SMALL_ROW_ALIGN, and of ROW_ALIGN above
+    2 * ROW_ALIGN; the programs' count bounded by the SM target, min_rows and pass 1's workspace
+    cap. Small problems split finely: at DenseNet-BC-100's 8x8 block (M = 4,096) on an H100/H200,
+    where rows of 256/512 left both passes latency-bound at 35-40 us (2026-11-27 autotuning log),
+    each pass now runs at least 32 row programs (132 SMs)."""
+    split = backward_module.row_split
+    cdiv = backward_module.cdiv
+    ws_parts = max(1, m * elem // (4 * (b + 2)))
+    for pps, min_rows, cap in ((2, backward_module.PASS1_MIN_ROWS, ws_parts), (4, backward_module.PASS2_MIN_ROWS, 0)):
+        rows, parts = split(m, c, sms, pps, min_rows, cap)
+        assert parts == cdiv(m, rows) and (parts - 1) * rows < m <= parts * rows, (rows, parts)
+        assert rows % backward_module.SMALL_ROW_ALIGN == 0, rows
+        assert rows <= 2 * backward_module.ROW_ALIGN or rows % backward_module.ROW_ALIGN == 0, rows
+        target = max(1, min(cdiv(pps * sms, cdiv(c, 64)), cdiv(m, min_rows), cap or m))
+        assert parts <= target, (parts, target)
+        # rounding the rows up to the alignment loses at most half of the target's programs
+        assert parts >= target // 2 or rows == backward_module.SMALL_ROW_ALIGN, (parts, target, rows)
+        if cap:  # pass 1's float32 workspace: within x's bytes, or a single program
+            assert parts == 1 or parts * (b + 2) * c * 4 <= m * c * elem, (parts, m, c, b, elem)
+        if m == 4096 and sms == 132:
+            assert parts >= 32, (pps, parts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -111,10 +111,18 @@ SAFE_CONFIG = _cfg(32, 32, 4, 1)
 # 123-184 registers, pass 2: 62-104); for B = 256 (densenet161) pass 1 keeps 0-24 bytes.
 CONFIGS_REDUCE_FMA: List[triton.Config] = [_cfg(16, 32, 8, 1), _cfg(32, 16, 8, 1), _cfg(16, 16, 4, 1)]
 CONFIGS_DX_FMA: List[triton.Config] = [_cfg(32, 32, 8, 1), _cfg(16, 64, 4, 1), _cfg(32, 16, 4, 1)]
-# Rows per program are a multiple of the largest BLOCK_M of any config, so that every config
-# splits the rows the same way (the workspace shape does not depend on the config) and no tile
-# straddles two programs.
+# Rows per program: the same for every config (the workspace shape does not depend on the config),
+# a multiple of ROW_ALIGN, the largest BLOCK_M of any config, where the rows are many, so that no
+# tile straddles two programs. Where they are few (M = 4,096 at DenseNet-BC-100's 8x8 block,
+# 3,136 at DenseNet-121's 7x7), a multiple of SMALL_ROW_ALIGN: the kernels mask each tile at
+# their program's last row, so a larger tile only runs part empty there. See _row_split.
 ROW_ALIGN = 256
+SMALL_ROW_ALIGN = 64
+# Fewest rows per program: pass 1 writes a (B + 2) x C float32 partial sum per row program, which
+# the sum then reads (at M = 4,096, C = 512, B = 48 and 32 programs, 3.3 MB against x's 8 MB in
+# float32), so it also keeps that workspace within x's bytes; pass 2 writes none.
+PASS1_MIN_ROWS = 128
+PASS2_MIN_ROWS = 64
 # The interpreter runs programs one after another in Python: one fixed small config (tl.dot needs
 # tiles of at least 16) and two row tiles per program, so that the tests cover the in-program
 # accumulation, the cross-program sum and the ragged last tile even on 5x7 images.
@@ -301,14 +309,32 @@ def _tuned(pass_name: str, configs_name: str, block_b: int, elem: int, smem: int
 # --------------------------------------------------------------------------------------------
 
 
-def _row_split(x: Tensor, m: int, c: int, programs_per_sm: int, min_rows: int) -> Tuple[int, int]:
+def _row_split(x: Tensor, m: int, c: int, programs_per_sm: int, min_rows: int, max_parts: int = 0
+               ) -> Tuple[int, int]:
     """(rows_per_program, programs along the rows) for an (M rows) x (C channels) grid."""
     if INTERPRET:
         return INTERPRET_ROWS_PER_PROG, cdiv(m, INTERPRET_ROWS_PER_PROG)
-    sms = device_sms(x.device)
+    return row_split(m, c, device_sms(x.device), programs_per_sm, min_rows, max_parts)
+
+
+def row_split(m: int, c: int, sms: int, programs_per_sm: int, min_rows: int, max_parts: int = 0
+              ) -> Tuple[int, int]:
+    """_row_split on a GPU with `sms` multiprocessors: about programs_per_sm programs per SM in all
+    (nominally 64 channels per program), each over at least min_rows rows, and at most max_parts
+    row programs (0: no limit).
+
+    Until the twentieth session the rows per program were always a multiple of ROW_ALIGN (256)
+    and pass 1 took at least 512: at M = 4,096 (DenseNet-BC-100's 8x8 block) that is 8 row
+    programs in pass 1 and 16 in pass 2, each looping 8-16 times over 32-row tiles. The H200's
+    autotuning log (2026-11-27) timed both passes there at 35-40 us whether C was 256 or 512, with
+    the smallest tile (the most programs) fastest: a latency-bound loop, where the bytes would
+    take 2-6 us at the copy rate. Small problems now split into tiles of SMALL_ROW_ALIGN rows."""
     col_blocks = cdiv(c, 64)  # nominal: the grid's channel dimension depends on the config
-    parts = max(1, min(cdiv(programs_per_sm * sms, col_blocks), cdiv(m, min_rows)))
-    rows = cdiv(cdiv(m, parts), ROW_ALIGN) * ROW_ALIGN
+    parts = min(cdiv(programs_per_sm * sms, col_blocks), cdiv(m, min_rows))
+    parts = max(1, min(parts, max_parts) if max_parts > 0 else parts)
+    rows = cdiv(m, parts)
+    align = ROW_ALIGN if rows > 2 * ROW_ALIGN else SMALL_ROW_ALIGN
+    rows = cdiv(rows, align) * align
     return rows, cdiv(m, rows)
 
 
@@ -398,7 +424,9 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
 
     # Pass 1: per-program partial sums of dBt^T z, dy and dy * xhat, one workspace row per program
     # (one allocation and one deterministic sum for the three).
-    rows1, parts1 = _row_split(x, m, c, programs_per_sm=2, min_rows=512)
+    # the float32 workspace holds at most as many bytes as x
+    ws_parts = m * x.element_size() // (4 * (b + 2))
+    rows1, parts1 = _row_split(x, m, c, programs_per_sm=2, min_rows=PASS1_MIN_ROWS, max_parts=max(1, ws_parts))
     ws = torch.empty((parts1, (b + 2) * c), dtype=torch.float32, device=x.device)
     c_bucket = next_power_of_2(c)
     args1 = (*common, ws, m, c, c_bucket, b, h * w, w, rows1, *strides)
@@ -421,7 +449,7 @@ def bn_relu_conv1x1_backward_triton(grad_out: Tensor, x: Tensor, weight: Tensor,
 
     # Pass 2: recompute dz, grad_x_acc += dx (the kernel scales the sums by 1 / M; without batch
     # statistics it does not read them).
-    rows2, parts2 = _row_split(x, m, c, programs_per_sm=4, min_rows=256)
+    rows2, parts2 = _row_split(x, m, c, programs_per_sm=4, min_rows=PASS2_MIN_ROWS)
     args2 = (*common, grad_beta, grad_gamma, grad_x_acc, 1.0 / m, m, c, c_bucket, b, h * w, w, rows2, *strides,
              *grad_x_acc.stride())
     run2 = row_run(grad_out, x, grad_x_acc, rows_per_program=(rows2,))
