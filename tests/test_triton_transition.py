@@ -394,6 +394,23 @@ def test_every_gpu_tile(monkeypatch, fwd, dgrad, wgrad, layout, dtype):
     _check_backward(x, params, grad_out, dtype == torch.float32, f"{name} backward")
 
 
+@pytest.mark.parametrize("sms", [132, 108, 1])
+@pytest.mark.parametrize("p,cout,c", [(16384, 108, 216), (4096, 150, 300), (50176, 128, 256), (3136, 512, 1024),
+                                      (1024, 150, 300), (364, 37, 73), (1, 8, 16)])
+def test_wgrad_splits(monkeypatch, p, cout, c, sms):
+    """The compiled wgrad's split of the P pooled rows (the interpreter uses a fixed one): every row
+    in one split, splits starting at multiples of WGRAD_ROW_ALIGN, about 2 programs per SM in all
+    (so the float32 workspace stays bounded), and at DenseNet-BC-100's second transition (P =
+    4,096, 15 tiles of 64x64) on 132 SMs 16 splits, not the 8 that a 512-row minimum left."""
+    set_attrs(monkeypatch, transition_module, INTERPRET=False, device_sms=lambda device: sms)
+    splits, rows = transition_module._wgrad_splits(p, cout, c, torch.device("cpu"))
+    assert (splits - 1) * rows < p <= splits * rows and rows % transition_module.WGRAD_ROW_ALIGN == 0, (splits, rows)
+    tiles = -(-cout // 64) * -(-c // 64)
+    assert splits * tiles <= 2 * sms + tiles, (splits, tiles)
+    if (p, sms) == (4096, 132):
+        assert splits == 16, splits
+
+
 # --------------------------------------------------------------------------------------------
 # GPU only: autotuned configurations on realistic sizes
 # --------------------------------------------------------------------------------------------

@@ -534,9 +534,13 @@ def _wgrad_splits(p: int, cout: int, c: int, device: torch.device) -> Tuple[int,
         return cdiv(p, rows), rows
     sms = device_sms(device)
     tiles = cdiv(cout, 64) * cdiv(c, 64)
-    # ~2 programs per SM in all, each over >= 512 rows (so the fp32 workspace stays a small
-    # multiple of W: SPLITS * Cout * C floats).
-    splits = max(1, min(cdiv(2 * sms, tiles), cdiv(p, 512)))
+    # ~2 programs per SM in all, each over at least one aligned group of rows. The fp32 workspace,
+    # SPLITS * Cout * C floats, stays under ~(2 * SMs + tiles) 64x64 tiles (4.4 MB on 132 SMs).
+    # Until the twentieth session each split also took at least 512 rows: at DenseNet-BC-100's
+    # second transition (P = 4,096 pooled rows, 15 tiles) that left 8 splits, 120 programs of 16
+    # row tiles each, the latency-bound shape of the 1x1 backward's pass 1 there
+    # (conv1x1_backward.row_split); now 16 splits.
+    splits = max(1, min(cdiv(2 * sms, tiles), cdiv(p, WGRAD_ROW_ALIGN)))
     rows = cdiv(cdiv(p, splits), WGRAD_ROW_ALIGN) * WGRAD_ROW_ALIGN  # splits start at aligned rows (row_run)
     return cdiv(p, rows), rows
 
