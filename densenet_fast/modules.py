@@ -17,7 +17,7 @@ from torch.fx import _symbolic_trace
 
 from .backends import check_backend_name, kernels_for
 from . import reference
-from .reference import dense_layer_modules, dense_layer_ref
+from .reference import check_drop_rate, dense_layer_modules, dense_layer_ref, is_int
 from .ops.amp import autocast_dtype
 from .ops.channel_stats import stats_dtype
 from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
@@ -221,7 +221,7 @@ class DenseLayer(nn.Module):
         super().__init__()
         for name, module in dense_layer_modules(num_input_features, growth_rate, bn_size).items():
             self.add_module(name, module)
-        self.drop_rate = float(drop_rate)
+        self.drop_rate = check_drop_rate(drop_rate)
         self.backend = check_backend_name(backend)
         self.save_bottleneck = save_bottleneck
         self.process_group = None  # set by densenet_fast.convert_sync_batchnorm
@@ -278,8 +278,10 @@ class DenseBlock(nn.ModuleDict):
                  drop_rate: float = 0.0, *, backend: str = "auto", save_bottleneck: bool = False,
                  chunk_channels: int = 0) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"DenseBlock: num_layers must be >= 1, got {num_layers}")
+        if not is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"DenseBlock: num_layers must be an int >= 1, got {num_layers!r}")
+        if not is_int(chunk_channels) or chunk_channels < 0:
+            raise ValueError(f"DenseBlock: chunk_channels must be an int >= 0 (0: automatic), got {chunk_channels!r}")
         for i in range(num_layers):
             self.add_module("denselayer%d" % (i + 1), DenseLayer(
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, backend=backend))
@@ -365,6 +367,9 @@ class Transition(nn.Sequential):
 
     def __init__(self, num_input_features: int, num_output_features: int, *, backend: str = "auto") -> None:
         super().__init__()
+        for name, value in (("num_input_features", num_input_features), ("num_output_features", num_output_features)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"Transition: {name} must be an int >= 1, got {value!r}")
         self.add_module("norm", nn.BatchNorm2d(num_input_features))
         self.add_module("relu", nn.ReLU(inplace=True))
         self.add_module("conv", nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1,

@@ -14,8 +14,9 @@ Two kinds of things live here:
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
-from typing import List, Sequence, Tuple, Union
+from typing import Any, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -159,13 +160,28 @@ def has_bottleneck(layer: nn.Module) -> bool:
     return "conv2" in layer._modules
 
 
+def is_int(value: Any) -> bool:
+    """A Python or NumPy integer (not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_drop_rate(drop_rate: Any) -> float:
+    """drop_rate as a float in [0, 1] (nn.Dropout's range; 1 drops every new feature)."""
+    if isinstance(drop_rate, bool) or not isinstance(drop_rate, numbers.Real) or not 0 <= float(drop_rate) <= 1:
+        raise ValueError(f"drop_rate must be a number in [0, 1], got {drop_rate!r}")
+    return float(drop_rate)
+
+
 def dense_layer_modules(num_input_features: int, growth_rate: int, bn_size: int) -> "OrderedDict[str, nn.Module]":
     """The submodules of a dense layer, named as torchvision names them (shared by the naive and
     the efficient DenseLayer, so their state_dicts are interchangeable).
 
     bn_size=0: no bottleneck, the original DenseNet's layer (Huang et al. 2017; also FC-DenseNet's):
     norm1, relu1 and conv1, a 3x3 conv from the whole input to the growth_rate new channels."""
-    if isinstance(bn_size, bool) or not isinstance(bn_size, int) or bn_size < 0:
+    for name, value in (("num_input_features", num_input_features), ("growth_rate", growth_rate)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not is_int(bn_size) or bn_size < 0:
         raise ValueError(f"bn_size must be an int >= 0 (0: no bottleneck), got {bn_size!r}")
     if bn_size == 0:
         return OrderedDict([
@@ -197,7 +213,7 @@ class DenseLayer(nn.Module):
         super().__init__()
         for name, module in dense_layer_modules(num_input_features, growth_rate, bn_size).items():
             self.add_module(name, module)
-        self.drop_rate = float(drop_rate)
+        self.drop_rate = check_drop_rate(drop_rate)
         self.checkpoint = checkpoint
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
@@ -246,6 +262,9 @@ def make_stem(num_init_features: int, small_inputs: bool, in_channels: int = 3) 
     CIFAR (DenseNet-BC, Huang et al. section 3): one conv3x3/1; the first dense layer's BN-ReLU
     follows directly, so the stem has no norm of its own.
     """
+    for name, value in (("num_init_features", num_init_features), ("in_channels", in_channels)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"DenseNet: {name} must be an int >= 1, got {value!r}")
     if small_inputs:
         return OrderedDict([("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, stride=1,
                                                 padding=1, bias=False))])
@@ -271,6 +290,9 @@ def transition_widths(num_init_features: int, growth_rate: int, block_config: Se
         widths.append((c, out))
         if i != len(block_config) - 1:
             c = int(out * compression) if compression != 0.5 else out // 2
+            if c < 1:
+                raise ValueError(f"DenseNet: compression {compression} leaves transition {i + 1} no output channels "
+                                 f"(int({out} * {compression}) = 0); use a larger compression")
     return widths
 
 

@@ -103,6 +103,57 @@ def test_fc_transition_down_under_2x2():
     assert down(torch.randn(2, 5, 2, 4)).shape == (2, 5, 1, 2)
 
 
+CONSTRUCTOR_CASES = [  # (what, builder, message)
+    ("growth_rate 0", lambda: densenet_fast.DenseBlock(2, 5, 2, 0), r"growth_rate must be an int >= 1, got 0"),
+    ("growth_rate 0, model", lambda: densenet_fast.densenet_bc(40, 0), r"DenseNet: growth_rate must be an int >= 1"),
+    ("growth_rate 0, naive", lambda: densenet_fast.DenseNet(growth_rate=0, memory_efficient=False),
+     r"growth_rate must be an int >= 1, got 0"),
+    ("growth_rate 2.5", lambda: densenet_fast.DenseLayer(5, 2.5, 2), r"growth_rate must be an int >= 1, got 2.5"),
+    ("no input channels", lambda: densenet_fast.DenseLayer(0, 3, 2), r"num_input_features must be an int >= 1"),
+    ("bn_size -1", lambda: densenet_fast.DenseLayer(5, 3, -1), r"bn_size must be an int >= 0"),
+    ("drop_rate 1.5", lambda: densenet_fast.DenseBlock(2, 5, 2, 3, drop_rate=1.5), r"drop_rate must be a number in "
+     r"\[0, 1\], got 1.5"),
+    ("drop_rate -0.1", lambda: densenet_fast.densenet_bc(40, 12, drop_rate=-0.1), r"drop_rate .* got -0.1"),
+    ("drop_rate nan", lambda: densenet_fast.DenseLayer(5, 3, 2, drop_rate=float("nan")), r"drop_rate .* got nan"),
+    ("chunk_channels -3", lambda: densenet_fast.DenseBlock(2, 5, 2, 3, chunk_channels=-3),
+     r"DenseBlock: chunk_channels must be an int >= 0 \(0: automatic\), got -3"),
+    ("chunk_channels 2.7", lambda: _small_net(chunk_channels=2.7), r"chunk_channels must be an int >= 0 .* got 2.7"),
+    ("num_init_features 0", lambda: densenet_fast.DenseNet(num_init_features=0),
+     r"DenseNet: num_init_features must be an int >= 1, got 0"),
+    ("compression too small", lambda: _small_net(compression=0.01),
+     r"DenseNet: compression 0.01 leaves transition 1 no output channels"),
+    ("transition width 0", lambda: densenet_fast.Transition(8, 0),
+     r"Transition: num_output_features must be an int >= 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("what,build,message", CONSTRUCTOR_CASES, ids=[c[0] for c in CONSTRUCTOR_CASES])
+def test_constructor_arguments(what, build, message):
+    """Arguments that would build a module failing deep inside its forward (a 0-channel tensor, a
+    raw conv or reduction error) or, for a negative chunk_channels or drop_rate, running as if
+    they were 0, are refused when the module is built, naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_drop_rate_one_drops_everything():
+    """drop_rate=1 (nn.Dropout(1.0)): every new feature is zero in training, as in the reference
+    (the keep-mask's scale was 1 / 0: NaN outputs and gradients), and the input gradient is the
+    reference's."""
+    torch.manual_seed(3)
+    block = densenet_fast.DenseBlock(2, 5, 2, 3, drop_rate=1.0, backend="torch").double()
+    twin = densenet_fast.reference.DenseBlock(2, 5, 2, 3, 1.0).double()
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(2, 5, 4, 4, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y, yr = block(x), twin(xr)
+    assert torch.equal(y[:, 5:], torch.zeros_like(y[:, 5:])), "new features must all be dropped"
+    torch.testing.assert_close(y, yr, rtol=0, atol=1e-12)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("where", ["DenseNet", "DenseBlock", "DenseLayer", "Transition"])
 def test_unknown_backend(where):
     build = {
@@ -148,7 +199,7 @@ def test_bad_densenet_arguments(kw, match):
 
 
 def test_dense_block_needs_a_layer():
-    with pytest.raises(ValueError, match="num_layers must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_layers must be an int >= 1, got 0"):
         densenet_fast.DenseBlock(0, 5, 2, 3)
 
 

@@ -52,6 +52,8 @@ class DenseNet(nn.Module):
                  chunk_channels: int = 0, small_inputs: bool = False, compression: float = 0.5,
                  in_channels: int = 3) -> None:
         super().__init__()
+        if not reference.is_int(growth_rate) or growth_rate < 1:
+            raise ValueError(f"DenseNet: growth_rate must be an int >= 1, got {growth_rate!r}")
         if not 0 < compression <= 1:
             raise ValueError(f"DenseNet: compression must be in (0, 1], got {compression}")
         if not block_config or any(int(n) < 1 for n in block_config):

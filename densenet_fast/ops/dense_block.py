@@ -453,6 +453,8 @@ def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:
     keep = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if like.device.type == "meta":  # shape-only planning run: no generator exists there
         return keep
+    if p >= 1:  # every value dropped (nn.Dropout(1.0)): zeros, not 0 / 0
+        return keep.zero_()
     gen = torch.Generator(device=like.device)
     gen.manual_seed(seed)
     keep.bernoulli_(1.0 - p, generator=gen)
