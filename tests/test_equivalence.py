@@ -361,6 +361,47 @@ def test_transition_out_and_block_buffer_errors():
     assert_close(got, block.forward_with_stats(t)[0], torch.float32, "block output with a given buffer")
 
 
+def test_out_and_buffer_memory_errors():
+    """Memory a transition's out or a block's buffer cannot be written through: an out whose elements
+    share memory (expanded; torch's own check gives up on as_strided ones), out overlapping the
+    transition's input, a buffer still holding an earlier call's F (its backward pending: the
+    second call took the first's gradient silently), an input that overlaps the buffer elsewhere
+    than its channel prefix. Each gave wrong values or gradients without an error. The running
+    statistics do not move on a refused call; a channel-prefix input and a channel slice of a
+    wider out still work."""
+    torch.manual_seed(42)
+    trans = densenet_fast.Transition(8, 4, backend="torch")
+    block = densenet_fast.DenseBlock(2, 4, 2, 3, backend="torch")
+    x = seeded_input((2, 8, 6, 6), 43)
+    running = trans.norm.running_mean.clone()
+    for out in (torch.empty(1, 4, 3, 3).expand(2, 4, 3, 3), torch.empty(200).as_strided((2, 4, 3, 3), (1, 1, 3, 1))):
+        with pytest.raises(ValueError, match=r"out may have elements that share memory"):
+            trans(x, out=out)
+    wide = seeded_input((2, 12, 6, 6), 44)
+    with pytest.raises(ValueError, match="out shares memory with the input x"):
+        trans(wide[:, :8], out=wide[:, 8:12, :3, :3])
+    assert torch.equal(trans.norm.running_mean, running), "a refused out moved the running statistics"
+    into = torch.empty(2, 9, 3, 3)[:, 2:6]
+    assert_close(trans(x, out=into), trans(x), torch.float32, "transition into a channel slice")
+
+    t = seeded_input((2, 4, 3, 3), 45).requires_grad_(True)
+    buf = torch.empty(2, 10, 3, 3)
+    first = block.forward_with_stats(t, buffer=buf)[0]
+    running = block.denselayer1.norm1.running_mean.clone()
+    with pytest.raises(ValueError, match="buffer must not require grad .* F of an earlier call"):
+        block.forward_with_stats(seeded_input((2, 4, 3, 3), 46), buffer=buf)
+    shared = seeded_input((2, 10, 3, 3), 47)
+    with pytest.raises(ValueError, match=r"input x shares memory with buffer but is not its channel prefix"):
+        block.forward_with_stats(shared[:, 3:7], buffer=shared)
+    assert torch.equal(block.denselayer1.norm1.running_mean, running), "a refused buffer moved the statistics"
+    first.sum().backward()
+    assert t.grad is not None and torch.isfinite(t.grad).all()
+    prefix = seeded_input((2, 10, 3, 3), 48)
+    expected = block.forward_with_stats(prefix[:, :4].clone())[0]
+    assert_close(block.forward_with_stats(prefix[:, :4], buffer=prefix)[0], expected, torch.float32,
+                 "block whose input is its buffer's channel prefix")
+
+
 def test_transition_standalone_on_plain_tensor():
     """A Transition used alone (no block before it, so no cache), on a plain NCHW tensor."""
     torch.manual_seed(17)

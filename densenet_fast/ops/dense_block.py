@@ -429,8 +429,32 @@ def is_channel_prefix(x: Tensor, fbuf: Tensor) -> bool:
             and x.untyped_storage().data_ptr() == fbuf.untyped_storage().data_ptr())
 
 
+def _memory_span(t: Tensor) -> Tuple[int, int]:
+    """[first, last) byte addresses that t's elements can occupy (empty for an empty tensor)."""
+    if t.numel() == 0:
+        return 0, 0
+    lo = hi = t.storage_offset()
+    for size, stride in zip(t.shape, t.stride()):
+        if stride >= 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    base = t.untyped_storage().data_ptr()
+    return base + lo * t.element_size(), base + (hi + 1) * t.element_size()
+
+
+def may_share_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b may touch the same memory: their address spans intersect (conservative:
+    interleaved but disjoint views count as sharing)."""
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False  # meta tensors have no memory (every data_ptr is 0)
+    (a0, a1), (b0, b1) = _memory_span(a), _memory_span(b)
+    return a0 < b1 and b0 < a1
+
+
 def check_block_buffer(fbuf: Tensor, x: Tensor, channels: int) -> None:
-    """buffer must be (N, channels, H, W) with x's batch and spatial size, dtype and device."""
+    """buffer must be (N, channels, H, W) with x's batch and spatial size, dtype and device, a
+    tensor that may be written, and x its channel prefix or apart from it."""
     n, _, h, w = x.shape
     if not isinstance(fbuf, Tensor) or tuple(fbuf.shape) != (n, channels, h, w):
         got = tuple(fbuf.shape) if isinstance(fbuf, Tensor) else type(fbuf).__name__
@@ -442,6 +466,13 @@ def check_block_buffer(fbuf: Tensor, x: Tensor, channels: int) -> None:
     if buffer_memory_format(fbuf) == torch.contiguous_format and not fbuf.is_contiguous():
         raise ValueError("DenseBlock: buffer must be contiguous (NCHW) or channels_last, got strides "
                          f"{fbuf.stride()}")
+    if fbuf.requires_grad:
+        raise ValueError("DenseBlock: buffer must not require grad (it is written in place). A buffer serves one "
+                         "call: one that requires grad is the F of an earlier call, whose backward it would corrupt; "
+                         "allocate another (new_buffer)")
+    if not torch.compiler.is_compiling() and not is_channel_prefix(x, fbuf) and may_share_memory(x, fbuf):
+        raise ValueError("DenseBlock: input x shares memory with buffer but is not its channel prefix "
+                         "buffer[:, :C0] (the block writes every channel of buffer)")
 
 
 def dropout_mask(seed: int, like: Tensor, p: float) -> Tensor:

@@ -26,7 +26,8 @@ from torch import Tensor
 from .amp import autocast_dtype, autocast_disabled
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, norm_stats_for, relu_backward_, uses_batch_stats
-from .dense_block import BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, untracked_alias
+from .dense_block import (BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, may_share_memory,
+                          untracked_alias)
 
 aten = torch.ops.aten
 
@@ -145,6 +146,22 @@ class BNReLUPoolConvFunction(torch.autograd.Function):
         return None, grad_f, None, grad_w, grad_b, grad_conv, None, None, None, None, None
 
 
+def _check_no_internal_overlap(t: Tensor, what: str) -> None:
+    """t is written in place: no two of its elements may share memory (an expanded tensor), as
+    torch's out= arguments must not.  Strides that do not nest (each, in increasing order, at
+    least the extent of the dimensions below it) are refused too: torch's own check gives up on
+    them, and all but contrived ones of them overlap."""
+    extent = 1  # elements spanned by the dimensions of smaller stride
+    nested = True
+    for stride, size in sorted((abs(st), sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        nested = nested and stride >= extent
+        extent += (size - 1) * stride
+    if not nested:
+        raise ValueError(f"{what} may have elements that share memory (strides {t.stride()} for shape "
+                         f"{tuple(t.shape)}, e.g. an expanded tensor); it is written in place, so each element "
+                         "needs its own memory")
+
+
 def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
     n, _, h, w = fbuf.shape
     ho, wo = pooled_size(h, w, pool)
@@ -156,6 +173,10 @@ def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
                         f"dtype under autocast), got {out.dtype} on {out.device}")
     if out.requires_grad:
         raise ValueError("out must not require grad (it is written in place; the result carries the graph)")
+    _check_no_internal_overlap(out, "out")
+    if not torch.compiler.is_compiling() and may_share_memory(out, fbuf):
+        raise ValueError("out shares memory with the input x, which the transition still reads; write into "
+                         "another tensor (the next block's buffer)")
 
 
 def _norm_stats(fbuf: Tensor, norm: nn.BatchNorm2d, kernels: BlockKernels, cache: Optional[Tuple[Tensor, Tensor]],
