@@ -13,14 +13,14 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.fx import _symbolic_trace
 
 from .backends import check_backend_name, kernels_for
 from . import reference
 from .reference import check_drop_rate, dense_layer_modules, dense_layer_ref, is_int
 from .ops.amp import autocast_dtype
+from .ops.checks import check_input, check_pool_input, shapes_traced
 from .ops.channel_stats import stats_dtype
-from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_dense_block
+from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_checked_dense_block
 from .ops.transition import bn_relu_pool_conv
 from .structure import (LAYER_MATH, TRANSITION_MATH, dense_block_issue, dense_layer_issue, raise_structure_error,
                         transition_issue)
@@ -58,12 +58,6 @@ def recording(module: nn.Module, where: str) -> bool:
                       "synchronisation across process_group is not recorded. Record it in eval mode, or train it "
                       "eagerly or under torch.compile", UserWarning, stacklevel=3)
     return True
-
-
-def shapes_traced() -> bool:
-    """Whether shapes are traced values (torch.jit.trace, torch.fx.symbolic_trace), which input
-    checks must not test: each test would be a TracerWarning, or an FX TraceError."""
-    return torch.jit.is_tracing() or _symbolic_trace.is_fx_symbolic_tracing()
 
 
 def _exporting() -> bool:
@@ -128,46 +122,6 @@ def _run_weight_hooks_or_warn(m: nn.Module, owner: nn.Module, where: str) -> Non
                       "memory-efficient forward computes its math without calling it. Register them on a DenseBlock, "
                       "Transition or the model, use torch.nn.utils.parametrize for a weight's reparametrisation, or "
                       "build the model with memory_efficient=False", UserWarning, stacklevel=3)
-
-
-def check_input(x: Tensor, where: str, channels: int, param: Tensor, training: bool) -> None:
-    """Clear errors for what would otherwise fail deep inside a kernel, or silently.
-
-    x: (N, C, H, W).  `param` is any parameter of the module (device and dtype reference).
-    Under torch.jit.trace and torch.fx.symbolic_trace nothing is checked (shapes_traced): the
-    recorded plain graph's ops check their inputs when it runs.
-    """
-    if shapes_traced():
-        return
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{where}: input x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{where}: input x must have 4 dims (N, C, H, W), got {x.dim()} dims with shape "
-                         f"{tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{where}: input x must be a floating-point tensor, got {x.dtype}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{where}: input x must have {channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-    if x.device != param.device:
-        raise ValueError(f"{where}: input x is on {x.device} but the module's parameters are on {param.device}; "
-                         "move one of them (model.to(x.device))")
-    if x.dtype != param.dtype and autocast_dtype(x.device.type) is None:
-        raise TypeError(f"{where}: input x has dtype {x.dtype} but the module's parameters are {param.dtype}; "
-                        "convert the model (model.to(dtype)) or run under torch.autocast")
-    if x.numel() == 0:
-        raise ValueError(f"{where}: input x is empty (shape {tuple(x.shape)})")
-    if training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
-        raise ValueError(f"{where}: expected more than 1 value per channel when training (batch statistics "
-                         f"need N*H*W > 1), got input x of shape {tuple(x.shape)}")
-
-
-def check_pool_input(x: Tensor, where: str) -> None:
-    """A 2x2/2 pool (a transition's) of a feature map under 2x2 would be empty: nn.AvgPool2d's
-    and nn.MaxPool2d's own error names neither the module nor the cause."""
-    if not shapes_traced() and (x.shape[2] < 2 or x.shape[3] < 2):
-        raise ValueError(f"{where}: input x must be at least 2x2 for the 2x2 pooling, got {x.shape[2]}x{x.shape[3]} "
-                         f"(shape {tuple(x.shape)}); in a DenseNet, the image is too small for its number of "
-                         "transitions")
 
 
 def concat_input(parts: Sequence[Tensor], where: str, channels: int, total: int, param: Tensor,
@@ -236,8 +190,9 @@ class DenseLayer(nn.Module):
         if not isinstance(x, Tensor):  # written straight into the one-layer block's buffer (no torch.cat)
             x, buffer = concat_input(x, "DenseLayer", c_in, c_in + growth_rate_of([self]), self.conv1.weight, None)
         check_input(x, "DenseLayer", c_in, self.conv1.weight, self.training)
-        fbuf, _, _ = run_dense_block(x, [self], kernels_for(self.backend, x.device, self.process_group),
-                                     save_bottleneck=self.save_bottleneck, compute_stats=self.training, buffer=buffer)
+        fbuf, _, _ = run_checked_dense_block(x, [self], kernels_for(self.backend, x.device, self.process_group),
+                                             save_bottleneck=self.save_bottleneck, compute_stats=self.training,
+                                             buffer=buffer)
         return fbuf[:, c_in:]
 
 
@@ -331,9 +286,9 @@ class DenseBlock(nn.ModuleDict):
             x, buffer = concat_input(x, "DenseBlock", self.num_input_features, self.num_output_features,
                                      layers[0].conv1.weight, buffer)
         check_input(x, "DenseBlock", self.num_input_features, layers[0].conv1.weight, self.training)
-        return run_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
-                               save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
-                               compute_stats=self.training, buffer=buffer, handoff=handoff)
+        return run_checked_dense_block(x, layers, kernels_for(self.backend, x.device, self.process_group),
+                                       save_bottleneck=self.save_bottleneck, chunk_channels=self.chunk_channels,
+                                       compute_stats=self.training, buffer=buffer, handoff=handoff)
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]], buffer: Optional[Tensor] = None,
                 handoff: Optional[GradHandoff] = None, stats_out: Optional[BlockStats] = None) -> Tensor:

@@ -282,3 +282,63 @@ def test_triton_backend_on_cpu_input_without_interpreter():
     out = proc.stdout.strip()
     assert out.startswith(("ValueError", "RuntimeError")), out
     assert "backend='triton' needs" in out and "backend='torch'" in out, out
+
+
+def _functional_block():
+    from densenet_fast.backends import kernels_for
+    torch.manual_seed(4)
+    block = densenet_fast.DenseBlock(2, 5, 2, 3, backend="torch")
+    return list(block.values()), kernels_for("torch", torch.device("cpu"))
+
+
+FUNCTIONAL_BLOCK_CASES = [  # (what, call(layers, kernels, x), error, message): run_dense_block's own checks
+    ("3-D x", lambda layers, k, x: (x[0], layers, k), ValueError, r"run_dense_block: input x must have 4 dims"),
+    ("channels", lambda layers, k, x: (x[:, :4], layers, k), ValueError,
+     r"run_dense_block: input x must have 5 channels, got 4"),
+    ("integer x", lambda layers, k, x: (x.long(), layers, k), TypeError, r"input x must be a floating-point tensor"),
+    ("no layers", lambda layers, k, x: (x, [], k), ValueError, r"layers must be a non-empty sequence .* got an empty"),
+    ("a block, not its layers", lambda layers, k, x: (x, densenet_fast.DenseBlock(2, 5, 2, 3), k), ValueError,
+     r"layers must be a non-empty sequence of dense layers \(a block's: list\(block.values\(\)\)\), got DenseBlock"),
+    ("layers out of order", lambda layers, k, x: (x, layers[::-1], k), ValueError,
+     r"run_dense_block: its layers\[1\].norm1 has num_features=5; expected 11"),
+    ("no kernels", lambda layers, k, x: (x, layers, None), TypeError, r"kernels must be a BlockKernels"),
+]
+
+
+@pytest.mark.parametrize("what,call,error,message", FUNCTIONAL_BLOCK_CASES, ids=[c[0] for c in FUNCTIONAL_BLOCK_CASES])
+def test_run_dense_block_checks_its_arguments(what, call, error, message):
+    """The functional entry checks what the modules check before it (each failed deep inside
+    before: an unpacking error, a conv weight's shape, an IndexError, an AttributeError)."""
+    from densenet_fast.ops.dense_block import run_dense_block
+    layers, kernels = _functional_block()
+    with pytest.raises(error, match=message):
+        run_dense_block(*call(layers, kernels, torch.randn(2, 5, 4, 4)))
+    with pytest.raises(ValueError, match=r"chunk_channels must be an int >= 0 .* got -1"):
+        run_dense_block(torch.randn(2, 5, 4, 4), layers, kernels, chunk_channels=-1)
+    assert run_dense_block(torch.randn(2, 5, 4, 4), layers, kernels)[0].shape == (2, 11, 4, 4)
+
+
+FUNCTIONAL_POOL_CASES = [  # (what, keyword changes, error, message): bn_relu_pool_conv's own checks
+    ("3-D fbuf", dict(fbuf=torch.randn(2, 8, 4)), ValueError, r"bn_relu_pool_conv: input fbuf must have 4 dims"),
+    ("channels", dict(fbuf=torch.randn(2, 7, 4, 4)), ValueError, r"input fbuf must have 8 channels, got 7"),
+    ("under 2x2", dict(fbuf=torch.randn(2, 8, 1, 3)), ValueError, r"input fbuf must be at least 2x2 .* got 1x3"),
+    ("3x3 conv weight", dict(conv_weight=torch.randn(4, 8, 3, 3)), ValueError,
+     r"conv_weight must be a 1x1 convolution's weight \(C_out, 8, 1, 1\), got \(4, 8, 3, 3\)"),
+    ("norm without affine", dict(norm=torch.nn.BatchNorm2d(8, affine=False)), ValueError,
+     r"norm must be an affine nn.BatchNorm2d"),
+    ("no kernels", dict(kernels=None), TypeError, r"kernels must be a BlockKernels"),
+    ("negative chunk", dict(chunk=-3), ValueError, r"chunk must be an int >= 0 .* got -3"),
+]
+
+
+@pytest.mark.parametrize("what,change,error,message", FUNCTIONAL_POOL_CASES, ids=[c[0] for c in FUNCTIONAL_POOL_CASES])
+def test_bn_relu_pool_conv_checks_its_arguments(what, change, error, message):
+    from densenet_fast.backends import kernels_for
+    from densenet_fast.ops.transition import bn_relu_pool_conv
+    torch.manual_seed(5)
+    args = dict(fbuf=torch.randn(2, 8, 4, 4), norm=torch.nn.BatchNorm2d(8), conv_weight=torch.randn(4, 8, 1, 1),
+                pool="avg2", kernels=kernels_for("torch", torch.device("cpu")), chunk=0)
+    assert bn_relu_pool_conv(**args).shape == (2, 4, 2, 2)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        bn_relu_pool_conv(**args)

@@ -39,7 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import has_bottleneck
+from ..structure import LAYER_MATH, dense_block_issue, module_width, raise_structure_error
 from .amp import autocast_dtype, autocast_disabled
+from .checks import check_input
 from .channel_stats import stats_dtype
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, batch_stats, bn_backward, bn_relu, bn_relu_backward, norm_stats_for, relu_backward_, \
@@ -745,7 +747,36 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
                     save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True,
                     buffer: Optional[Tensor] = None, handoff: Optional[GradHandoff] = None
                     ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Functional entry: the block over x (N, C0, H, W) -> (F, mean, var).
+    """Functional entry: the block over x (N, C0, H, W) -> (F, mean, var), after checking its
+    arguments (x against the layers, the layers' structure, kernels, chunk_channels) with errors
+    that name them.  See run_checked_dense_block for the rest; the modules, which check their
+    own inputs, call that directly.
+    """
+    where = "run_dense_block"
+    if isinstance(layers, nn.Module) or not isinstance(layers, Sequence) or len(layers) == 0:
+        got = f"an empty {type(layers).__name__}" if isinstance(layers, Sequence) else type(layers).__name__
+        raise ValueError(f"{where}: layers must be a non-empty sequence of dense layers (a block's: "
+                         f"list(block.values())), got {got}")
+    if not isinstance(kernels, BlockKernels):
+        raise TypeError(f"{where}: kernels must be a BlockKernels (densenet_fast.backends.kernels_for), "
+                        f"got {type(kernels).__name__}")
+    if isinstance(chunk_channels, bool) or not isinstance(chunk_channels, int) or chunk_channels < 0:
+        raise ValueError(f"{where}: chunk_channels must be an int >= 0 (0: automatic), got {chunk_channels!r}")
+    first = layers[0]
+    c0 = module_width(first._modules.get("norm1"))
+    raise_structure_error(where, dense_block_issue([(f"layers[{i}]", layer) for i, layer in enumerate(layers)], c0,
+                                                   growth_rate_of(layers)), LAYER_MATH)
+    check_input(x, where, c0, first.conv1.weight, any(layer.training for layer in layers))
+    return run_checked_dense_block(x, layers, kernels, save_bottleneck=save_bottleneck,
+                                   chunk_channels=chunk_channels, compute_stats=compute_stats, buffer=buffer,
+                                   handoff=handoff)
+
+
+def run_checked_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernels, *,
+                            save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True,
+                            buffer: Optional[Tensor] = None, handoff: Optional[GradHandoff] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor]:
+    """run_dense_block without its argument checks (for callers that made them).
 
     handoff: a GradHandoff shared with F's only consumer (see there), or None.
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .amp import autocast_dtype, autocast_disabled
+from .checks import check_input, check_pool_input
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, norm_stats_for, relu_backward_, uses_batch_stats
 from .dense_block import (BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, may_share_memory,
@@ -162,6 +163,28 @@ def _check_no_internal_overlap(t: Tensor, what: str) -> None:
                          "needs its own memory")
 
 
+def _check_call(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], pool: str, kernels: BlockKernels,
+                chunk: int) -> None:
+    """bn_relu_pool_conv's arguments, with errors that name them (the modules check their inputs
+    first, with their own names)."""
+    where = "bn_relu_pool_conv"
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.affine:
+        raise ValueError(f"{where}: norm must be an affine nn.BatchNorm2d, got {norm!r}")
+    if not isinstance(kernels, BlockKernels):
+        raise TypeError(f"{where}: kernels must be a BlockKernels (densenet_fast.backends.kernels_for), "
+                        f"got {type(kernels).__name__}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"{where}: chunk must be an int >= 0 (0: automatic), got {chunk!r}")
+    check_input(fbuf, where, norm.num_features, norm.weight, norm.training, name="fbuf")
+    if pool == "avg2":
+        check_pool_input(fbuf, where, name="fbuf")
+    c = norm.num_features
+    if conv_weight is not None and (not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4
+                                    or tuple(conv_weight.shape[1:]) != (c, 1, 1)):
+        got = tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__
+        raise ValueError(f"{where}: conv_weight must be a 1x1 convolution's weight (C_out, {c}, 1, 1), got {got}")
+
+
 def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
     n, _, h, w = fbuf.shape
     ho, wo = pooled_size(h, w, pool)
@@ -277,6 +300,7 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    _check_call(fbuf, norm, conv_weight, pool, kernels, chunk)
     if out is not None and torch.compiler.is_compiling():
         # The aliasing of `out` below is eager-only; traced, the result is computed and copied.
         res = bn_relu_pool_conv(fbuf, norm, conv_weight, pool=pool, kernels=kernels, cache=cache, chunk=chunk)
