@@ -7,7 +7,8 @@
   densenet-fast train   train a model (densenet_fast/train/): AMP, channels_last, compile, DDP, resume
 
 The method is in densenet_fast/bench/__init__.py.  A bad request (unknown model or provider,
---device cuda without a GPU, an unparsable size) prints one line and exits with status 2; a run
+--device cuda without a GPU, an unparsable size, a count out of range, an --image-size the model's
+poolings cannot take, an --out that is a directory) prints one line and exits with status 2; a run
 in which a case failed (other than running out of memory) exits with status 1.
 """
 
@@ -160,14 +161,35 @@ class Display:
 # ------------------------------------------------------------------------------------------
 
 
-def check_device(device: str) -> str:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch, a size, a count of steps or threads)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    return value
+
+
+def check_device(device: str, need_gpu: bool = True) -> str:
+    """`device` if it names the cpu or cuda (and, with need_gpu, a GPU is visible for cuda); else BenchError."""
     try:
         dev = torch.device(device)
     except RuntimeError:
         raise BenchError(f"unknown device {device!r}; expected cpu or cuda") from None
     if dev.type not in ("cpu", "cuda"):
         raise BenchError(f"unsupported device {device!r}; expected cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if need_gpu and dev.type == "cuda" and not torch.cuda.is_available():
         raise BenchError(f"--device {device} requested but no GPU is visible (torch.cuda.is_available() is False; "
                          f"torch {torch.__version__} built with CUDA {torch.version.cuda or 'none'})")
     return device
@@ -197,10 +219,60 @@ def parse_depths(text: str) -> List[int]:
         depths = [int(d) for d in split_list(text)]
     except ValueError:
         raise BenchError(f"--depths must be a comma-separated list of integers, got {text!r}") from None
+    if not depths:
+        raise BenchError(f"--depths must list at least one DenseNet-BC depth (e.g. 40,100), got {text!r}")
     for d in depths:
         if d < 10 or (d - 4) % 6:
             raise BenchError(f"--depths: DenseNet-BC depth must be 6*n + 4 with n >= 1 (e.g. 40, 100), got {d}")
     return depths
+
+
+def check_output_path(path: Optional[str], flag: str) -> Optional[Path]:
+    """`path` as a Path (None stays None) if a file can be written there: not a directory, and its
+    nearest existing ancestor is a directory (write_csv creates the missing ones); else BenchError.
+    Checked before measuring, so a bad path does not cost the run."""
+    if path is None:
+        return None
+    out = Path(path)
+    if out.is_dir():
+        raise BenchError(f"{flag} {path}: is a directory, expected a file path")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise BenchError(f"{flag} {path}: {parent} is not a directory")
+    return out
+
+
+def check_image_size(model: str, size: int) -> None:
+    """BenchError naming --image-size when `model` cannot take size x size inputs (its poolings
+    would leave nothing): a forward pass of its naive twin in eval mode on the meta device, no
+    arithmetic.  The message gives the smallest size that works, found the same way."""
+
+    def fits(s: int) -> bool:
+        try:
+            net(torch.empty(1, 3, s, s, device="meta"))
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    with torch.device("meta"):
+        net = harness.build_model("naive", model).eval()
+    if fits(size):
+        return
+    bad, good = size, None
+    for s in (2 ** i for i in range(1, 13)):  # up to 4096: no model here needs more
+        if s > size and fits(s):
+            good = s
+            break
+        bad = max(bad, s)
+    if good is None:
+        raise BenchError(f"--image-size {size}: {model} cannot run on {size}x{size} inputs")
+    while good - bad > 1:  # smallest size that fits, in (bad, good]
+        mid = (bad + good) // 2
+        bad, good = (bad, mid) if fits(mid) else (mid, good)
+    raise BenchError(f"--image-size {size}: too small for {model}, whose poolings need inputs of at least "
+                     f"{good}x{good}")
 
 
 def resolve_providers(text: Optional[str], device: str, default: Sequence[str]) -> List[str]:
@@ -264,18 +336,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = check_device(args.device)
     kind = torch.device(device).type
     if args.model:
-        models = [(m, args.batch or DEFAULT_BATCH) for m in args.model]
+        models = [(m, DEFAULT_BATCH if args.batch is None else args.batch) for m in args.model]
     else:
-        models = [(m, args.batch or b) for m, b in DEFAULT_BENCH[kind]]
+        models = [(m, b if args.batch is None else args.batch) for m, b in DEFAULT_BENCH[kind]]
     for model, _ in models:
         harness.check_model(model)
     providers = resolve_providers(args.providers, device, harness.default_providers(device))
+    sizes = {m: default_image_size(m) if args.image_size is None else args.image_size for m, _ in models}
+    for model, size in sizes.items():
+        check_image_size(model, size)
     modes = parse_modes(args.mode)
     repeats = args.repeats if args.repeats is not None else DEFAULT_REPEATS[kind]
     warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[kind]
-    cases = [Case(p, m, batch, args.image_size or default_image_size(m), mode, args.dtype, args.channels_last)
+    cases = [Case(p, m, batch, sizes[m], mode, args.dtype, args.channels_last)
              for m, batch in models for mode in modes for p in providers]
-    out = Path(args.out) if args.out else harness.default_csv_path("bench", device)
+    out = check_output_path(args.out or None, "--out") or harness.default_csv_path("bench", device)
+    check_output_path(args.plot or None, "--plot")
     display = Display(args.plain)
     t0 = time.perf_counter()
     rows = measure(cases, device, repeats, warmup, display)
@@ -292,11 +368,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     depths = parse_depths(args.depths)
     budget = parse_budget(args.budget)
     providers = resolve_providers(args.providers, device, ["naive", ours(device)])
-    batch = args.batch or DEFAULT_SWEEP_BATCH[kind]
+    batch = DEFAULT_SWEEP_BATCH[kind] if args.batch is None else args.batch
     repeats = args.repeats if args.repeats is not None else DEFAULT_SWEEP_REPEATS[kind]
     warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP[kind]
     cases = sweeping.sweep_cases(depths, args.growth, batch, providers, args.dtype, args.channels_last)
-    out = Path(args.out) if args.out else harness.default_csv_path("sweep", device)
+    out = check_output_path(args.out or None, "--out") or harness.default_csv_path("sweep", device)
+    check_output_path(args.plot or None, "--plot")
     display = Display(args.plain)
     t0 = time.perf_counter()
     rows = measure(cases, device, repeats, warmup, display)
@@ -317,22 +394,25 @@ def _fit_text(fit: Optional[planning.Fit], what: str) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    device = args.device
-    if torch.device(device).type not in ("cpu", "cuda"):
-        raise BenchError(f"unsupported device {device!r}; expected cpu or cuda")
+    device = check_device(args.device, need_gpu=False)  # the cuda allocator is modelled, not used
     harness.check_model(args.model)
     budget = parse_budget(args.budget)
     providers = split_list(args.providers) or ["naive", "torch"]
     for p in providers:
         harness.check_provider(p, "cpu" if harness.split_provider(p)[0] != "cuda" else device)
-    size = args.image_size or default_image_size(args.model)
+    size = default_image_size(args.model) if args.image_size is None else args.image_size
+    check_image_size(args.model, size)
     display = Display(args.plain)
     t0 = time.perf_counter()
     results = []
     for p in providers:
         case = Case(p, args.model, args.batch, size, "full")
-        results.append(planning.plan_case(case, budget, device, on_plan=lambda c: display.note(
-            f"planning {c.provider} {c.model} batch {c.batch}")))
+        try:
+            results.append(planning.plan_case(case, budget, device, on_plan=lambda c: display.note(
+                f"planning {c.provider} {c.model} batch {c.batch}")))
+        except ValueError as exc:  # the model refuses the shape, e.g. batch norm on one value per channel
+            raise BenchError(f"provider {p}: {args.model} at --batch {args.batch}, --image-size {size}: "
+                             f"{' '.join(str(exc).split())}") from None
     header = (f"Planned peak memory of one training step of {args.model} at {size}x{size} (meta tensors, no "
               f"arithmetic; {device} allocator model), budget {format_size(budget)}:")
     lines = [header, "", "| provider | peak at batch %d | largest batch in budget | largest DenseNet-BC depth at "
@@ -355,11 +435,11 @@ def _common(p: argparse.ArgumentParser, repeats: dict) -> None:
     p.add_argument("--dtype", default="float32", choices=sorted(harness.DTYPES),
                    help="float32, or bfloat16/float16 through torch.autocast")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
-    p.add_argument("--repeats", type=int, help="timed steps per case (default: cpu %d, cuda %d)"
+    p.add_argument("--repeats", type=positive_int, help="timed steps per case (default: cpu %d, cuda %d)"
                    % (repeats["cpu"], repeats["cuda"]))
-    p.add_argument("--warmup", type=int, help="untimed steps before timing, after the memory step "
+    p.add_argument("--warmup", type=nonnegative_int, help="untimed steps before timing, after the memory step "
                    "(default: cpu %d, cuda %d)" % (DEFAULT_WARMUP["cpu"], DEFAULT_WARMUP["cuda"]))
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--cudnn-benchmark", action="store_true",
                    help="let cuDNN time the algorithms of each convolution shape and keep the fastest "
                         "(torch.backends.cudnn.benchmark = True, as training scripts usually set; timed in the "
@@ -376,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "backward) for each provider; append to a CSV and print the table.")
     b.add_argument("--model", action="append", help="model name, repeatable (default: %s)"
                    % " and ".join(m for m, _ in DEFAULT_BENCH["cpu"]))
-    b.add_argument("--batch", type=int, help="batch size (default %d; without --model: %s)" % (
+    b.add_argument("--batch", type=positive_int, help="batch size (default %d; without --model: %s)" % (
         DEFAULT_BATCH, ", ".join(f"{m} {b} on {d}" for d, pairs in DEFAULT_BENCH.items() for m, b in pairs)))
-    b.add_argument("--image-size", type=int, help="input height = width (default 32 for DenseNet-BC, else 224)")
+    b.add_argument("--image-size", type=positive_int,
+                   help="input height = width (default 32 for DenseNet-BC, else 224)")
     b.add_argument("--providers", help="comma-separated: naive, checkpoint, compile, torch, cuda, triton, "
                    "<backend>-saved, <provider>+graph (CUDA graph, GPU only) (default: naive, checkpoint, compile "
                    "on a GPU, and the backends available on the device)")
@@ -392,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Measure DenseNet-BC training steps at several depths; plot peak memory and "
                                    "time against depth; report the largest depth and batch within --budget.")
     s.add_argument("--depths", default=",".join(map(str, sweeping.DEFAULT_DEPTHS)), help="comma-separated depths")
-    s.add_argument("--growth", type=int, default=12, help="growth rate k (default 12)")
-    s.add_argument("--batch", type=int, help="batch size (default: cpu %d, cuda %d)"
+    s.add_argument("--growth", type=positive_int, default=12, help="growth rate k (default 12)")
+    s.add_argument("--batch", type=positive_int, help="batch size (default: cpu %d, cuda %d)"
                    % (DEFAULT_SWEEP_BATCH["cpu"], DEFAULT_SWEEP_BATCH["cuda"]))
     s.add_argument("--providers", help="comma-separated (default: naive and our default backend)")
     s.add_argument("--budget", default="8GiB", help="memory budget, e.g. 8GiB, 512MiB, 2GB (default 8GiB)")
@@ -407,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "memory) while tracking live storage bytes, and predict its peak; search the "
                                    "largest batch and, for DenseNet-BC, depth that fit --budget.")
     p.add_argument("--model", default=DEFAULT_MODEL["cpu"], help="model name (default %s)" % DEFAULT_MODEL["cpu"])
-    p.add_argument("--batch", type=int, default=64, help="batch size (default 64)")
-    p.add_argument("--image-size", type=int, help="input height = width (default 32 for DenseNet-BC, else 224)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="input height = width (default 32 for DenseNet-BC, else 224)")
     p.add_argument("--budget", default="8GiB", help="memory budget, e.g. 8GiB, 512MiB, 2GB (default 8GiB)")
     p.add_argument("--providers", help="comma-separated (default naive,torch)")
     p.add_argument("--device", default="cpu", help="allocator to model: cpu (exact bytes) or cuda (512-byte "
@@ -429,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the `densenet-fast` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "threads", None):
+        if args.command in ("bench", "sweep") and args.threads is not None:  # train sets (and restores) its own
             torch.set_num_threads(args.threads)
         saved_benchmark = torch.backends.cudnn.benchmark
         try:  # restored: tests call main() in their own process

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -121,8 +122,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                                     "--accum-steps micro-batches (default: "
                                                     + ", ".join(f"{k} {v.batch_size}" for k, v in d.items()) + ")")
     opt.add_argument("--lr", type=float, help="initial learning rate (default 0.1)")
-    opt.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum (default 0.9)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4, help="(default 1e-4)")
+    opt.add_argument("--momentum", type=float, default=0.9, help="Nesterov momentum, >= 0 (default 0.9; 0: plain SGD)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, help=">= 0 (default 1e-4)")
     opt.add_argument("--milestones", type=float, nargs="+", metavar="FRACTION",
                      help="fractions of --epochs at which the lr is divided by 10 (default 0.5 0.75; "
                           "imagefolder 1/3 2/3)")
@@ -190,6 +191,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.milestones = tuple(float(m) for m in args.milestones)
     _positive(args, "epochs", "batch_size", "lr", "accum_steps", "image_size", "num_classes", "train_samples",
               "test_samples", "stop_after", "threads")
+    if not math.isfinite(args.lr):
+        raise TrainError(f"--lr must be a finite positive number, got {args.lr}")
+    for name in ("momentum", "weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise TrainError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if args.workers < 0:
         raise TrainError(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.drop_rate < 1:
@@ -212,9 +219,25 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise TrainError(f"--cuda-graph cannot be combined with {', '.join(clash)} (a captured step replays "
                              "without the host: no compilation, gradient accumulation, loss scaling, cross-process "
                              "statistics or host-seeded dropout masks)")
+    _check_dir_option("--output-dir", args.output_dir)
     if args.checkpoint_dir is None:
         args.checkpoint_dir = os.path.join(args.output_dir, "checkpoints")
+        _check_dir_option("--checkpoint-dir (default OUTPUT_DIR/checkpoints)", args.checkpoint_dir)
+    else:
+        _check_dir_option("--checkpoint-dir", args.checkpoint_dir)
     return args
+
+
+def _check_dir_option(flag: str, path: str) -> None:
+    """TrainError unless `path` is a directory or can be made one (its nearest existing ancestor is a
+    directory): checked before any work, as the files are only written after the first epoch."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise TrainError(f"{flag} {path}: exists and is not a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainError(f"{flag} {path}: {parent} is not a directory")
 
 
 def trajectory_config(args: argparse.Namespace) -> dict:
