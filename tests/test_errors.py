@@ -342,3 +342,24 @@ def test_bn_relu_pool_conv_checks_its_arguments(what, change, error, message):
     args.update(change)
     with pytest.raises(error, match=message):
         bn_relu_pool_conv(**args)
+
+
+@pytest.mark.parametrize("stats,got", [
+    ("bare", "got Tensor"), ("three", r"got \['\(5,\)"), ("wrong width", r"got \['\(4,\) torch.float32"),
+    ("2-D", r"\['\(1, 5\)"), ("float64", "torch.float64 on cpu"), ("int64", "torch.int64 on cpu"),
+])
+def test_transition_stats_cache_is_checked(stats, got):
+    """A malformed statistics cache gave a raw dtype or broadcast error (after the running
+    statistics had moved), or was silently ignored (a bare tensor, a wrong-length tuple)."""
+    transition, shape = _modules()["Transition"]
+    x = torch.randn(shape)
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    bad = {"bare": mean, "three": (mean, var, var), "wrong width": (mean[:4], var[:4]),
+           "2-D": (mean[None], var[None]), "float64": (mean.double(), var.double()),
+           "int64": (mean.long(), var.long())}[stats]
+    running = transition.norm.running_mean.clone()
+    with pytest.raises(ValueError, match=rf"stats \(the statistics cache\) must be a \(mean, var\) pair of \(5,\) "
+                                         rf"torch.float32 tensors on cpu .* {got}"):
+        transition(x, stats=bad)
+    assert torch.equal(transition.norm.running_mean, running), "a refused cache moved the running statistics"
+    torch.testing.assert_close(transition(x, stats=(mean, var)), transition(x), rtol=1e-5, atol=1e-6)

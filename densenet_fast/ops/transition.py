@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .amp import autocast_dtype, autocast_disabled
+from .channel_stats import stats_dtype
 from .checks import check_input, check_pool_input
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, norm_stats_for, relu_backward_, uses_batch_stats
@@ -164,7 +165,7 @@ def _check_no_internal_overlap(t: Tensor, what: str) -> None:
 
 
 def _check_call(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor], pool: str, kernels: BlockKernels,
-                chunk: int) -> None:
+                chunk: int, cache: Optional[Tuple[Tensor, Tensor]]) -> None:
     """bn_relu_pool_conv's arguments, with errors that name them (the modules check their inputs
     first, with their own names)."""
     where = "bn_relu_pool_conv"
@@ -183,6 +184,16 @@ def _check_call(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor
                                     or tuple(conv_weight.shape[1:]) != (c, 1, 1)):
         got = tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__
         raise ValueError(f"{where}: conv_weight must be a 1x1 convolution's weight (C_out, {c}, 1, 1), got {got}")
+    sdt = stats_dtype(fbuf.dtype)
+    if cache is not None:  # a block's (mean, var) of every channel; empty ones (eval mode) mean none
+        ok = isinstance(cache, (tuple, list)) and len(cache) == 2 and all(
+            isinstance(t, Tensor) and t.dim() == 1 and t.numel() in (0, c) and t.dtype == sdt
+            and t.device == fbuf.device for t in cache)
+        if not ok:
+            got = ([f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+                    for t in cache] if isinstance(cache, (tuple, list)) else type(cache).__name__)
+            raise ValueError(f"stats (the statistics cache) must be a (mean, var) pair of ({c},) {sdt} tensors on "
+                             f"{fbuf.device} (the batch statistics of the input's channels), got {got}")
 
 
 def _check_out(out: Tensor, fbuf: Tensor, cout: int, pool: str) -> None:
@@ -300,7 +311,7 @@ def bn_relu_pool_conv(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
-    _check_call(fbuf, norm, conv_weight, pool, kernels, chunk)
+    _check_call(fbuf, norm, conv_weight, pool, kernels, chunk, cache)
     if out is not None and torch.compiler.is_compiling():
         # The aliasing of `out` below is eager-only; traced, the result is computed and copied.
         res = bn_relu_pool_conv(fbuf, norm, conv_weight, pool=pool, kernels=kernels, cache=cache, chunk=chunk)
