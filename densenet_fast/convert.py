@@ -446,6 +446,9 @@ def convert(model: nn.Module, *, backend: str = "auto", save_bottleneck: bool = 
     (densenet_fast.structure says what) are left as they are, with a UserWarning naming each;
     strict=True raises a ValueError instead.  Raises ValueError when nothing in `model` converts.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert: model must be an nn.Module (a DenseNet, or a model containing dense blocks), "
+                        f"got {type(model).__name__}")
     conv = _Conversion(backend, save_bottleneck)
     result = conv.module(model, "")
     if result is None:

@@ -124,6 +124,13 @@ def _run_weight_hooks_or_warn(m: nn.Module, owner: nn.Module, where: str) -> Non
                       "build the model with memory_efficient=False", UserWarning, stacklevel=3)
 
 
+def check_handoff(handoff: Optional[GradHandoff], where: str) -> None:
+    """handoff is None or a GradHandoff (anything else failed only in backward)."""
+    if handoff is not None and not isinstance(handoff, GradHandoff):
+        raise TypeError(f"{where}: handoff must be a densenet_fast.ops.dense_block.GradHandoff or None, got "
+                        f"{type(handoff).__name__}")
+
+
 def concat_input(parts: Sequence[Tensor], where: str, channels: int, total: int, param: Tensor,
                  buffer: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """A list input of a block (or lone layer) written into its buffer: (buffer[:, :channels]
@@ -282,6 +289,7 @@ class DenseBlock(nn.ModuleDict):
         raise_structure_error("DenseBlock", dense_block_issue(list(self._modules.items()), self.num_input_features,
                                                              self.growth_rate), LAYER_MATH)
         fused_module_hooks(self._modules.values(), self, "DenseBlock", children=True)
+        check_handoff(handoff, "DenseBlock")
         if not isinstance(x, Tensor):
             x, buffer = concat_input(x, "DenseBlock", self.num_input_features, self.num_output_features,
                                      layers[0].conv1.weight, buffer)
@@ -297,6 +305,9 @@ class DenseBlock(nn.ModuleDict):
         pass, calling their blocks as modules so that hooks on them run)."""
         if recording(self, "DenseBlock"):  # torchvision's _DenseBlock.forward: each layer called, then one torch.cat
             return reference.DenseBlock.forward(self, x)  # type: ignore[arg-type]
+        if stats_out is not None and not isinstance(stats_out, BlockStats):
+            raise TypeError(f"DenseBlock: stats_out must be a densenet_fast.modules.BlockStats, got "
+                            f"{type(stats_out).__name__}")
         fbuf, mean, var = self.forward_with_stats(x, buffer, handoff)
         if stats_out is not None:
             stats_out.mean, stats_out.var = mean, var
@@ -340,6 +351,7 @@ class Transition(nn.Sequential):
             return y if out is None else out.copy_(y)
         raise_structure_error("Transition", transition_issue(self), TRANSITION_MATH)
         check_input(x, "Transition", self.conv.in_channels, self.conv.weight, self.training)
+        check_handoff(handoff, "Transition")
         check_pool_input(x, "Transition")
         fused_module_hooks(self.children(), self, "Transition")
         return bn_relu_pool_conv(x, self.norm, self.conv.weight, pool="avg2", cache=stats, out=out, handoff=handoff,

@@ -363,3 +363,28 @@ def test_transition_stats_cache_is_checked(stats, got):
         transition(x, stats=bad)
     assert torch.equal(transition.norm.running_mean, running), "a refused cache moved the running statistics"
     torch.testing.assert_close(transition(x, stats=(mean, var)), transition(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: densenet_fast.get_model(None), r"get_model: name must be a model name \(str\), got NoneType; known: "),
+    (lambda: densenet_fast.get_model(3), r"get_model: name must be a model name \(str\), got int"),
+    (lambda: densenet_fast.convert(None), r"convert: model must be an nn.Module .* got NoneType"),
+    (lambda: densenet_fast.convert("densenet121"), r"convert: model must be an nn.Module .* got str"),
+], ids=["get_model-None", "get_model-int", "convert-None", "convert-str"])
+def test_entry_points_name_a_wrong_argument_type(call, message):
+    """Each raised a bare AttributeError from inside (name.startswith, model.named_children)."""
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_block_and_transition_keyword_types():
+    """stats_out and handoff of the wrong type: an AttributeError after the block ran (stats_out),
+    or only in backward (handoff)."""
+    block, shape = _modules()["DenseBlock"]
+    transition, tshape = _modules()["Transition"]
+    with pytest.raises(TypeError, match="DenseBlock: stats_out must be a densenet_fast.modules.BlockStats, got list"):
+        block(torch.randn(shape), stats_out=[])
+    with pytest.raises(TypeError, match="DenseBlock: handoff must be a densenet_fast.ops.dense_block.GradHandoff"):
+        block(torch.randn(shape), handoff=3)
+    with pytest.raises(TypeError, match="Transition: handoff must be a .*GradHandoff or None, got int"):
+        transition(torch.randn(tshape), handoff=3)

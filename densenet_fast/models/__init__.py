@@ -51,6 +51,9 @@ def get_model(name: str, **kwargs) -> Union[DenseNet, FCDenseNet]:
     SEGMENTATION_MODELS, FC-DenseNet56/67/103 (fc_densenet56 ...), or fc_densenet_<levels>_<layers>_<growth>
     (e.g. fc_densenet_3_2_8: 3 poolings, 2 layers in every dense block, growth 8; FC-DenseNet67 is
     fc_densenet_5_5_16)."""
+    if not isinstance(name, str):
+        raise TypeError(f"get_model: name must be a model name (str), got {type(name).__name__}; known: "
+                        f"{', '.join(MODEL_NAMES)}")
     if name in _BUILDERS:
         return _BUILDERS[name](**kwargs)
     fc = _numbers(name, "fc_densenet_", 3)
