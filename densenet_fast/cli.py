@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from ._paths import path_problem
 from .bench import harness
 from .bench import plan as planning
 from .bench import sweep as sweeping
@@ -233,15 +234,10 @@ def check_output_path(path: Optional[str], flag: str) -> Optional[Path]:
     Checked before measuring, so a bad path does not cost the run."""
     if path is None:
         return None
-    out = Path(path)
-    if out.is_dir():
-        raise BenchError(f"{flag} {path}: is a directory, expected a file path")
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise BenchError(f"{flag} {path}: {parent} is not a directory")
-    return out
+    problem = path_problem(path, directory=False)
+    if problem is not None:
+        raise BenchError(f"{flag} {path}: {problem}")
+    return Path(path)
 
 
 def check_image_size(model: str, size: int) -> None:

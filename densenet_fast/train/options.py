@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from .._paths import path_problem
 from ..backends import BACKENDS
 
 DESCRIPTION = ("Train a densenet_fast DenseNet (SGD, Nesterov momentum, lr / 10 at 50% and 75% of the epochs) "
@@ -231,13 +232,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def _check_dir_option(flag: str, path: str) -> None:
     """TrainError unless `path` is a directory or can be made one (its nearest existing ancestor is a
     directory): checked before any work, as the files are only written after the first epoch."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise TrainError(f"{flag} {path}: exists and is not a directory")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise TrainError(f"{flag} {path}: {parent} is not a directory")
+    problem = path_problem(path, directory=True)
+    if problem is not None:
+        raise TrainError(f"{flag} {path}: {problem}")
 
 
 def trajectory_config(args: argparse.Namespace) -> dict:
