@@ -20,7 +20,8 @@ from .reference import check_drop_rate, dense_layer_modules, dense_layer_ref, is
 from .ops.amp import autocast_dtype
 from .ops.checks import check_input, check_pool_input, shapes_traced
 from .ops.channel_stats import stats_dtype
-from .ops.dense_block import GradHandoff, concat_into, growth_rate_of, new_block_buffer, run_checked_dense_block
+from .ops.dense_block import (GradHandoff, check_chunk, concat_into, growth_rate_of, new_block_buffer,
+                              run_checked_dense_block)
 from .ops.transition import bn_relu_pool_conv
 from .structure import (LAYER_MATH, TRANSITION_MATH, dense_block_issue, dense_layer_issue, raise_structure_error,
                         transition_issue)
@@ -242,8 +243,7 @@ class DenseBlock(nn.ModuleDict):
         super().__init__()
         if not is_int(num_layers) or num_layers < 1:
             raise ValueError(f"DenseBlock: num_layers must be an int >= 1, got {num_layers!r}")
-        if not is_int(chunk_channels) or chunk_channels < 0:
-            raise ValueError(f"DenseBlock: chunk_channels must be an int >= 0 (0: automatic), got {chunk_channels!r}")
+        check_chunk(chunk_channels, "DenseBlock", "chunk_channels")
         for i in range(num_layers):
             self.add_module("denselayer%d" % (i + 1), DenseLayer(
                 num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, backend=backend))

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..reference import has_bottleneck
+from ..reference import has_bottleneck, is_int
 from ..structure import LAYER_MATH, dense_block_issue, module_width, raise_structure_error
 from .amp import autocast_dtype, autocast_disabled
 from .checks import check_input
@@ -435,12 +435,8 @@ def _memory_span(t: Tensor) -> Tuple[int, int]:
     """[first, last) byte addresses that t's elements can occupy (empty for an empty tensor)."""
     if t.numel() == 0:
         return 0, 0
-    lo = hi = t.storage_offset()
-    for size, stride in zip(t.shape, t.stride()):
-        if stride >= 0:
-            hi += (size - 1) * stride
-        else:
-            lo += (size - 1) * stride
+    lo = t.storage_offset()  # torch strides are never negative
+    hi = lo + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     base = t.untyped_storage().data_ptr()
     return base + lo * t.element_size(), base + (hi + 1) * t.element_size()
 
@@ -743,6 +739,18 @@ def block_params(layers: Sequence[nn.Module], dtype: Optional[torch.dtype] = Non
     return out
 
 
+def check_kernels(kernels: Any, where: str) -> None:
+    if not isinstance(kernels, BlockKernels):
+        raise TypeError(f"{where}: kernels must be a BlockKernels (densenet_fast.backends.kernels_for), "
+                        f"got {type(kernels).__name__}")
+
+
+def check_chunk(chunk: Any, where: str, name: str) -> None:
+    """A chunk size in channels: an int >= 0, 0 meaning the automatic size (chunk_size)."""
+    if not is_int(chunk) or chunk < 0:
+        raise ValueError(f"{where}: {name} must be an int >= 0 (0: automatic), got {chunk!r}")
+
+
 def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernels, *,
                     save_bottleneck: bool = False, chunk_channels: int = 0, compute_stats: bool = True,
                     buffer: Optional[Tensor] = None, handoff: Optional[GradHandoff] = None
@@ -757,11 +765,8 @@ def run_dense_block(x: Tensor, layers: Sequence[nn.Module], kernels: BlockKernel
         got = f"an empty {type(layers).__name__}" if isinstance(layers, Sequence) else type(layers).__name__
         raise ValueError(f"{where}: layers must be a non-empty sequence of dense layers (a block's: "
                          f"list(block.values())), got {got}")
-    if not isinstance(kernels, BlockKernels):
-        raise TypeError(f"{where}: kernels must be a BlockKernels (densenet_fast.backends.kernels_for), "
-                        f"got {type(kernels).__name__}")
-    if isinstance(chunk_channels, bool) or not isinstance(chunk_channels, int) or chunk_channels < 0:
-        raise ValueError(f"{where}: chunk_channels must be an int >= 0 (0: automatic), got {chunk_channels!r}")
+    check_kernels(kernels, where)
+    check_chunk(chunk_channels, where, "chunk_channels")
     first = layers[0]
     c0 = module_width(first._modules.get("norm1"))
     raise_structure_error(where, dense_block_issue([(f"layers[{i}]", layer) for i, layer in enumerate(layers)], c0,

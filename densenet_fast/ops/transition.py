@@ -28,8 +28,8 @@ from .channel_stats import stats_dtype
 from .checks import check_input, check_pool_input
 from .conv1x1 import conv1x1, conv1x1_backward
 from .bn_relu import NormStats, norm_stats_for, relu_backward_, uses_batch_stats
-from .dense_block import (BlockKernels, Destination, GradHandoff, buffer_memory_format, chunk_size, may_share_memory,
-                          untracked_alias)
+from .dense_block import (BlockKernels, Destination, GradHandoff, buffer_memory_format, check_chunk, check_kernels,
+                          chunk_size, may_share_memory, untracked_alias)
 
 aten = torch.ops.aten
 
@@ -171,11 +171,8 @@ def _check_call(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor
     where = "bn_relu_pool_conv"
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm) or not norm.affine:
         raise ValueError(f"{where}: norm must be an affine nn.BatchNorm2d, got {norm!r}")
-    if not isinstance(kernels, BlockKernels):
-        raise TypeError(f"{where}: kernels must be a BlockKernels (densenet_fast.backends.kernels_for), "
-                        f"got {type(kernels).__name__}")
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
-        raise ValueError(f"{where}: chunk must be an int >= 0 (0: automatic), got {chunk!r}")
+    check_kernels(kernels, where)
+    check_chunk(chunk, where, "chunk")
     check_input(fbuf, where, norm.num_features, norm.weight, norm.training, name="fbuf")
     if pool == "avg2":
         check_pool_input(fbuf, where, name="fbuf")
@@ -184,8 +181,8 @@ def _check_call(fbuf: Tensor, norm: nn.BatchNorm2d, conv_weight: Optional[Tensor
                                     or tuple(conv_weight.shape[1:]) != (c, 1, 1)):
         got = tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__
         raise ValueError(f"{where}: conv_weight must be a 1x1 convolution's weight (C_out, {c}, 1, 1), got {got}")
-    sdt = stats_dtype(fbuf.dtype)
     if cache is not None:  # a block's (mean, var) of every channel; empty ones (eval mode) mean none
+        sdt = stats_dtype(fbuf.dtype)
         ok = isinstance(cache, (tuple, list)) and len(cache) == 2 and all(
             isinstance(t, Tensor) and t.dim() == 1 and t.numel() in (0, c) and t.dtype == sdt
             and t.device == fbuf.device for t in cache)
